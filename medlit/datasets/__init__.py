@@ -1,0 +1,1 @@
+"""Datasets: readers of the official on-disk layouts, validation, caching and demo data."""

@@ -1,0 +1,123 @@
+"""Reading and writing 3D medical volumes with their geometry.
+
+Arrays are always (z, y, x) as SimpleITK returns them; ``Geometry`` keeps SimpleITK's
+(x, y, z) order for origin and spacing, so converting back never mixes the two up.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Physical placement of a volume, in SimpleITK's (x, y, z) order and millimetres."""
+
+    origin: tuple[float, ...]
+    spacing: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> Geometry:
+        return cls(tuple(image.GetOrigin()), tuple(image.GetSpacing()), tuple(image.GetDirection()))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Geometry:
+        return cls(tuple(d["origin"]), tuple(d["spacing"]), tuple(d["direction"]))
+
+    def to_dict(self) -> dict:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+    @property
+    def spacing_zyx(self) -> tuple[float, ...]:
+        """Voxel size in mm in array order (z, y, x)."""
+        return tuple(reversed(self.spacing))
+
+    def mismatch(self, other: Geometry, tol: float = 1e-4) -> str | None:
+        """Describe how ``other`` differs from this geometry, or None when they agree.
+
+        The tolerance is relative to the spacing for origins (header round-off in
+        real data is far below a voxel) and absolute for direction cosines.
+        """
+        if not np.allclose(self.spacing, other.spacing, rtol=tol, atol=tol):
+            return f"spacing {other.spacing} differs from {self.spacing}"
+        if not np.allclose(self.origin, other.origin, atol=tol * max(self.spacing) * 10):
+            return f"origin {other.origin} differs from {self.origin}"
+        if not np.allclose(self.direction, other.direction, atol=tol):
+            return f"direction {other.direction} differs from {self.direction}"
+        return None
+
+    def apply(self, image: sitk.Image) -> sitk.Image:
+        image.SetOrigin(self.origin)
+        image.SetSpacing(self.spacing)
+        image.SetDirection(self.direction)
+        return image
+
+
+def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """Read a NIfTI/MetaImage volume as a (z, y, x) array plus its geometry."""
+    image = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(image), Geometry.of(image)
+
+
+def write_volume(array: np.ndarray, geometry: Geometry, path: str | Path) -> None:
+    """Write a (z, y, x) array with ``geometry``; atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = geometry.apply(sitk.GetImageFromArray(array))
+    # The suffix must survive so that SimpleITK picks the right writer (.nii.gz, .mhd, ...).
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, useCompression=suffix.endswith(".gz"))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def count_nonfinite(path: str | Path, array: np.ndarray) -> int:
+    """NaN/Inf voxels of a file, counted in the file's own data.
+
+    SimpleITK's NIfTI reader turns NaN voxels into 0 (seen with SimpleITK 2.5), which
+    would hide exactly the damage this check is for; so floating-point NIfTI files are
+    re-read with nibabel, which returns the stored values. Integer files cannot hold
+    NaN; other formats are checked on the array SimpleITK returned.
+    """
+    name = str(path)
+    if name.endswith((".nii", ".nii.gz")):
+        image = nib.load(name)
+        if not np.issubdtype(image.get_data_dtype(), np.floating):
+            return 0
+        data = np.asanyarray(image.dataobj)
+    else:
+        data = array
+    return int(data.size - np.count_nonzero(np.isfinite(data)))
+
+
+def gzip_stream_problem(path: str | Path, chunk: int = 1 << 22) -> str | None:
+    """Decompress a whole gzip file and return what is wrong with it, or None if intact.
+
+    SimpleITK (and a reader that stops once it has the voxels it needs) accepts a
+    truncated ``.nii.gz`` without complaint, so the stream is read to its end here:
+    Python's gzip module checks the end-of-stream marker, the CRC32 and the length.
+    """
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(chunk):
+                pass
+    except EOFError:
+        return "truncated gzip stream (the file ends before the end-of-stream marker)"
+    except (gzip.BadGzipFile, zlib.error, OSError) as e:
+        return f"corrupt gzip stream ({e})"
+    return None
