@@ -1,0 +1,1 @@
+"""Metrics that reproduce the official challenge scorers."""

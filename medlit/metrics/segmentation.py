@@ -1,0 +1,77 @@
+"""Per-case 3D segmentation metrics with the BraTS conventions.
+
+Dice and HD95 follow the BraTS scorer (``brats-evaluation``, built on panoptica):
+surfaces are the voxels removed by one binary erosion with a face-connected (6-neighbour)
+structuring element; HD95 is the 95th percentile of the *pooled* distances from each
+surface voxel to the other surface, in mm. Empty masks: both empty gives Dice 1 and
+HD95 0; exactly one empty gives Dice 0 and HD95 = the volume's diagonal in mm (373.13
+for 240×240×155 at 1 mm). A test checks the non-empty cases against the official scorer.
+
+Written here because no maintained library matches the official definition:
+torchmetrics' Hausdorff has no percentile, and MONAI's HD95 takes the maximum of the two
+directed 95th percentiles instead of the pooled one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+
+def volume_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """Diagonal of a volume in mm (shape and spacing in the same axis order)."""
+    return float(np.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing, strict=True))))
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice of two boolean masks; 1.0 when both are empty."""
+    p, r = pred.astype(bool), ref.astype(bool)
+    denom = int(p.sum()) + int(r.sum())
+    return 1.0 if denom == 0 else 2.0 * int((p & r).sum()) / denom
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    footprint = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask ^ ndimage.binary_erosion(mask, structure=footprint, iterations=1)
+
+
+def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], empty_value: float) -> float:
+    """95th-percentile symmetric Hausdorff distance in mm.
+
+    Args:
+        pred, ref: boolean masks of the same shape.
+        spacing: voxel size in mm, in the arrays' axis order.
+        empty_value: the result when exactly one mask is empty (the volume diagonal).
+    """
+    p, r = pred.astype(bool), ref.astype(bool)
+    if not p.any() and not r.any():
+        return 0.0
+    if not p.any() or not r.any():
+        return float(empty_value)
+    # Distances only depend on voxels within the union's bounding box (+1 so that the
+    # erosion sees the same neighbourhood), so the transforms run on that crop: exact,
+    # and tens of times faster on a 240×240×155 volume with a small lesion.
+    nz = np.nonzero(p | r)
+    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in nz)
+    p, r = p[box], r[box]
+    sp, sr = _surface(p), _surface(r)
+    d_ref = ndimage.distance_transform_edt(~sp, sampling=spacing)[sr]
+    d_pred = ndimage.distance_transform_edt(~sr, sampling=spacing)[sp]
+    return float(np.percentile(np.concatenate([d_ref, d_pred]), 95))
+
+
+def region_metrics(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    names: Sequence[str],
+    spacing: Sequence[float],
+    diagonal: float,
+) -> dict[str, float]:
+    """Dice and HD95 per region of (K, ...) boolean stacks: ``{"dice_WT": ..., "hd95_WT": ...}``."""
+    out = {}
+    for k, name in enumerate(names):
+        out[f"dice_{name}"] = dice(pred[k], ref[k])
+        out[f"hd95_{name}"] = hd95(pred[k], ref[k], spacing, diagonal)
+    return out
