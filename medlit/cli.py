@@ -1,0 +1,80 @@
+"""MedlitCLI: the one LightningCLI subclass behind ``medlit.fit`` (and later sweep/predict).
+
+The YAML config *is* the constructors' signatures (``class_path``/``init_args``), so
+``--help``, ``--print_config``, and parse-time errors naming the bad key come from
+jsonargparse for free.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pytorch_lightning import LightningDataModule, LightningModule, Trainer
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+
+from medlit.callbacks import FiniteLossGuard
+from medlit.tracking import DEFAULT_TRACKING_URI, log_run_metadata
+
+
+class TrackConfig(SaveConfigCallback):
+    """Log the resolved config (YAML artifact + flattened params), git commit, package
+    versions and data provenance (``data=synthetic|real``) to the run at setup."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        dm = trainer.datamodule
+        tags = {
+            "task": type(pl_module).__name__,
+            "datamodule": type(dm).__name__ if dm is not None else "none",
+            "data": "synthetic" if getattr(dm, "is_synthetic", False) else "real",
+        }
+        config_yaml = self.parser.dump(self.config, skip_none=False)
+        log_run_metadata(trainer, self.config.as_dict(), config_yaml, tags)
+
+
+class MedlitCLI(LightningCLI):
+    """LightningCLI with medlit's defaults: MLflow tracking, best-checkpoint selection on
+    the task's own metric, a NaN/Inf loss guard, and a fixed default seed."""
+
+    def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=TrackConfig,
+            save_config_kwargs={"save_to_log_dir": False},
+            trainer_defaults={
+                "logger": {
+                    "class_path": "medlit.tracking.MLflowTracker",
+                    "init_args": {"tracking_uri": DEFAULT_TRACKING_URI},
+                },
+            },
+            seed_everything_default=42,
+            auto_configure_optimizers=False,
+            args=args,
+            run=False,
+            **kwargs,
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        user = trainer_cfg.get("callbacks") or []
+        extra: list = [FiniteLossGuard()]
+        if not any(isinstance(c, ModelCheckpoint) for c in user):
+            extra.append(
+                ModelCheckpoint(
+                    monitor=getattr(self.model, "monitor", None),
+                    mode=getattr(self.model, "mode", "min"),
+                    save_top_k=1,
+                    filename="best-{epoch:03d}",
+                    auto_insert_metric_name=False,
+                    # Weights only: a third of the size, and all that testing the best needs.
+                    save_weights_only=True,
+                )
+            )
+        if trainer_cfg.get("logger") not in (None, False) and not any(
+            isinstance(c, LearningRateMonitor) for c in user
+        ):
+            extra.append(LearningRateMonitor(logging_interval="epoch"))
+        return super().instantiate_trainer(callbacks=[*user, *extra], **kwargs)

@@ -1,0 +1,218 @@
+"""BraTS DataModule: validated, cached cases; case-level splits; 2D/2.5D training slices;
+whole-case evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import albumentations as A
+
+from medlit.datamodules.base import BaseDataModule
+from medlit.datamodules.splits import make_splits, read_split_file
+from medlit.datasets.brats import (
+    BRATS_HELP,
+    LAYOUTS,
+    MODALITIES,
+    BraTSCase,
+    Modality,
+    Preprocessing,
+    detect_layout,
+    discover_cases,
+    label_targets,
+    preprocess_case,
+)
+from medlit.datasets.cache import CacheEntry, VolumeCache
+from medlit.datasets.slices import CaseDataset, SliceDataset
+from medlit.datasets.synthetic import is_synthetic, write_brats
+from medlit.errors import DatasetNotFoundError
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MEDLIT_CACHE_DIR", "~/.cache/medlit")).expanduser()
+
+
+class BraTSDataModule(BaseDataModule):
+    """BraTS 2020 / 2021 / 2023-GLI brain tumour MRI.
+
+    Args:
+        root: folder holding the case folders (the layout is detected from file names).
+        demo: when ``root`` is empty or missing, first write a small seeded synthetic
+            dataset there in the official 2021 layout.
+        demo_cases: number of synthetic cases written by ``demo``.
+        year: force a layout (``2020``, ``2021``, ``2023``) instead of detecting it.
+        modalities: input contrasts, in channel order (2023's t1n/t1c/t2w/t2f map to
+            t1/t1ce/t2/flair).
+        et_label: label value of enhancing tumour; default the release's (4, or 3 in 2023).
+        label_values: every label value allowed in a segmentation; default the release's
+            set. Later GLI releases add e.g. 4 = resection cavity: [0, 1, 2, 3, 4].
+        target: ``regions``: WT/TC/ET masks (multi-label); ``labels``: classes 0 bg,
+            1 NCR, 2 edema, 3 ET. Evaluation always scores WT/TC/ET.
+        context_slices: neighbouring slices on each side given as extra channels (2.5D).
+        patch_size: side of training patches in voxels.
+        foreground_fraction: share of training patches forced to contain tumour.
+        samples_per_epoch: training patches per epoch.
+        augment: random flips, affine warps and per-channel intensity scaling.
+        val_fraction: share of cases for validation (ignored with num_folds).
+        test_fraction: share of cases held out for the final test.
+        split_file: YAML/JSON ``{train: [...], val: [...], test: [...]}`` of case ids;
+            overrides the ratios.
+        num_folds: k for k-fold cross-validation over the non-test cases.
+        fold: which fold validates (0-based).
+        seed: seed of the split and of the demo data.
+        cache_dir: cache of preprocessed cases; default ``$MEDLIT_CACHE_DIR`` or
+            ``~/.cache/medlit``.
+        batch_size: training patches per batch (evaluation uses one case per batch).
+        num_workers: data loader worker processes.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/BraTS2021",
+        demo: bool = False,
+        demo_cases: int = 30,
+        year: Literal["2020", "2021", "2023"] | None = None,
+        modalities: list[Modality] | None = None,
+        et_label: int | None = None,
+        label_values: list[int] | None = None,
+        target: Literal["regions", "labels"] = "regions",
+        context_slices: int = 0,
+        patch_size: int = 128,
+        foreground_fraction: float = 0.33,
+        samples_per_epoch: int = 2000,
+        augment: bool = True,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        split_file: str | None = None,
+        num_folds: int | None = None,
+        fold: int = 0,
+        seed: int = 42,
+        cache_dir: str | None = None,
+        batch_size: int = 16,
+        num_workers: int = 2,
+    ) -> None:
+        super().__init__(batch_size, num_workers)
+        self.save_hyperparameters()
+        self.root = Path(root).expanduser()
+        self.modalities = tuple(modalities or MODALITIES)
+        self.cases: dict[str, list[BraTSCase]] = {}
+
+    # ---- discovery, checks and caching -------------------------------------------------
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.modalities) * (2 * self.hparams["context_slices"] + 1)
+
+    @property
+    def is_synthetic(self) -> bool:
+        return is_synthetic(self.root)
+
+    def _layout_and_labels(self) -> tuple[str, int, tuple[int, ...]]:
+        h = self.hparams
+        layout = LAYOUTS[h["year"]] if h["year"] else detect_layout(self.root)
+        et = h["et_label"] if h["et_label"] is not None else layout.et_label
+        labels = tuple(h["label_values"]) if h["label_values"] else layout.labels
+        return layout.year, et, labels
+
+    def _entries(self, cases: list[BraTSCase], require_seg: bool = True) -> list[CacheEntry]:
+        """Cache entries of ``cases``, checking and preprocessing those not cached yet."""
+        year, _, labels = self._layout_and_labels()
+        prep = Preprocessing(self.modalities, labels, require_seg)
+        base = Path(self.hparams["cache_dir"] or default_cache_dir()).expanduser()
+        # One namespace per dataset root: case ids repeat across datasets and copies.
+        ns = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:10]
+        cache = VolumeCache(base / f"brats-{year}-{ns}", asdict(prep))
+        return [cache.get(c.case_id, c.sources, partial(preprocess_case, c, prep)) for c in cases]
+
+    def _discover(self) -> None:
+        h = self.hparams
+        if h["demo"] and (not self.root.exists() or not any(self.root.iterdir())):
+            log.info("writing %d synthetic BraTS cases to %s", h["demo_cases"], self.root)
+            write_brats(self.root, h["demo_cases"], seed=h["seed"])
+        if not self.root.exists():
+            raise DatasetNotFoundError(f"BraTS root {self.root} does not exist. {BRATS_HELP}")
+        year, _, _ = self._layout_and_labels()
+        found = discover_cases(self.root, LAYOUTS[year], self.modalities)
+        labelled = {c.case_id: c for c in found if c.seg is not None}
+        if not labelled:
+            raise DatasetNotFoundError(
+                f"no case under {self.root} has a segmentation; "
+                f"training needs labelled cases. {BRATS_HELP}"
+            )
+        if h["split_file"]:
+            ids = read_split_file(h["split_file"], list(labelled))
+        else:
+            ids = make_splits(
+                list(labelled),
+                h["val_fraction"],
+                h["test_fraction"],
+                h["seed"],
+                h["num_folds"],
+                h["fold"],
+            )
+        self.cases = {s: [labelled[i] for i in v] for s, v in ids.items()}
+        self.cases["predict"] = found
+
+    def prepare_data(self) -> None:
+        """Write demo data if asked, then check and cache every labelled case.
+
+        A broken case raises ``InvalidCaseError`` here, before any training or tracking.
+        """
+        start = time.perf_counter()
+        self._discover()
+        n = 0
+        for split in ("train", "val", "test"):
+            n += len(self._entries(self.cases[split]))
+        log.info("BraTS: %d cases checked and cached in %.1f s", n, time.perf_counter() - start)
+
+    # ---- datasets ----------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        h = self.hparams
+        if not self.cases:
+            self._discover()
+        _, et, _ = self._layout_and_labels()
+        eval_target = partial(label_targets, et_label=et, target="regions")
+        if stage == "fit":
+            augment = None
+            if h["augment"]:
+                augment = A.Compose(
+                    [
+                        A.HorizontalFlip(p=0.5),
+                        A.Affine(
+                            scale=(0.85, 1.15),
+                            rotate=(-15, 15),
+                            translate_percent=(-0.05, 0.05),
+                            border_mode=0,
+                            fill=0,
+                            fill_mask=0,
+                            p=0.5,
+                        ),
+                        A.MultiplicativeNoise(multiplier=(0.9, 1.1), per_channel=True, p=0.3),
+                    ]
+                )
+            self.datasets["train"] = SliceDataset(
+                self._entries(self.cases["train"]),
+                partial(label_targets, et_label=et, target=h["target"]),
+                patch_size=h["patch_size"],
+                context=h["context_slices"],
+                foreground_fraction=h["foreground_fraction"],
+                length=h["samples_per_epoch"],
+                augment=augment,
+            )
+        if stage in ("fit", "validate"):
+            self.datasets["val"] = CaseDataset(self._entries(self.cases["val"]), eval_target)
+        if stage == "test":
+            self.datasets["test"] = CaseDataset(self._entries(self.cases["test"]), eval_target)
+        if stage == "predict":
+            self.datasets["predict"] = CaseDataset(
+                self._entries(self.cases["predict"], require_seg=False), None
+            )

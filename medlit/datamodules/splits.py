@@ -1,0 +1,79 @@
+"""Case-level (or group-level) train/val/test splits: seeded ratios, k-fold, or a split file.
+
+Splitting happens over *groups* (a patient, a lesion) so that no group ever lands in two
+splits; for BraTS a group is a case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from medlit.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+
+
+def read_split_file(path: str | Path, known: Sequence[str]) -> dict[str, list[str]]:
+    """Read ``{train: [...], val: [...], test: [...]}`` (YAML or JSON) and check it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"split file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or not set(data) <= set(SPLITS) or "train" not in data:
+        raise ConfigError(
+            f"split file {path}: expected a mapping with keys {SPLITS} "
+            f"(train required), found {sorted(data) if isinstance(data, dict) else type(data).__name__}"
+        )
+    splits = {s: [str(x) for x in data.get(s) or []] for s in SPLITS}
+    seen: dict[str, str] = {}
+    for split, ids in splits.items():
+        for i in ids:
+            if i in seen:
+                raise ConfigError(f"split file {path}: {i} is in both {seen[i]} and {split}")
+            seen[i] = split
+    if missing := sorted(set(seen) - set(known)):
+        raise ConfigError(
+            f"split file {path}: {len(missing)} ids are not in the dataset, e.g. {missing[:3]}"
+        )
+    return splits
+
+
+def make_splits(
+    groups: Sequence[str],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    num_folds: int | None = None,
+    fold: int = 0,
+) -> dict[str, list[str]]:
+    """Split unique ``groups`` by seeded shuffling.
+
+    The test set is always held out first with ``test_fraction`` (so it stays the same
+    for every fold); the rest is either split by ``val_fraction`` or, with ``num_folds``,
+    into k folds of which ``fold`` is validation.
+    """
+    unique = sorted(set(groups))
+    order = list(np.random.default_rng(seed).permutation(len(unique)))
+    ids = [unique[i] for i in order]
+    n_test = int(round(test_fraction * len(ids)))
+    test, rest = ids[:n_test], ids[n_test:]
+    if num_folds:
+        if not 0 <= fold < num_folds:
+            raise ConfigError(f"fold={fold} is outside 0..{num_folds - 1}")
+        if len(rest) < num_folds:
+            raise ConfigError(f"{len(rest)} cases cannot make {num_folds} folds")
+        val = rest[fold::num_folds]
+    else:
+        n_val = max(int(round(val_fraction * len(ids))), 1 if val_fraction > 0 else 0)
+        val = rest[:n_val]
+    train = [i for i in rest if i not in set(val)]
+    if not train:
+        raise ConfigError(
+            f"no cases left for training ({len(ids)} cases, val_fraction={val_fraction}, "
+            f"test_fraction={test_fraction})"
+        )
+    return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}

@@ -1,0 +1,90 @@
+"""Train, then test the best checkpoint, of one experiment.
+
+    python -m medlit.fit experiments/demo/brats_unet.yaml [--model.lr=3e-4 ...]
+
+The data are checked and cached *before* a tracking run is opened, so a broken dataset
+stops the command with the case and file named and leaves no MLflow run behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from medlit.cli import MedlitCLI
+from medlit.errors import ConfigError, MedlitError
+from medlit.tracking import MLflowTracker
+
+log = logging.getLogger("medlit")
+
+
+def _normalise_args(argv: list[str]) -> list[str]:
+    """``CONFIG [overrides]`` -> ``--config CONFIG [overrides]`` (LightningCLI's spelling)."""
+    if argv and not argv[0].startswith("-"):
+        return ["--config", argv[0], *argv[1:]]
+    return argv
+
+
+def _check_compatible(model: Any, datamodule: Any) -> None:
+    channels = getattr(datamodule, "num_channels", None)
+    expected = getattr(model, "hparams", {}).get("in_channels")
+    if channels is not None and expected is not None and channels != expected:
+        raise ConfigError(
+            f"model.in_channels={expected} but the data module yields {channels} channels "
+            f"({type(datamodule).__name__}: modalities × (2·context_slices + 1)); set "
+            f"--model.in_channels={channels}"
+        )
+
+
+def summary(metrics: dict[str, float], trackers: list[MLflowTracker]) -> str:
+    lines = ["", "Test results (best checkpoint)", "-" * 40]
+    width = max((len(k) for k in metrics), default=0)
+    lines += [f"{k:<{width}}  {v:10.4f}" for k, v in sorted(metrics.items())]
+    for t in trackers:
+        if t.run_id:
+            lines.append(
+                f"MLflow run {t.run_id} (experiment '{t._experiment_name}') at {t._tracking_uri}"
+            )
+            if t._tracking_uri.startswith("sqlite:"):
+                lines.append(f"  view: mlflow ui --backend-store-uri {t._tracking_uri}")
+        if t.dropped:
+            lines.append(f"  warning: {t.dropped} tracking calls failed and were dropped")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run one experiment; returns the test metrics of the best checkpoint."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli = MedlitCLI(args=_normalise_args(list(sys.argv[1:] if argv is None else argv)))
+    model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    _check_compatible(model, datamodule)
+    datamodule.prepare_data()  # checks + caches every case before a run is opened
+    trainer.fit(model, datamodule=datamodule)
+    ckpt = trainer.checkpoint_callback
+    best = (
+        ckpt.best_model_path if isinstance(ckpt, ModelCheckpoint) and ckpt.best_model_path else None
+    )
+    if best is None:
+        log.warning("no best checkpoint (fast_dev_run or no validation): testing the last weights")
+    results = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    trackers = [lg for lg in trainer.loggers if isinstance(lg, MLflowTracker)]
+    if trainer.is_global_zero:
+        print(summary(metrics, trackers))
+    return metrics
+
+
+def run() -> int:
+    try:
+        main()
+    except MedlitError as e:
+        print(f"medlit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

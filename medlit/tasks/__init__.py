@@ -1,0 +1,6 @@
+"""Tasks: LightningModules that own a model, its loss, metrics and evaluation."""
+
+from medlit.tasks.base import BaseTask
+from medlit.tasks.segmentation import SegmentationTask
+
+__all__ = ["BaseTask", "SegmentationTask"]

@@ -1,0 +1,92 @@
+"""BaseTask: the pipeline every medlit task shares (hyperparameters, models, losses,
+optimiser and scheduler, and per-case evaluation tables that survive DDP)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from pytorch_lightning import LightningModule
+from torch.optim.lr_scheduler import LambdaLR
+
+from medlit.tracking import log_file
+
+
+class BaseTask(LightningModule):
+    """Subclasses declare a typed ``__init__`` (the config schema) and implement
+    ``configure_models``/``configure_losses``; the rest reads ``self.hparams``.
+
+    ``monitor``/``mode`` name the metric that picks the best checkpoint.
+    """
+
+    monitor: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+    ignore: Sequence[str] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=list(self.ignore))
+        self.configure_models()
+        self.configure_losses()
+
+    def configure_models(self) -> None:
+        raise NotImplementedError
+
+    def configure_losses(self) -> None:
+        pass
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW with linear warm-up then cosine decay (per epoch), unless ``scheduler: none``."""
+        h = self.hparams
+        optimizer = torch.optim.AdamW(self.parameters(), lr=h["lr"], weight_decay=h["weight_decay"])
+        if h.get("scheduler", "cosine") == "none":
+            return {"optimizer": optimizer}
+        total = max(int(self.trainer.max_epochs or 1), 1)
+        warmup = min(int(h.get("warmup_epochs", 0)), total - 1)
+
+        def factor(epoch: int) -> float:
+            if epoch < warmup:
+                return (epoch + 1) / (warmup + 1)
+            progress = (epoch - warmup) / max(total - warmup, 1)
+            return 0.5 * (1 + math.cos(math.pi * progress)) * 0.99 + 0.01
+
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "epoch"},
+        }
+
+    # ---- per-case evaluation shared by volume-level tasks -----------------------------
+
+    def gather_rows(self, rows: list[dict[str, Any]], key: str = "case_id") -> list[dict[str, Any]]:
+        """All ranks' per-case rows, each case once.
+
+        A DistributedSampler pads the last round by repeating cases; dropping repeated
+        keys makes every case count exactly once, whatever the world size.
+        """
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(parts, rows)
+            rows = [r for part in parts for r in part]
+        unique = {r[key]: r for r in rows}
+        return [unique[k] for k in sorted(unique)]
+
+    def log_case_table(self, stage: str, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """Log the mean of every numeric column as ``{stage}/{column}`` and the table as CSV."""
+        if not rows:
+            return {}
+        table = pd.DataFrame(rows).set_index("case_id")
+        means = {
+            f"{stage}/{c}": float(np.mean(table[c]))
+            for c in table.columns
+            if np.issubdtype(table[c].dtype, np.number)
+        }
+        for name, value in means.items():
+            self.log(name, value, sync_dist=False, rank_zero_only=False)
+        if not self.trainer.sanity_checking:
+            log_file(self.trainer, f"{stage}_per_case.csv", lambda p: table.to_csv(p))
+        return means

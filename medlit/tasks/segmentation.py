@@ -1,0 +1,250 @@
+"""SegmentationTask: any segmentation-models-pytorch network, trained on 2D/2.5D slices,
+evaluated on whole 3D cases with per-case Dice and HD95 (mm)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from medlit.datasets.slices import stack_slices
+from medlit.errors import ConfigError
+from medlit.metrics.segmentation import region_metrics, volume_diagonal
+from medlit.models import load_weights
+from medlit.tasks.base import BaseTask
+from medlit.tracking import log_file
+from medlit.visualize import save_overlays
+
+
+def create_network(
+    arch: str, encoder: str, in_channels: int, classes: int, **kwargs: Any
+) -> torch.nn.Module:
+    """``smp.create_model`` without network access (no hub weights), with a clear error."""
+    try:
+        return smp.create_model(
+            arch,
+            encoder_name=encoder,
+            encoder_weights=None,
+            in_channels=in_channels,
+            classes=classes,
+            **kwargs,
+        )
+    except (KeyError, RuntimeError) as e:  # SMP's messages already list the valid names
+        raise ConfigError(
+            f"model.arch={arch!r} / model.encoder={encoder!r}: {e} "
+            "(timm encoders are written 'tu-<timm name>')"
+        ) from e
+
+
+class SegmentationTask(BaseTask):
+    """Semantic segmentation with an SMP network.
+
+    Training sees 2D (or 2.5D: neighbouring slices as extra channels) patches; validation
+    and test predict every slice of each whole case, reassemble the 3D volume and score it
+    per case, so metrics are volume metrics, not slice averages.
+
+    Args:
+        arch: SMP architecture: unet, unetplusplus, deeplabv3plus, fpn, pspnet, linknet,
+            manet, pan, upernet, segformer, dpt, ...
+        encoder: SMP encoder name (resnet34, efficientnet-b0, ...) or a timm encoder as
+            ``tu-<timm name>``.
+        encoder_weights: path of a local state-dict file for the encoder (nothing is
+            downloaded); None trains from scratch.
+        in_channels: input channels = modalities × (2 × context slices + 1).
+        num_classes: output channels: one per region (``target: regions``) or one per
+            class including background (``target: labels``).
+        target: ``regions``: independent sigmoid masks (multi-label, e.g. nested BraTS
+            WT/TC/ET); ``labels``: mutually exclusive classes with a softmax.
+        region_names: names of the evaluated regions (metrics are ``dice_<name>``,
+            ``hd95_<name>``).
+        class_to_region: with ``target: labels``, the class indices that make up each
+            evaluated region (BraTS: [[1, 2, 3], [1, 3], [3]]); default one region per
+            foreground class.
+        loss: ``dice_ce``: Dice + (B)CE; ``dice``; ``ce``: (B)CE alone.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        scheduler: ``cosine`` (after ``warmup_epochs`` of linear warm-up) or ``none``.
+        warmup_epochs: epochs of linear warm-up.
+        threshold: probability above which a voxel belongs to a region (``regions``).
+        inference_batch_size: slices per forward pass when predicting a whole case.
+        model_kwargs: extra arguments of the SMP constructor (e.g. decoder_channels).
+        display_channel: input channel shown in the logged overlays (e.g. FLAIR).
+        log_images: log PNG overlays of validation/test slices; turn off for data that
+            must not leave the site.
+        num_log_cases: cases shown in each overlay figure.
+    """
+
+    monitor = "val/dice_mean"
+    mode = "max"
+
+    def __init__(
+        self,
+        arch: str = "unet",
+        encoder: str = "resnet18",
+        encoder_weights: str | None = None,
+        in_channels: int = 4,
+        num_classes: int = 3,
+        target: Literal["regions", "labels"] = "regions",
+        region_names: list[str] | None = None,
+        class_to_region: list[list[int]] | None = None,
+        loss: Literal["dice_ce", "dice", "ce"] = "dice_ce",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        scheduler: Literal["cosine", "none"] = "cosine",
+        warmup_epochs: int = 1,
+        threshold: float = 0.5,
+        inference_batch_size: int = 32,
+        model_kwargs: dict[str, Any] | None = None,
+        display_channel: int = -1,
+        log_images: bool = True,
+        num_log_cases: int = 3,
+    ) -> None:
+        n_regions = num_classes if target == "regions" else num_classes - 1
+        if class_to_region is not None:
+            n_regions = len(class_to_region)
+        names = region_names or [f"class{i + 1}" for i in range(n_regions)]
+        if len(names) != n_regions:
+            raise ConfigError(
+                f"region_names has {len(names)} names, the task evaluates {n_regions} regions"
+            )
+        self.region_names = names
+        super().__init__()
+        self._rows: list[dict[str, Any]] = []
+        self._shown: list[dict[str, np.ndarray]] = []
+
+    def configure_models(self) -> None:
+        h = self.hparams
+        self.model = create_network(
+            h["arch"], h["encoder"], h["in_channels"], h["num_classes"], **(h["model_kwargs"] or {})
+        )
+        if h["encoder_weights"]:
+            load_weights(self.model.encoder, h["encoder_weights"])
+
+    def configure_losses(self) -> None:
+        mode = "multilabel" if self.hparams["target"] == "regions" else "multiclass"
+        self.dice_loss = smp.losses.DiceLoss(mode, from_logits=True)
+        self.ce_loss = (
+            torch.nn.BCEWithLogitsLoss() if mode == "multilabel" else torch.nn.CrossEntropyLoss()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def compute_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        kind = self.hparams["loss"]
+        ce_target = target.float() if self.hparams["target"] == "regions" else target.long()
+        loss = logits.new_zeros(())
+        if kind in ("dice_ce", "dice"):
+            loss = loss + self.dice_loss(logits, target)
+        if kind in ("dice_ce", "ce"):
+            loss = loss + self.ce_loss(logits, ce_target)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        if batch["image"].shape[1] != self.hparams["in_channels"]:
+            raise ConfigError(
+                f"the data yields {batch['image'].shape[1]} input channels, the model expects "
+                f"in_channels={self.hparams['in_channels']} (modalities × (2·context_slices+1))"
+            )
+        loss = self.compute_loss(self(batch["image"]), batch["mask"])
+        self.log(
+            "train/loss",
+            loss,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=batch["image"].shape[0],
+        )
+        return loss
+
+    # ---- whole-case inference and evaluation -----------------------------------------
+
+    @torch.no_grad()
+    def predict_volume(self, volume: Tensor) -> Tensor:
+        """(C, Z, Y, X) volume -> (K, Z, Y, X) probabilities, slice by slice along z."""
+        channels = volume.shape[0]
+        per_slice = self.hparams["in_channels"] / channels
+        if per_slice != int(per_slice) or int(per_slice) % 2 == 0:
+            raise ConfigError(
+                f"in_channels={self.hparams['in_channels']} is not an odd multiple "
+                f"of the {channels} channels of the volume"
+            )
+        context = (int(per_slice) - 1) // 2
+        depth, height, width = volume.shape[1:]
+        pad_h, pad_w = (-height) % 32, (-width) % 32  # SMP encoders downsample 32×
+        out = []
+        step = self.hparams["inference_batch_size"]
+        for start in range(0, depth, step):
+            zs = np.arange(start, min(start + step, depth))
+            x = F.pad(stack_slices(volume, zs, context), (0, pad_w, 0, pad_h))
+            logits = self(x)[..., :height, :width]
+            out.append(
+                logits.sigmoid() if self.hparams["target"] == "regions" else logits.softmax(1)
+            )
+        return torch.cat(out).transpose(0, 1)
+
+    def to_regions(self, probs: Tensor) -> np.ndarray:
+        """Probabilities (K, Z, Y, X) -> boolean evaluation regions (R, Z, Y, X)."""
+        h = self.hparams
+        if h["target"] == "regions":
+            return (probs > h["threshold"]).cpu().numpy()
+        classes = probs.argmax(0).cpu().numpy()
+        groups = h["class_to_region"] or [[c] for c in range(1, h["num_classes"])]
+        return np.stack([np.isin(classes, g) for g in groups])
+
+    def _evaluate(self, batch: dict[str, Any]) -> None:
+        pred = self.to_regions(self.predict_volume(batch["image"][0]))
+        ref = batch["mask"][0].cpu().numpy().astype(bool)
+        spacing = batch["spacing"][0].tolist()
+        diagonal = volume_diagonal(batch["shape"][0].tolist(), spacing)
+        row = {
+            "case_id": batch["case_id"][0],
+            **region_metrics(pred, ref, self.region_names, spacing, diagonal),
+        }
+        self._rows.append(row)
+        if self.hparams["log_images"] and len(self._shown) < self.hparams["num_log_cases"]:
+            z = int(ref[0].reshape(ref.shape[1], -1).sum(1).argmax())
+            image = batch["image"][0, self.hparams["display_channel"], z].float().cpu().numpy()
+            self._shown.append(
+                {
+                    "case_id": row["case_id"],
+                    "z": z,
+                    "image": image,
+                    "ref": ref[:, z],
+                    "pred": pred[:, z],
+                }
+            )
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def _finish(self, stage: str) -> None:
+        rows = self.gather_rows(self._rows)
+        means = self.log_case_table(stage, rows)
+        dices = [
+            means[f"{stage}/dice_{n}"] for n in self.region_names if f"{stage}/dice_{n}" in means
+        ]
+        if dices:
+            self.log(f"{stage}/dice_mean", float(np.mean(dices)), sync_dist=False)
+        if self._shown and not self.trainer.sanity_checking:
+            name = (
+                f"{stage}_slices/epoch_{self.current_epoch:03d}.png"
+                if stage == "val"
+                else f"{stage}_slices.png"
+            )
+            shown = self._shown
+            log_file(self.trainer, name, lambda p: save_overlays(shown, self.region_names, p))
+        self._rows, self._shown = [], []
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")

@@ -1,0 +1,232 @@
+"""MLflow tracking that never kills training, plus run metadata and artifact helpers.
+
+The default store is ``sqlite:///mlruns/mlflow.db`` (MLflow 3 refuses the plain file
+store); artifacts go next to it under ``mlruns/``. Open the UI with::
+
+    mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pytorch_lightning import Trainer
+from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+TRACKED_PACKAGES = (
+    "medlit",
+    "torch",
+    "torchvision",
+    "pytorch-lightning",
+    "timm",
+    "segmentation-models-pytorch",
+    "albumentations",
+    "mlflow",
+    "optuna",
+    "SimpleITK",
+    "nibabel",
+    "torchmetrics",
+    "numpy",
+    "ultralytics",
+)
+
+
+def _sqlite_dir(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
+
+
+class MLflowTracker(MLFlowLogger):
+    """Lightning's MLFlowLogger, made resilient: every call to the tracking store is
+    retried with back-off and, if it still fails, logged and dropped, so a tracking
+    outage never stops training.
+
+    Args:
+        experiment_name: MLflow experiment the run belongs to.
+        run_name: display name of the run (MLflow picks one when None).
+        tracking_uri: tracking store or server, e.g. ``sqlite:///mlruns/mlflow.db`` or
+            ``http://mlflow:5000``.
+        tags: extra run tags.
+        log_model: log the best checkpoint as an artifact at the end of training.
+        retries: attempts per tracking call before it is dropped.
+    """
+
+    def __init__(
+        self,
+        experiment_name: str = "medlit",
+        run_name: str | None = None,
+        tracking_uri: str = DEFAULT_TRACKING_URI,
+        tags: dict[str, Any] | None = None,
+        log_model: Literal[True, False, "all"] = True,
+        retries: int = 3,
+    ) -> None:
+        if (folder := _sqlite_dir(tracking_uri)) is not None:
+            folder.mkdir(parents=True, exist_ok=True)  # sqlite does not create folders
+        self._local_dir = folder
+        self.retries = retries
+        self.dropped = 0
+        super().__init__(
+            experiment_name=experiment_name,
+            run_name=run_name,
+            tracking_uri=tracking_uri,
+            tags=tags,
+            log_model=log_model,
+        )
+
+    @property
+    def save_dir(self) -> str | None:
+        # Checkpoints go to <store dir>/<experiment id>/<run id>/checkpoints, beside the
+        # run's artifacts, instead of a ./checkpoints folder shared by every run.
+        return str(self._local_dir) if self._local_dir is not None else super().save_dir
+
+    def _safely(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        delay = 0.5
+        for attempt in range(1, self.retries + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - tracking must never stop training
+                if attempt == self.retries:
+                    self.dropped += 1
+                    log.warning(
+                        "MLflow: %s failed %d times, dropped (%s: %s)",
+                        what,
+                        attempt,
+                        type(e).__name__,
+                        e,
+                    )
+                    return None
+                time.sleep(delay)
+                delay *= 2
+        return None
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._safely("log_metrics", super().log_metrics, metrics, step)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        self._safely("log_hyperparams", super().log_hyperparams, params)
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self._safely("log checkpoint", super().after_save_checkpoint, checkpoint_callback)
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        self._safely("finalize", super().finalize, status)
+
+    @rank_zero_only
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self._safely(
+                f"set tag {k}", lambda k=k, v=v: self.experiment.set_tag(self.run_id, k, str(v))
+            )
+
+    @rank_zero_only
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self._safely(
+            f"log artifact {Path(local_path).name}",
+            lambda: self.experiment.log_artifact(self.run_id, str(local_path), artifact_path),
+        )
+
+
+def log_file(trainer: Trainer, name: str, write: Callable[[Path], None]) -> None:
+    """Write an artifact with ``write(path)`` and attach it to the run.
+
+    With MLflow the file lands in the run's artifacts; with another logger (or none) it
+    is kept in the trainer's log dir, so a run without MLflow still keeps its outputs.
+    """
+    if not trainer.is_global_zero:
+        return
+    tracker = next((lg for lg in trainer.loggers if isinstance(lg, MLflowTracker)), None)
+    if tracker is None:
+        path = Path(trainer.log_dir or trainer.default_root_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(name).name
+        write(path)
+        folder = str(Path(name).parent) if Path(name).parent != Path(".") else None
+        tracker.log_artifact(path, folder)
+
+
+def git_commit() -> str:
+    """Commit of the medlit checkout (``+dirty`` when it has uncommitted changes)."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> ``{"model.init_args.lr": 3e-4, ...}`` for MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{key}."))
+        elif isinstance(v, list) and v and not isinstance(v[0], int | float | str | bool):
+            out[key] = [str(x) for x in v]  # e.g. the config file paths
+        else:
+            out[key] = v
+    return out
+
+
+def log_run_metadata(
+    trainer: Trainer, config: dict[str, Any], config_yaml: str, tags: dict[str, str]
+) -> None:
+    """Resolved config (YAML artifact + flattened params), git commit, versions, tags."""
+    for tracker in (lg for lg in trainer.loggers if isinstance(lg, MLflowTracker)):
+        params = {k: v for k, v in flatten(config).items() if not k.startswith("trainer.logger")}
+        tracker.log_hyperparams(params)
+        tracker.set_tags(
+            {
+                "git_commit": git_commit(),
+                **tags,
+                **{f"version.{k}": v for k, v in package_versions().items()},
+            }
+        )
+    log_file(trainer, "config.yaml", lambda p: p.write_text(config_yaml))
+    log_file(
+        trainer,
+        "versions.yaml",
+        lambda p: p.write_text(yaml.safe_dump(package_versions(), sort_keys=True)),
+    )
