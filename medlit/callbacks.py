@@ -32,7 +32,7 @@ class FiniteLossGuard(Callback):
             lrs = [g["lr"] for opt in trainer.optimizers for g in opt.param_groups]
             raise NonFiniteLossError(
                 f"training loss is {loss.detach().float().item()} at epoch {trainer.current_epoch}, "
-                f"global step {trainer.global_step} (batch {batch_idx}); the run is stopped. Usual "
+                f"batch {batch_idx} (global step {trainer.global_step}); the run is stopped. Usual "
                 f"causes: a learning rate too high (now {lrs}), non-finite input intensities, or "
                 "fp16 overflow (try trainer.precision: bf16-mixed)."
             )

@@ -147,8 +147,8 @@ def log_file(trainer: Trainer, name: str, write: Callable[[Path], None]) -> None
     With MLflow the file lands in the run's artifacts; with another logger (or none) it
     is kept in the trainer's log dir, so a run without MLflow still keeps its outputs.
     """
-    if not trainer.is_global_zero:
-        return
+    if not trainer.is_global_zero or trainer.fast_dev_run:
+        return  # fast_dev_run disables loggers and checkpoints; artefacts too
     tracker = next((lg for lg in trainer.loggers if isinstance(lg, MLflowTracker)), None)
     if tracker is None:
         path = Path(trainer.log_dir or trainer.default_root_dir) / name
