@@ -61,6 +61,7 @@ class MLflowTracker(MLFlowLogger):
         tags: extra run tags.
         log_model: log the best checkpoint as an artifact at the end of training.
         retries: attempts per tracking call before it is dropped.
+        retry_delay: seconds before the first retry; doubles after each failure.
     """
 
     def __init__(
@@ -71,11 +72,13 @@ class MLflowTracker(MLFlowLogger):
         tags: dict[str, Any] | None = None,
         log_model: Literal[True, False, "all"] = True,
         retries: int = 3,
+        retry_delay: float = 0.5,
     ) -> None:
         if (folder := _sqlite_dir(tracking_uri)) is not None:
             folder.mkdir(parents=True, exist_ok=True)  # sqlite does not create folders
         self._local_dir = folder
         self.retries = retries
+        self.retry_delay = retry_delay
         self.dropped = 0
         super().__init__(
             experiment_name=experiment_name,
@@ -92,7 +95,7 @@ class MLflowTracker(MLFlowLogger):
         return str(self._local_dir) if self._local_dir is not None else super().save_dir
 
     def _safely(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
-        delay = 0.5
+        delay = self.retry_delay
         for attempt in range(1, self.retries + 1):
             try:
                 return fn(*args, **kwargs)

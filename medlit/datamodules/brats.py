@@ -135,8 +135,14 @@ class BraTSDataModule(BaseDataModule):
     def _discover(self) -> None:
         h = self.hparams
         if h["demo"] and (not self.root.exists() or not any(self.root.iterdir())):
-            log.info("writing %d synthetic BraTS cases to %s", h["demo_cases"], self.root)
+            start = time.perf_counter()
             write_brats(self.root, h["demo_cases"], seed=h["seed"])
+            log.info(
+                "wrote %d synthetic BraTS cases (2021 layout) to %s in %.1f s",
+                h["demo_cases"],
+                self.root,
+                time.perf_counter() - start,
+            )
         if not self.root.exists():
             raise DatasetNotFoundError(f"BraTS root {self.root} does not exist. {BRATS_HELP}")
         year, _, _ = self._layout_and_labels()
@@ -166,12 +172,20 @@ class BraTSDataModule(BaseDataModule):
 
         A broken case raises ``InvalidCaseError`` here, before any training or tracking.
         """
-        start = time.perf_counter()
         self._discover()
-        n = 0
-        for split in ("train", "val", "test"):
-            n += len(self._entries(self.cases[split]))
-        log.info("BraTS: %d cases checked and cached in %.1f s", n, time.perf_counter() - start)
+        start = time.perf_counter()
+        entries = [e for s in ("train", "val", "test") for e in self._entries(self.cases[s])]
+        built = sum(e.built for e in entries)
+        log.info(
+            "BraTS %s: %d cases ready in %.2f s (%d checked and preprocessed, %d from the "
+            "cache, %.1f MB)",
+            self.root,
+            len(entries),
+            time.perf_counter() - start,
+            built,
+            len(entries) - built,
+            sum(e.nbytes() for e in entries) / 1e6,
+        )
 
     # ---- datasets ----------------------------------------------------------------------
 

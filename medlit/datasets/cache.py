@@ -42,6 +42,7 @@ class CacheEntry:
     path: Path
     arrays: dict[str, np.ndarray]
     meta: dict[str, Any]
+    built: bool = False  # True when this call decoded and preprocessed the sources
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir())
@@ -113,7 +114,8 @@ class VolumeCache:
         content_hash, rehashed = self._content_hash(case, sources)
         group = self.directory / self.params_hash
         final = group / f"{case}-{content_hash[:16]}"
-        if not (final / "meta.json").exists():
+        built = not (final / "meta.json").exists()
+        if built:
             group.mkdir(parents=True, exist_ok=True)
             (group / "params.json").write_text(json.dumps(self.params, sort_keys=True, default=str))
             arrays, meta = build()
@@ -139,7 +141,9 @@ class VolumeCache:
                 self.directory / "sources" / f"{case}.json",
                 {"hash": content_hash, "stats": _stats(sources)},
             )
-        return self.load(final)
+        entry = self.load(final)
+        entry.built = built
+        return entry
 
     @staticmethod
     def load(path: Path) -> CacheEntry:

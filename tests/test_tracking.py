@@ -1,0 +1,127 @@
+"""Tracking: runs are visible through a real MLflow server, and tracking errors never stop
+training."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from medlit.fit import main
+from medlit.tracking import flatten
+from tests.test_fit import tiny
+
+NO_WAIT = "--trainer.logger.init_args.retry_delay=0"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.slow
+def test_run_is_served_by_the_mlflow_ui_server(
+    brats_root: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    """What the README's ``mlflow ui --backend-store-uri sqlite:///...`` shows."""
+    main(tiny(brats_root, tracking_uri, "--trainer.max_epochs=1"))
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            tracking_uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise AssertionError("mlflow ui did not come up") from None
+                time.sleep(0.5)
+        experiments = _post(f"{base}/api/2.0/mlflow/experiments/search", {"max_results": 10})
+        ids = [e["experiment_id"] for e in experiments["experiments"] if e["name"] == "test"]
+        runs = _post(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": ids})["runs"]
+        assert len(runs) == 1
+        metrics = {m["key"] for m in runs[0]["data"]["metrics"]}
+        assert {"val/dice_WT", "test/dice_WT", "test/hd95_ET", "train/loss_epoch"} <= metrics
+        tags = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}
+        assert tags["data"] == "synthetic"
+        with urllib.request.urlopen(f"{base}/", timeout=10) as page:  # the UI itself
+            assert page.status == 200 and b"<html" in page.read().lower()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_tracking_errors_are_retried_and_never_stop_training(
+    brats_root: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store rejects every second metrics write: retried, the run still finishes."""
+    real = MlflowClient.log_batch
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] % 2:
+            raise MlflowException("simulated outage of the tracking store")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", flaky)
+    metrics = main(tiny(brats_root, tracking_uri, "--trainer.max_epochs=1", NO_WAIT))
+    assert "test/dice_WT" in metrics
+    monkeypatch.setattr(MlflowClient, "log_batch", real)
+    client = MlflowClient(tracking_uri)
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert "test/dice_WT" in run.data.metrics  # logged on the retry
+
+
+def test_a_store_that_stays_down_only_drops_records(
+    brats_root: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def down(self, *args, **kwargs):
+        raise MlflowException("tracking store unreachable")
+
+    monkeypatch.setattr(MlflowClient, "log_batch", down)
+    metrics = main(tiny(brats_root, tracking_uri, "--trainer.max_epochs=1", NO_WAIT))
+    assert 0 <= metrics["test/dice_mean"] <= 1
+
+
+def test_flatten_config_for_params() -> None:
+    assert flatten({"model": {"init_args": {"lr": 0.1, "names": ["a"]}}, "x": {}}) == {
+        "model.init_args.lr": 0.1,
+        "model.init_args.names": ["a"],
+        "x": {},
+    }
