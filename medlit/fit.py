@@ -9,6 +9,7 @@ stops the command with the case and file named and leaves no MLflow run behind.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -61,7 +62,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cli = MedlitCLI(args=_normalise_args(list(sys.argv[1:] if argv is None else argv)))
     model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
     _check_compatible(model, datamodule)
-    datamodule.prepare_data()  # checks + caches every case before a run is opened
+    # Check and cache every case before a run is opened. Under torchrun/SLURM every rank
+    # runs this file: only each node's first process prepares (as Lightning does), the
+    # others wait for it at Lightning's own prepare_data barrier inside fit.
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        datamodule.prepare_data()
     trainer.fit(model, datamodule=datamodule)
     ckpt = trainer.checkpoint_callback
     best = (

@@ -85,8 +85,10 @@ class BaseTask(LightningModule):
             for c in table.columns
             if np.issubdtype(table[c].dtype, np.number)
         }
+        # Every rank holds the same gathered table, so syncing (a mean over ranks) is a no-op
+        # that keeps all ranks' logged values, and Lightning's DDP checks, in agreement.
         for name, value in means.items():
-            self.log(name, value, sync_dist=False, rank_zero_only=False)
+            self.log(name, value, sync_dist=True)
         if not self.trainer.sanity_checking:
             log_file(self.trainer, f"{stage}_per_case.csv", lambda p: table.to_csv(p))
         return means

@@ -232,7 +232,7 @@ class SegmentationTask(BaseTask):
             means[f"{stage}/dice_{n}"] for n in self.region_names if f"{stage}/dice_{n}" in means
         ]
         if dices:
-            self.log(f"{stage}/dice_mean", float(np.mean(dices)), sync_dist=False)
+            self.log(f"{stage}/dice_mean", float(np.mean(dices)), sync_dist=True)
         if self._shown and not self.trainer.sanity_checking:
             name = (
                 f"{stage}_slices/epoch_{self.current_epoch:03d}.png"
