@@ -24,7 +24,6 @@ from medlit.errors import DatasetNotFoundError, InvalidCaseError
 
 Modality = Literal["t1", "t1ce", "t2", "flair"]
 MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
-REGIONS: tuple[str, ...] = ("WT", "TC", "ET")
 
 
 @dataclass(frozen=True)
@@ -236,19 +235,4 @@ def label_targets(seg: np.ndarray, et_label: int, target: str) -> np.ndarray:
         return np.stack([tc | (seg == 2), tc, et]).astype(np.uint8)
     out = np.zeros(seg.shape, np.int64)
     out[seg == 1], out[seg == 2], out[seg == et_label] = 1, 2, 3
-    return out
-
-
-def regions_from_classes(classes: np.ndarray) -> np.ndarray:
-    """Class indices (0 bg, 1 NCR, 2 ED, 3 ET) -> (3, ...) boolean WT/TC/ET masks."""
-    et = classes == 3
-    tc = et | (classes == 1)
-    return np.stack([tc | (classes == 2), tc, et])
-
-
-def labels_from_regions(regions: np.ndarray, et_label: int) -> np.ndarray:
-    """Nested WT/TC/ET masks -> a label map in the release's values (for writing results)."""
-    wt, tc, et = (regions[i].astype(bool) for i in range(3))
-    out = np.zeros(wt.shape, np.uint8)
-    out[wt], out[tc], out[et] = 2, 1, et_label
     return out

@@ -30,10 +30,6 @@ class Geometry:
     def of(cls, image: sitk.Image) -> Geometry:
         return cls(tuple(image.GetOrigin()), tuple(image.GetSpacing()), tuple(image.GetDirection()))
 
-    @classmethod
-    def from_dict(cls, d: dict) -> Geometry:
-        return cls(tuple(d["origin"]), tuple(d["spacing"]), tuple(d["direction"]))
-
     def to_dict(self) -> dict:
         return {k: list(v) for k, v in asdict(self).items()}
 
