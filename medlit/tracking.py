@@ -136,33 +136,39 @@ class MLflowTracker(MLFlowLogger):
                 f"set tag {k}", lambda k=k, v=v: self.experiment.set_tag(self.run_id, k, str(v))
             )
 
-    @rank_zero_only
-    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
         self._safely(
-            f"log artifact {Path(local_path).name}",
-            lambda: self.experiment.log_artifact(self.run_id, str(local_path), artifact_path),
+            f"log artifacts {artifact_path or '.'}",
+            lambda: self.experiment.log_artifacts(self.run_id, str(folder), artifact_path),
         )
 
 
-def log_file(trainer: Trainer, name: str, write: Callable[[Path], None]) -> None:
-    """Write an artifact with ``write(path)`` and attach it to the run.
+def log_folder(trainer: Trainer, name: str, write: Callable[[Path], None]) -> None:
+    """Fill a folder with ``write(folder)`` and attach its files to the run under ``name``
+    ("" for the top level).
 
-    With MLflow the file lands in the run's artifacts; with another logger (or none) it
-    is kept in the trainer's log dir, so a run without MLflow still keeps its outputs.
+    With MLflow the files land in the run's artifacts; with another logger (or none) they
+    are kept in the trainer's log dir, so a run without MLflow still keeps its outputs.
     """
     if not trainer.is_global_zero or trainer.fast_dev_run:
         return  # fast_dev_run disables loggers and checkpoints; artefacts too
     tracker = next((lg for lg in trainer.loggers if isinstance(lg, MLflowTracker)), None)
     if tracker is None:
-        path = Path(trainer.log_dir or trainer.default_root_dir) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(path)
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        write(folder)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(name).name
-        write(path)
-        folder = str(Path(name).parent) if Path(name).parent != Path(".") else None
-        tracker.log_artifact(path, folder)
+        write(Path(tmp))
+        tracker.log_artifacts(tmp, name or None)
+
+
+def log_file(trainer: Trainer, name: str, write: Callable[[Path], None]) -> None:
+    """Write one artifact file ``name`` (may contain folders) with ``write(path)``."""
+    parent, filename = Path(name).parent, Path(name).name
+    log_folder(
+        trainer, "" if parent == Path(".") else str(parent), lambda folder: write(folder / filename)
+    )
 
 
 def git_commit() -> str:

@@ -3,9 +3,7 @@ whole-case evaluation."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import time
 from dataclasses import asdict
 from functools import partial
@@ -13,9 +11,10 @@ from pathlib import Path
 from typing import Literal
 
 import albumentations as A
+import numpy as np
 
-from medlit.datamodules.base import BaseDataModule
-from medlit.datamodules.splits import make_splits, read_split_file
+from medlit.datamodules.base import BaseDataModule, cache_root
+from medlit.datamodules.splits import split_groups
 from medlit.datasets.brats import (
     BRATS_HELP,
     LAYOUTS,
@@ -26,18 +25,16 @@ from medlit.datasets.brats import (
     detect_layout,
     discover_cases,
     label_targets,
+    labels_from_regions,
     preprocess_case,
 )
 from medlit.datasets.cache import CacheEntry, VolumeCache
 from medlit.datasets.slices import CaseDataset, SliceDataset
 from medlit.datasets.synthetic import is_synthetic, write_brats
+from medlit.datasets.volume_io import Geometry, write_volume
 from medlit.errors import DatasetNotFoundError
 
 log = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MEDLIT_CACHE_DIR", "~/.cache/medlit")).expanduser()
 
 
 class BraTSDataModule(BaseDataModule):
@@ -100,7 +97,7 @@ class BraTSDataModule(BaseDataModule):
         num_workers: int = 2,
     ) -> None:
         super().__init__(batch_size, num_workers)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the resolved config is logged whole
         self.root = Path(root).expanduser()
         self.modalities = tuple(modalities or MODALITIES)
         self.cases: dict[str, list[BraTSCase]] = {}
@@ -126,10 +123,9 @@ class BraTSDataModule(BaseDataModule):
         """Cache entries of ``cases``, checking and preprocessing those not cached yet."""
         year, _, labels = self._layout_and_labels()
         prep = Preprocessing(self.modalities, labels, require_seg)
-        base = Path(self.hparams["cache_dir"] or default_cache_dir()).expanduser()
-        # One namespace per dataset root: case ids repeat across datasets and copies.
-        ns = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:10]
-        cache = VolumeCache(base / f"brats-{year}-{ns}", asdict(prep))
+        cache = VolumeCache(
+            cache_root(self.hparams["cache_dir"], f"brats-{year}", self.root), asdict(prep)
+        )
         return [cache.get(c.case_id, c.sources, partial(preprocess_case, c, prep)) for c in cases]
 
     def _discover(self) -> None:
@@ -153,17 +149,15 @@ class BraTSDataModule(BaseDataModule):
                 f"no case under {self.root} has a segmentation; "
                 f"training needs labelled cases. {BRATS_HELP}"
             )
-        if h["split_file"]:
-            ids = read_split_file(h["split_file"], list(labelled))
-        else:
-            ids = make_splits(
-                list(labelled),
-                h["val_fraction"],
-                h["test_fraction"],
-                h["seed"],
-                h["num_folds"],
-                h["fold"],
-            )
+        ids = split_groups(
+            list(labelled),
+            h["split_file"],
+            h["val_fraction"],
+            h["test_fraction"],
+            h["seed"],
+            h["num_folds"],
+            h["fold"],
+        )
         self.cases = {s: [labelled[i] for i in v] for s, v in ids.items()}
         self.cases["predict"] = found
 
@@ -186,6 +180,25 @@ class BraTSDataModule(BaseDataModule):
             len(entries) - built,
             sum(e.nbytes() for e in entries) / 1e6,
         )
+
+    def write_prediction(self, case_id: str, regions: np.ndarray, folder: Path) -> None:
+        """Write predicted WT/TC/ET regions of a cropped case as ``<case>.nii.gz``: the
+        release's label values, uncropped, with the exact geometry of the input images."""
+        entry = next(
+            e
+            for d in self.datasets.values()
+            if isinstance(d, CaseDataset)
+            for e in d.entries
+            if e.meta["case_id"] == case_id
+        )
+        meta = entry.meta
+        _, et, _ = self._layout_and_labels()
+        labels = np.zeros(meta["shape"], np.uint8)
+        labels[tuple(slice(a, b) for a, b in meta["bbox"])] = labels_from_regions(regions, et)
+        geometry = Geometry(
+            *(tuple(meta["geometry"][k]) for k in ("origin", "spacing", "direction"))
+        )
+        write_volume(labels, geometry, folder / f"{case_id}.nii.gz")
 
     # ---- datasets ----------------------------------------------------------------------
 

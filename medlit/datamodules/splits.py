@@ -77,3 +77,18 @@ def make_splits(
             f"test_fraction={test_fraction})"
         )
     return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+
+
+def split_groups(
+    groups: Sequence[str],
+    split_file: str | None,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    num_folds: int | None,
+    fold: int,
+) -> dict[str, list[str]]:
+    """A data module's split of ``groups``: from ``split_file`` when given, else seeded."""
+    if split_file:
+        return read_split_file(split_file, list(groups))
+    return make_splits(groups, val_fraction, test_fraction, seed, num_folds, fold)

@@ -236,3 +236,12 @@ def label_targets(seg: np.ndarray, et_label: int, target: str) -> np.ndarray:
     out = np.zeros(seg.shape, np.int64)
     out[seg == 1], out[seg == 2], out[seg == et_label] = 1, 2, 3
     return out
+
+
+def labels_from_regions(regions: np.ndarray, et_label: int) -> np.ndarray:
+    """Nested WT/TC/ET masks (3, ...) -> a label map in the release's values (2 edema,
+    1 necrosis/non-enhancing core, ``et_label`` enhancing tumour)."""
+    wt, tc, et = (regions[i].astype(bool) for i in range(3))
+    out = np.zeros(wt.shape, np.uint8)
+    out[wt], out[tc], out[et] = 2, 1, et_label
+    return out

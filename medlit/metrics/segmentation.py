@@ -32,6 +32,19 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return 1.0 if denom == 0 else 2.0 * int((p & r).sum()) / denom
 
 
+def jaccard(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Intersection over union; 1.0 when both are empty (the ISIC scorer's convention)."""
+    p, r = pred.astype(bool), ref.astype(bool)
+    union = int((p | r).sum())
+    return 1.0 if union == 0 else int((p & r).sum()) / union
+
+
+def threshold_jaccard(pred: np.ndarray, ref: np.ndarray, threshold: float = 0.65) -> float:
+    """ISIC 2018 Task 1 score of one image: the Jaccard, or 0 when it is below ``threshold``."""
+    j = jaccard(pred, ref)
+    return j if j >= threshold else 0.0
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     footprint = ndimage.generate_binary_structure(mask.ndim, 1)
     return mask ^ ndimage.binary_erosion(mask, structure=footprint, iterations=1)
@@ -62,16 +75,22 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], empty_valu
     return float(np.percentile(np.concatenate([d_ref, d_pred]), 95))
 
 
+SEGMENTATION_METRICS = ("dice", "hd95", "jaccard", "threshold_jaccard")
+
+
 def region_metrics(
     pred: np.ndarray,
     ref: np.ndarray,
     names: Sequence[str],
     spacing: Sequence[float],
     diagonal: float,
+    metrics: Sequence[str] = ("dice", "hd95"),
 ) -> dict[str, float]:
-    """Dice and HD95 per region of (K, ...) boolean stacks: ``{"dice_WT": ..., "hd95_WT": ...}``."""
-    out = {}
-    for k, name in enumerate(names):
-        out[f"dice_{name}"] = dice(pred[k], ref[k])
-        out[f"hd95_{name}"] = hd95(pred[k], ref[k], spacing, diagonal)
-    return out
+    """Per region of (K, ...) boolean stacks: ``{"dice_WT": ..., "hd95_WT": ...}``."""
+    fns = {
+        "dice": dice,
+        "jaccard": jaccard,
+        "threshold_jaccard": threshold_jaccard,
+        "hd95": lambda p, r: hd95(p, r, spacing, diagonal),
+    }
+    return {f"{m}_{name}": fns[m](pred[k], ref[k]) for k, name in enumerate(names) for m in metrics}

@@ -30,7 +30,8 @@ class BaseTask(LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=list(self.ignore))
+        # logger=False: TrackConfig logs the whole resolved config (data and trainer too).
+        self.save_hyperparameters(ignore=list(self.ignore), logger=False)
         self.configure_models()
         self.configure_losses()
 

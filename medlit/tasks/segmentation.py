@@ -3,6 +3,8 @@ evaluated on whole 3D cases with per-case Dice and HD95 (mm)."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -16,7 +18,7 @@ from medlit.errors import ConfigError
 from medlit.metrics.segmentation import region_metrics, volume_diagonal
 from medlit.models import load_weights
 from medlit.tasks.base import BaseTask
-from medlit.tracking import log_file
+from medlit.tracking import log_file, log_folder
 from medlit.visualize import save_overlays
 
 
@@ -76,6 +78,13 @@ class SegmentationTask(BaseTask):
         log_images: log PNG overlays of validation/test slices; turn off for data that
             must not leave the site.
         num_log_cases: cases shown in each overlay figure.
+        metrics: per-case metrics of each region: ``dice``, ``hd95`` (mm), ``jaccard``,
+            ``threshold_jaccard`` (ISIC 2018: Jaccard < 0.65 counts 0). The first of them
+            that is not hd95 picks the best checkpoint (``val/<metric>_mean``).
+        predictions_dir: when set, the test stage writes each case's prediction there in
+            the dataset's own format (the data module's ``write_prediction``: BraTS NIfTI in
+            the release's labels with the input's geometry, ISIC 0/255 PNG masks) and
+            attaches them to the run as ``test_predictions/``.
     """
 
     monitor = "val/dice_mean"
@@ -102,6 +111,8 @@ class SegmentationTask(BaseTask):
         display_channel: int = -1,
         log_images: bool = True,
         num_log_cases: int = 3,
+        metrics: list[Literal["dice", "hd95", "jaccard", "threshold_jaccard"]] | None = None,
+        predictions_dir: str | None = None,
     ) -> None:
         n_regions = num_classes if target == "regions" else num_classes - 1
         if class_to_region is not None:
@@ -112,6 +123,11 @@ class SegmentationTask(BaseTask):
                 f"region_names has {len(names)} names, the task evaluates {n_regions} regions"
             )
         self.region_names = names
+        self.metric_names = list(metrics or ["dice", "hd95"])
+        ranking = [m for m in self.metric_names if m != "hd95"]
+        if not ranking:
+            raise ConfigError("metrics must include one of dice, jaccard, threshold_jaccard")
+        self.monitor = f"val/{ranking[0]}_mean"
         super().__init__()
         self._rows: list[dict[str, Any]] = []
         self._shown: list[dict[str, np.ndarray]] = []
@@ -197,18 +213,30 @@ class SegmentationTask(BaseTask):
         return np.stack([np.isin(classes, g) for g in groups])
 
     def _evaluate(self, batch: dict[str, Any]) -> None:
-        pred = self.to_regions(self.predict_volume(batch["image"][0]))
+        probs = self.predict_volume(batch["image"][0])
         ref = batch["mask"][0].cpu().numpy().astype(bool)
+        if probs.shape[-2:] != ref.shape[-2:]:  # resized input: score at the label's resolution
+            probs = F.interpolate(probs, size=ref.shape[-2:], mode="bilinear", align_corners=False)
+        pred = self.to_regions(probs)
         spacing = batch["spacing"][0].tolist()
         diagonal = volume_diagonal(batch["shape"][0].tolist(), spacing)
         row = {
             "case_id": batch["case_id"][0],
-            **region_metrics(pred, ref, self.region_names, spacing, diagonal),
+            **region_metrics(pred, ref, self.region_names, spacing, diagonal, self.metric_names),
         }
         self._rows.append(row)
+        if self.hparams["predictions_dir"] and self.trainer.testing:
+            write = getattr(self.trainer.datamodule, "write_prediction", None)
+            if write is None:
+                raise ConfigError(
+                    f"{type(self.trainer.datamodule).__name__} cannot write "
+                    "predictions (no write_prediction); unset predictions_dir"
+                )
+            write(row["case_id"], pred, Path(self.hparams["predictions_dir"]))
         if self.hparams["log_images"] and len(self._shown) < self.hparams["num_log_cases"]:
             z = int(ref[0].reshape(ref.shape[1], -1).sum(1).argmax())
-            image = batch["image"][0, self.hparams["display_channel"], z].float().cpu().numpy()
+            image = batch["image"][0, self.hparams["display_channel"], z].float()
+            image = F.interpolate(image[None, None], size=ref.shape[-2:])[0, 0].cpu().numpy()
             self._shown.append(
                 {
                     "case_id": row["case_id"],
@@ -228,11 +256,14 @@ class SegmentationTask(BaseTask):
     def _finish(self, stage: str) -> None:
         rows = self.gather_rows(self._rows)
         means = self.log_case_table(stage, rows)
-        dices = [
-            means[f"{stage}/dice_{n}"] for n in self.region_names if f"{stage}/dice_{n}" in means
-        ]
-        if dices:
-            self.log(f"{stage}/dice_mean", float(np.mean(dices)), sync_dist=True)
+        for metric in self.metric_names:  # mean over regions of the per-region means
+            values = [
+                means[f"{stage}/{metric}_{n}"]
+                for n in self.region_names
+                if f"{stage}/{metric}_{n}" in means
+            ]
+            if values:
+                self.log(f"{stage}/{metric}_mean", float(np.mean(values)), sync_dist=True)
         if self._shown and not self.trainer.sanity_checking:
             name = (
                 f"{stage}_slices/epoch_{self.current_epoch:03d}.png"
@@ -241,6 +272,13 @@ class SegmentationTask(BaseTask):
             )
             shown = self._shown
             log_file(self.trainer, name, lambda p: save_overlays(shown, self.region_names, p))
+        if stage == "test" and self.hparams["predictions_dir"] and not self.trainer.sanity_checking:
+            folder = Path(self.hparams["predictions_dir"])  # complete: gather_rows synced ranks
+            log_folder(
+                self.trainer,
+                "test_predictions",
+                lambda out: shutil.copytree(folder, out, dirs_exist_ok=True),
+            )
         self._rows, self._shown = [], []
 
     def on_validation_epoch_end(self) -> None:
