@@ -50,3 +50,72 @@ def save_overlays(shown: Sequence[dict], region_names: Sequence[str], path: str 
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save_confusion(matrix: np.ndarray, names: Sequence[str], path: str | Path) -> None:
+    """Confusion matrix (rows: truth, columns: prediction), counts and row-normalised colour."""
+    k = len(names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k))
+    rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(
+                j,
+                i,
+                int(matrix[i, j]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if rates[i, j] > 0.5 else "black",
+            )
+    ax.set_xticks(range(k), names, rotation=45, fontsize=7)
+    ax.set_yticks(range(k), names, fontsize=7)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("truth")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_gradcam(
+    task,
+    items: Sequence[dict],
+    names: Sequence[str],
+    path: str | Path,
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+) -> None:
+    """Grad-CAM (captum) of the predicted class on the last convolution, over each image.
+
+    ``items`` are dataset items with a normalised ``image`` (3, H, W) and ``label``.
+    """
+    import torch
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    convs = [m for m in task.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    if not convs:
+        return  # e.g. a pure transformer: no convolutional feature map to explain
+    was_training = task.training
+    task.eval()
+    x = torch.stack([it["image"] for it in items]).to(task.device).requires_grad_(True)
+    with torch.enable_grad():
+        pred = task.model(x).argmax(1)
+        cam = LayerGradCam(task.model, convs[-1]).attribute(x, target=pred)
+        cam = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")
+    task.train(was_training)
+    cam = cam.detach().clamp(min=0)[:, 0].cpu().numpy()
+    rgb = x.detach().cpu().numpy().transpose(0, 2, 3, 1) * np.asarray(std) + np.asarray(mean)
+    fig, axes = plt.subplots(2, len(items), figsize=(2.2 * len(items), 4.6), squeeze=False)
+    for i, item in enumerate(items):
+        heat = cam[i] / (cam[i].max() + 1e-8)
+        axes[0, i].imshow(np.clip(rgb[i], 0, 1))
+        axes[0, i].set_title(f"{item['case_id']}\ntruth {names[int(item['label'])]}", fontsize=7)
+        axes[1, i].imshow(np.clip(rgb[i], 0, 1))
+        axes[1, i].imshow(heat, cmap="jet", alpha=0.45)
+        axes[1, i].set_title(f"Grad-CAM: {names[int(pred[i])]}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

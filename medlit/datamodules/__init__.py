@@ -2,5 +2,6 @@
 
 from medlit.datamodules.base import BaseDataModule
 from medlit.datamodules.brats import BraTSDataModule
+from medlit.datamodules.isic import ISICDataModule
 
-__all__ = ["BaseDataModule", "BraTSDataModule"]
+__all__ = ["BaseDataModule", "BraTSDataModule", "ISICDataModule"]

@@ -1,6 +1,7 @@
 """Tasks: LightningModules that own a model, its loss, metrics and evaluation."""
 
 from medlit.tasks.base import BaseTask
+from medlit.tasks.classification import ClassificationTask
 from medlit.tasks.segmentation import SegmentationTask
 
-__all__ = ["BaseTask", "SegmentationTask"]
+__all__ = ["BaseTask", "ClassificationTask", "SegmentationTask"]

@@ -1,0 +1,276 @@
+"""ISIC dermoscopy: the official 2018 Task 1 / Task 3 (HAM10000), 2019 and 2020 layouts,
+with every record checked before training.
+
+Files are found by name anywhere under the root, so both the challenge's folder names
+(``ISIC2018_Task3_Training_Input/``...) and flattened copies work::
+
+    2018 Task 1  ISIC_<7 digits>.jpg + ISIC_<id>_segmentation.png (0/255)
+    2018 Task 3  ISIC2018_Task3_Training_GroundTruth.csv  image,MEL,NV,BCC,AKIEC,BKL,DF,VASC
+                 + ISIC2018_Task3_Training_LesionGroupings.csv (image,lesion_id) or
+                 HAM10000_metadata.csv (lesion_id,image_id,dx,...)
+    2019         ISIC_2019_Training_GroundTruth.csv  image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK
+                 + ISIC_2019_Training_Metadata.csv (image,...,lesion_id,...)
+    2020         train.csv  image_name,patient_id,...,target  (+ jpeg/train/*.jpg)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from medlit.errors import DatasetNotFoundError, InvalidCaseError
+
+Year = Literal["2018_task1", "2018_task3", "2019", "2020"]
+
+CLASSES: dict[str, tuple[str, ...]] = {
+    "2018_task3": ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"),
+    # UNK appears only at test time: the model is 8-way (see unknown_probability()).
+    "2019": ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"),
+    "2020": ("benign", "melanoma"),
+}
+TRUTH_CSV = {
+    "2018_task3": "ISIC2018_Task3_Training_GroundTruth.csv",
+    "2019": "ISIC_2019_Training_GroundTruth.csv",
+    "2020": "train.csv",
+}
+ISIC_HELP = (
+    "ISIC data come from https://challenge.isic-archive.com/data/ (2018 Task 1 and 3, 2019, "
+    "2020) and HAM10000 from https://doi.org/10.7910/DVN/DBW86T; unpack the archives under "
+    "the root. To try medlit without them, run a demo: python -m medlit.fit "
+    "experiments/demo/isic_classifier.yaml"
+)
+
+
+@dataclass
+class ISICRecords:
+    """What one ISIC release provides: images, and labels or masks, and how they group."""
+
+    year: str
+    images: dict[str, Path]  # image id -> file
+    labels: dict[str, int] = field(default_factory=dict)  # image id -> class index
+    masks: dict[str, Path] = field(default_factory=dict)  # image id -> segmentation PNG
+    groups: dict[str, str] = field(default_factory=dict)  # image id -> lesion/patient id
+    group_kind: str = "image"  # "lesion_id", "patient_id" or "image" (no grouping known)
+    classes: tuple[str, ...] = ()
+
+
+def detect_year(root: Path) -> str:
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"ISIC root {root} does not exist. {ISIC_HELP}")
+    for year in ("2019", "2018_task3", "2020"):
+        if next(root.rglob(TRUTH_CSV[year]), None) is not None:
+            return year
+    if next(root.rglob("ISIC_*_segmentation.png"), None) is not None:
+        return "2018_task1"
+    raise DatasetNotFoundError(
+        f"no ISIC ground truth under {root} (looked for {', '.join(TRUTH_CSV.values())} and "
+        f"ISIC_XXXXXXX_segmentation.png). {ISIC_HELP}"
+    )
+
+
+def _find(root: Path, name: str) -> Path | None:
+    return next(iter(sorted(root.rglob(name))), None)
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise InvalidCaseError(path.name, path, f"unreadable CSV ({e})") from e
+    if missing := [c for c in required if c not in table.columns]:
+        raise InvalidCaseError(
+            path.name, path, f"columns {missing} are missing (found {list(table.columns)})"
+        )
+    key = required[0]
+    if dup := sorted(table[key][table[key].duplicated()].astype(str).unique()):
+        raise InvalidCaseError(dup[0], path, f"{len(dup)} duplicate {key} rows, e.g. {dup[:3]}")
+    return table
+
+
+def read_records(root: Path, year: str | None = None) -> ISICRecords:
+    """Index the release under ``root``: ids, files, labels/masks and groups; checks the CSVs."""
+    year = year or detect_year(root)
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"ISIC root {root} does not exist. {ISIC_HELP}")
+    jpgs = {p.stem: p for p in root.rglob("*.jpg")}
+    if year == "2018_task1":
+        masks = {
+            p.stem.removesuffix("_segmentation"): p for p in root.rglob("ISIC_*_segmentation.png")
+        }
+        for image_id, mask in sorted(masks.items()):
+            if image_id not in jpgs:
+                raise InvalidCaseError(
+                    image_id, mask, f"mask has no image {image_id}.jpg under {root}"
+                )
+        images = {i: p for i, p in jpgs.items() if re.fullmatch(r"ISIC_\d{7}", i)}
+        return ISICRecords(year, {i: images[i] for i in sorted(masks)}, masks=masks)
+
+    truth_path = _find(root, TRUTH_CSV[year])
+    if truth_path is None:
+        raise DatasetNotFoundError(f"no {TRUTH_CSV[year]} under {root} (ISIC {year}). {ISIC_HELP}")
+    classes = CLASSES[year]
+    records = ISICRecords(year, {}, classes=classes)
+    if year == "2020":
+        table = _read_csv(truth_path, ("image_name", "patient_id", "target"))
+        bad = table[~table["target"].isin([0, 1])]
+        if len(bad):
+            raise InvalidCaseError(
+                str(bad["image_name"].iloc[0]),
+                truth_path,
+                f"target {bad['target'].iloc[0]!r} is not 0 or 1",
+            )
+        ids = table["image_name"].astype(str)
+        records.labels = dict(zip(ids, table["target"].astype(int), strict=True))
+        records.groups = dict(zip(ids, table["patient_id"].astype(str), strict=True))
+        records.group_kind = "patient_id"
+    else:
+        columns = ("image", *classes, *(["UNK"] if year == "2019" else []))
+        table = _read_csv(truth_path, columns)
+        onehot = table[list(columns[1:])].to_numpy(dtype=float)
+        sums = onehot.sum(1)
+        if (
+            bad := np.flatnonzero(~np.isclose(sums, 1.0) | ~np.isin(onehot, (0.0, 1.0)).all(1))
+        ).size:
+            i = bad[0]
+            raise InvalidCaseError(
+                str(table["image"].iloc[i]),
+                truth_path,
+                f"one-hot row sums to {sums[i]:g} (expected exactly one 1)",
+            )
+        if year == "2019" and (unk := table.index[table["UNK"] == 1]).size:
+            raise InvalidCaseError(
+                str(table["image"].iloc[unk[0]]),
+                truth_path,
+                "UNK is a test-time class; training rows must not use it",
+            )
+        ids = table["image"].astype(str)
+        records.labels = dict(zip(ids, onehot[:, : len(classes)].argmax(1).tolist(), strict=True))
+        records.groups, records.group_kind = _lesion_groups(root, year, list(ids))
+    for image_id in records.labels:
+        if image_id not in jpgs:
+            raise InvalidCaseError(
+                image_id, truth_path, f"row has no image {image_id}.jpg under {root}"
+            )
+        records.images[image_id] = jpgs[image_id]
+    return records
+
+
+def _lesion_groups(root: Path, year: str, ids: list[str]) -> tuple[dict[str, str], str]:
+    """image -> lesion_id from the release's metadata; images without one form their own group."""
+    sources = {
+        "2018_task3": [
+            ("ISIC2018_Task3_Training_LesionGroupings.csv", "image"),
+            ("HAM10000_metadata.csv", "image_id"),
+        ],
+        "2019": [("ISIC_2019_Training_Metadata.csv", "image")],
+    }[year]
+    for name, key in sources:
+        if (path := _find(root, name)) is not None:
+            meta = _read_csv(path, (key, "lesion_id"))
+            lesion = dict(zip(meta[key].astype(str), meta["lesion_id"], strict=True))
+            return {
+                i: str(lesion[i]) if pd.notna(lesion.get(i)) else f"image:{i}" for i in ids
+            }, "lesion_id"
+    return {i: f"image:{i}" for i in ids}, "image"
+
+
+def check_image(image_id: str, path: Path, mask: Path | None = None) -> None:
+    """Decode the image (and mask) fully; the mask must be single-channel 0/255 of the same size."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            size = im.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise InvalidCaseError(image_id, path, f"image does not decode ({e})") from e
+    if mask is None:
+        return
+    try:
+        with Image.open(mask) as m:
+            m.load()
+            if m.mode not in ("L", "1", "P"):
+                raise InvalidCaseError(image_id, mask, f"mask mode {m.mode} is not single-channel")
+            values = np.unique(np.asarray(m.convert("L")))
+            msize = m.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise InvalidCaseError(image_id, mask, f"mask does not decode ({e})") from e
+    if msize != size:
+        raise InvalidCaseError(image_id, mask, f"mask size {msize} differs from image size {size}")
+    if not set(values.tolist()) <= {0, 255}:
+        raise InvalidCaseError(
+            image_id, mask, f"mask values {values.tolist()[:6]} are not binary 0/255"
+        )
+
+
+def check_records(records: ISICRecords, cache_dir: Path) -> int:
+    """Decode every image/mask not verified before (size+mtime index); returns the count checked."""
+    index_path = cache_dir / "verified.json"
+    try:
+        known = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    checked = 0
+    for image_id, path in records.images.items():
+        mask = records.masks.get(image_id)
+        files = [path, *([mask] if mask else [])]
+        stamp = [[p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+        key = hashlib.sha1("|".join(map(str, files)).encode()).hexdigest()
+        if known.get(key) == stamp:
+            continue
+        check_image(image_id, path, mask)
+        known[key] = stamp
+        checked += 1
+    if checked:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = index_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known))
+        tmp.replace(index_path)
+    return checked
+
+
+def unknown_probability(probs: np.ndarray) -> np.ndarray:
+    """ISIC 2019's UNK column: 1 - the highest of the 8 known-class probabilities.
+
+    The model is 8-way; an image none of the 8 classes claims confidently is called unknown
+    (UNK then wins the argmax exactly when no known class exceeds 0.5).
+    """
+    return 1.0 - probs.max(axis=1)
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_submission(path: str | Path, ids: list[str], probs: np.ndarray, year: str) -> None:
+    """The official submission CSV: ``image`` + exactly the truth's columns, probabilities.
+
+    2019 adds ``UNK`` (see ``unknown_probability``); 2020 is ``image,target`` with the
+    melanoma probability. Written to a temporary name, then renamed.
+    """
+    if year == "2020":
+        table = pd.DataFrame({"image": ids, "target": probs[:, 1]})
+    else:
+        table = pd.DataFrame(probs, columns=list(CLASSES[year]))
+        if year == "2019":
+            table["UNK"] = unknown_probability(probs)
+        table.insert(0, "image", ids)
+    _atomic(Path(path), lambda p: table.to_csv(p, index=False))
+
+
+def write_mask(path: str | Path, mask: np.ndarray) -> None:
+    """A predicted lesion mask as the ground truth is stored: single-channel PNG, 0/255."""
+    image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), "L")
+    _atomic(Path(path), lambda p: image.save(p, format="PNG"))

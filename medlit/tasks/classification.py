@@ -1,0 +1,210 @@
+"""ClassificationTask: any timm model, scored as the ISIC challenges score (balanced
+multiclass accuracy, per-class and macro ROC AUC), with Grad-CAM explanations."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import timm
+import torch
+from torch import Tensor
+
+from medlit.errors import ConfigError
+from medlit.metrics.classification import balanced_accuracy, confusion, per_class_auc
+from medlit.models import load_weights
+from medlit.tasks.base import BaseTask
+from medlit.tracking import log_file
+from medlit.visualize import save_confusion, save_gradcam
+
+
+class ClassificationTask(BaseTask):
+    """Image classification with ``timm.create_model``.
+
+    Args:
+        model: any timm model name (``resnet50``, ``efficientnet_b3``, ``convnext_tiny``...).
+        weights: path of a local weights file (timm/torchvision state dict or a Lightning
+            checkpoint); nothing is downloaded. A classifier of another size is skipped.
+        in_chans: input channels.
+        num_classes: output classes.
+        class_names: names of the classes, for metrics and the submission CSV; default
+            the data module's (``classes``) or class0, class1, ...
+        freeze_backbone: train only the classifier head.
+        label_smoothing: cross-entropy label smoothing.
+        class_weights: ``balanced`` weighs the loss by inverse training-class frequency
+            (from the data module's ``class_counts``); a list gives the weights; ``none``.
+        drop_rate: dropout before the classifier.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        scheduler: ``cosine`` (after ``warmup_epochs`` of linear warm-up) or ``none``.
+        warmup_epochs: epochs of linear warm-up.
+        log_images: log the confusion matrix and Grad-CAM overlays (PNG); turn off for data
+            that must not leave the site.
+        num_cam_images: validation images explained with Grad-CAM at the end of training.
+    """
+
+    monitor = "val/balanced_accuracy"
+    mode = "max"
+
+    def __init__(
+        self,
+        model: str = "resnet18",
+        weights: str | None = None,
+        in_chans: int = 3,
+        num_classes: int = 7,
+        class_names: list[str] | None = None,
+        freeze_backbone: bool = False,
+        label_smoothing: float = 0.0,
+        class_weights: Literal["none", "balanced"] | list[float] = "none",
+        drop_rate: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        scheduler: Literal["cosine", "none"] = "cosine",
+        warmup_epochs: int = 1,
+        log_images: bool = True,
+        num_cam_images: int = 6,
+    ) -> None:
+        super().__init__()
+        self._outputs: list[dict[str, Any]] = []
+
+    def configure_models(self) -> None:
+        h = self.hparams
+        try:
+            self.model = timm.create_model(
+                h["model"],
+                pretrained=False,
+                in_chans=h["in_chans"],
+                num_classes=h["num_classes"],
+                drop_rate=h["drop_rate"],
+            )
+        except RuntimeError as e:  # timm: "Unknown model (...)"
+            raise ConfigError(f"model.model={h['model']!r}: {e}; see timm.list_models()") from e
+        if h["weights"]:
+            load_weights(self.model, h["weights"])
+        if h["freeze_backbone"]:
+            head = {id(p) for p in self.model.get_classifier().parameters()}
+            for p in self.model.parameters():
+                p.requires_grad = id(p) in head
+
+    def configure_losses(self) -> None:
+        w = self.hparams["class_weights"]
+        weight = torch.tensor(w, dtype=torch.float) if isinstance(w, list) else None
+        if weight is not None and len(weight) != self.hparams["num_classes"]:
+            raise ConfigError(
+                f"class_weights has {len(weight)} values for {self.hparams['num_classes']} classes"
+            )
+        self.loss = torch.nn.CrossEntropyLoss(
+            weight=weight, label_smoothing=self.hparams["label_smoothing"]
+        )
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.hparams["class_names"]:
+            return list(self.hparams["class_names"])
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        names = list(getattr(dm, "classes", ()) or ())
+        return (
+            names
+            if len(names) == self.hparams["num_classes"]
+            else [f"class{k}" for k in range(self.hparams["num_classes"])]
+        )
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if self.hparams["class_weights"] == "balanced" and stage == "fit":
+            counts = torch.tensor(getattr(dm, "class_counts", []), dtype=torch.float)
+            if counts.numel() != self.hparams["num_classes"]:
+                raise ConfigError(
+                    "class_weights: balanced needs the data module's class_counts "
+                    f"for {self.hparams['num_classes']} classes"
+                )
+            weight = counts.sum() / (len(counts) * counts.clamp(min=1))
+            self.loss = torch.nn.CrossEntropyLoss(
+                weight=weight, label_smoothing=self.hparams["label_smoothing"]
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        logits = self(batch["image"])
+        loss = self.loss(logits, batch["label"])
+        self.log(
+            "train/loss",
+            loss,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(batch["label"]),
+        )
+        return loss
+
+    def _collect(self, batch: dict[str, Any]) -> None:
+        probs = self(batch["image"]).float().softmax(1).cpu()
+        for i, case in enumerate(batch["case_id"]):
+            self._outputs.append(
+                {"case_id": case, "target": int(batch["label"][i]), "probs": probs[i].tolist()}
+            )
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._collect(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._collect(batch)
+
+    def _finish(self, stage: str) -> None:
+        rows = self.gather_rows(self._outputs)  # every image once, whatever the world size
+        self._outputs = []
+        if not rows:
+            return
+        probs = torch.tensor([r["probs"] for r in rows])
+        target = torch.tensor([r["target"] for r in rows])
+        names = self.class_names
+        metrics = {"balanced_accuracy": balanced_accuracy(probs, target)}
+        aucs = per_class_auc(probs, target)
+        metrics.update(
+            {f"auc_{n}": a for n, a in zip(names, aucs, strict=True) if not math.isnan(a)}
+        )
+        if any(not math.isnan(a) for a in aucs):
+            metrics["auc_macro"] = float(np.nanmean(aucs))
+        if len(names) == 2 and not math.isnan(aucs[1]):
+            metrics["roc_auc"] = aucs[1]  # binary (ISIC 2020): AUC of the positive class
+        for k, v in metrics.items():
+            self.log(f"{stage}/{k}", v, sync_dist=True)
+        if self.trainer.sanity_checking:
+            return
+        ids = [r["case_id"] for r in rows]
+        writer = getattr(self.trainer.datamodule, "write_submission", None)
+        if stage == "test" and writer is not None:  # the challenge's own submission format
+            log_file(self.trainer, "test_submission.csv", lambda p: writer(p, ids, probs.numpy()))
+        else:
+            table = pd.DataFrame(probs.numpy(), columns=names)
+            table.insert(0, "image", ids)
+            log_file(
+                self.trainer, f"{stage}_predictions.csv", lambda p: table.to_csv(p, index=False)
+            )
+        if self.hparams["log_images"] and stage == "test":
+            matrix = confusion(probs, target).numpy()
+            log_file(self.trainer, "test_confusion.png", lambda p: save_confusion(matrix, names, p))
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")
+
+    def on_fit_end(self) -> None:
+        """Grad-CAM overlays of a few validation images with the final weights."""
+        n = self.hparams["num_cam_images"]
+        dm = self.trainer.datamodule
+        if not self.hparams["log_images"] or n <= 0 or dm is None or "val" not in dm.datasets:
+            return
+        items = [dm.datasets["val"][i] for i in range(min(n, len(dm.datasets["val"])))]
+        if items:
+            log_file(
+                self.trainer,
+                "gradcam.png",
+                lambda p: save_gradcam(self, items, self.class_names, p),
+            )
