@@ -43,6 +43,18 @@ def tiny(root: Path, tracking_uri: str, *extra: str) -> list[str]:
     ]
 
 
+def run_demo(config: str, root: Path, tracking_uri: str) -> dict[str, float]:
+    """A README demo, unchanged but for where its data and runs go."""
+    return main(
+        [
+            config,
+            f"--data.root={root}",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.tracking_uri={tracking_uri}",
+        ]
+    )
+
+
 def _runs(tracking_uri: str) -> list[mlflow.entities.Run]:
     client = mlflow.MlflowClient(tracking_uri)
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -235,14 +247,7 @@ def test_command_line_error_is_one_clear_line(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_demo_experiment_reaches_the_target_dice(tmp_path: Path, tracking_uri: str) -> None:
     """The README's demo, unchanged but for where it writes: WT Dice >= 0.80 on held-out cases."""
-    metrics = main(
-        [
-            DEMO,
-            f"--data.root={tmp_path}/BraTS2021",
-            f"--trainer.logger.init_args.tracking_uri={tracking_uri}",
-            "--trainer.enable_progress_bar=false",
-        ]
-    )
+    metrics = run_demo(DEMO, tmp_path / "BraTS2021", tracking_uri)
     assert metrics["test/dice_WT"] >= 0.80, metrics
     [run] = _runs(tracking_uri)
     assert run.data.tags["data"] == "synthetic"

@@ -15,7 +15,7 @@ from medlit.datasets.volume_io import read_volume
 from medlit.errors import ConfigError, DatasetNotFoundError
 from medlit.fit import main
 from tests.data.isic.data import make_isic
-from tests.test_fit import REPO, _artifacts, _runs, tiny
+from tests.test_fit import REPO, _artifacts, _runs, run_demo, tiny
 
 CLASSIFIER = str(REPO / "experiments/demo/isic_classifier.yaml")
 SEGMENTER = str(REPO / "experiments/demo/isic_unet.yaml")
@@ -156,21 +156,7 @@ def test_real_isic_experiments_point_to_the_demo(
 @pytest.mark.slow
 def test_isic_demos_learn(tmp_path: Path, tracking_uri: str) -> None:
     """The README's ISIC demos, unchanged but for where they write."""
-    cls = main(
-        [
-            CLASSIFIER,
-            f"--data.root={tmp_path}/t3",
-            f"--trainer.logger.init_args.tracking_uri={tracking_uri}",
-            "--trainer.enable_progress_bar=false",
-        ]
-    )
+    cls = run_demo(CLASSIFIER, tmp_path / "t3", tracking_uri)
     assert cls["test/balanced_accuracy"] >= 3 / 7  # chance is 1/7
-    seg = main(
-        [
-            SEGMENTER,
-            f"--data.root={tmp_path}/t1",
-            f"--trainer.logger.init_args.tracking_uri={tracking_uri}",
-            "--trainer.enable_progress_bar=false",
-        ]
-    )
+    seg = run_demo(SEGMENTER, tmp_path / "t1", tracking_uri)
     assert seg["test/threshold_jaccard_lesion"] >= 0.75

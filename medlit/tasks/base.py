@@ -61,6 +61,11 @@ class BaseTask(LightningModule):
             "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "epoch"},
         }
 
+    def log_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+        self.log(
+            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size
+        )
+
     # ---- per-case evaluation shared by volume-level tasks -----------------------------
 
     def gather_rows(self, rows: list[dict[str, Any]], key: str = "case_id") -> list[dict[str, Any]]:

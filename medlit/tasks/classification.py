@@ -131,14 +131,7 @@ class ClassificationTask(BaseTask):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         logits = self(batch["image"])
         loss = self.loss(logits, batch["label"])
-        self.log(
-            "train/loss",
-            loss,
-            on_step=True,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=len(batch["label"]),
-        )
+        self.log_train_loss(loss, len(batch["label"]))
         return loss
 
     def _collect(self, batch: dict[str, Any]) -> None:

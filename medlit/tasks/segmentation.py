@@ -167,14 +167,7 @@ class SegmentationTask(BaseTask):
                 f"in_channels={self.hparams['in_channels']} (modalities × (2·context_slices+1))"
             )
         loss = self.compute_loss(self(batch["image"]), batch["mask"])
-        self.log(
-            "train/loss",
-            loss,
-            on_step=True,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=batch["image"].shape[0],
-        )
+        self.log_train_loss(loss, batch["image"].shape[0])
         return loss
 
     # ---- whole-case inference and evaluation -----------------------------------------
