@@ -9,16 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
+# The official scorer is a dev dependency: these tests must run, never skip.
+from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
+from isic_challenge_scoring.segmentation import SegmentationScore
 from PIL import Image
 
 from medlit.datasets.images import read_mask
 from medlit.datasets.isic import CLASSES, write_mask, write_submission
 from medlit.metrics.classification import balanced_accuracy, per_class_auc
 from medlit.metrics.segmentation import dice, jaccard, threshold_jaccard
-
-scoring = pytest.importorskip("isic_challenge_scoring", reason="dev extra: isic-challenge-scoring")
-from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore  # noqa: E402
-from isic_challenge_scoring.segmentation import SegmentationScore  # noqa: E402
 
 
 def _truth_csv(path: Path, ids: list[str], labels: np.ndarray, columns: list[str]) -> None:
