@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
+
+from medlit.datasets.synthetic import is_synthetic
+
+log = logging.getLogger(__name__)
 
 
 def cache_root(cache_dir: str | None, kind: str, root: Path) -> Path:
@@ -27,11 +34,25 @@ class BaseDataModule(LightningDataModule):
     Training batches are ``batch_size`` slices; evaluation batches are one whole case.
     """
 
-    def __init__(self, batch_size: int, num_workers: int) -> None:
+    def __init__(self, root: str, batch_size: int, num_workers: int) -> None:
         super().__init__()
+        self.root = Path(root).expanduser()
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.datasets: dict[str, Dataset] = {}
+
+    @property
+    def is_synthetic(self) -> bool:
+        """Whether ``root`` holds medlit's demo data (the run is then tagged data=synthetic)."""
+        return is_synthetic(self.root)
+
+    def write_demo_if_empty(self, write: Callable[[Path], object], what: str) -> None:
+        """With ``demo: true``, fill an empty or missing ``root`` with ``write(root)`` first."""
+        if not self.hparams["demo"] or (self.root.exists() and any(self.root.iterdir())):
+            return
+        start = time.perf_counter()
+        write(self.root)
+        log.info("wrote %s to %s in %.1f s", what, self.root, time.perf_counter() - start)
 
     def _loader(
         self, split: str, shuffle: bool = False, batch_size: int | None = None, **kwargs: Any

@@ -30,7 +30,7 @@ from medlit.datasets.brats import (
 )
 from medlit.datasets.cache import CacheEntry, VolumeCache
 from medlit.datasets.slices import CaseDataset, SliceDataset
-from medlit.datasets.synthetic import is_synthetic, write_brats
+from medlit.datasets.synthetic import write_brats
 from medlit.datasets.volume_io import Geometry, write_volume
 from medlit.errors import DatasetNotFoundError
 
@@ -96,9 +96,8 @@ class BraTSDataModule(BaseDataModule):
         batch_size: int = 16,
         num_workers: int = 2,
     ) -> None:
-        super().__init__(batch_size, num_workers)
+        super().__init__(root, batch_size, num_workers)
         self.save_hyperparameters(logger=False)  # the resolved config is logged whole
-        self.root = Path(root).expanduser()
         self.modalities = tuple(modalities or MODALITIES)
         self.cases: dict[str, list[BraTSCase]] = {}
 
@@ -107,10 +106,6 @@ class BraTSDataModule(BaseDataModule):
     @property
     def num_channels(self) -> int:
         return len(self.modalities) * (2 * self.hparams["context_slices"] + 1)
-
-    @property
-    def is_synthetic(self) -> bool:
-        return is_synthetic(self.root)
 
     def _layout_and_labels(self) -> tuple[str, int, tuple[int, ...]]:
         h = self.hparams
@@ -130,15 +125,10 @@ class BraTSDataModule(BaseDataModule):
 
     def _discover(self) -> None:
         h = self.hparams
-        if h["demo"] and (not self.root.exists() or not any(self.root.iterdir())):
-            start = time.perf_counter()
-            write_brats(self.root, h["demo_cases"], seed=h["seed"])
-            log.info(
-                "wrote %d synthetic BraTS cases (2021 layout) to %s in %.1f s",
-                h["demo_cases"],
-                self.root,
-                time.perf_counter() - start,
-            )
+        self.write_demo_if_empty(
+            lambda root: write_brats(root, h["demo_cases"], seed=h["seed"]),
+            f"{h['demo_cases']} synthetic BraTS cases (2021 layout)",
+        )
         if not self.root.exists():
             raise DatasetNotFoundError(f"BraTS root {self.root} does not exist. {BRATS_HELP}")
         year, _, _ = self._layout_and_labels()

@@ -23,7 +23,6 @@ from medlit.datasets.isic import (
     write_mask,
     write_submission,
 )
-from medlit.datasets.synthetic import is_synthetic
 from medlit.datasets.synthetic_isic import write_isic
 from medlit.errors import ConfigError
 
@@ -79,15 +78,10 @@ class ISICDataModule(BaseDataModule):
         batch_size: int = 32,
         num_workers: int = 2,
     ) -> None:
-        super().__init__(batch_size, num_workers)
+        super().__init__(root, batch_size, num_workers)
         self.save_hyperparameters(logger=False)  # the resolved config is logged whole
-        self.root = Path(root).expanduser()
         self.records: ISICRecords | None = None
         self.split_ids: dict[str, list[str]] = {}
-
-    @property
-    def is_synthetic(self) -> bool:
-        return is_synthetic(self.root)
 
     @property
     def num_channels(self) -> int:
@@ -108,15 +102,10 @@ class ISICDataModule(BaseDataModule):
         if self.records is not None:
             return self.records
         h = self.hparams
-        if h["demo"] and (not self.root.exists() or not any(self.root.iterdir())):
-            start = time.perf_counter()
-            write_isic(self.root, h["demo_year"], h["demo_lesions"], seed=h["seed"])
-            log.info(
-                "wrote a synthetic ISIC %s release to %s in %.1f s",
-                h["demo_year"],
-                self.root,
-                time.perf_counter() - start,
-            )
+        self.write_demo_if_empty(
+            lambda root: write_isic(root, h["demo_year"], h["demo_lesions"], seed=h["seed"]),
+            f"a synthetic ISIC {h['demo_year']} release",
+        )
         records = read_records(self.root, h["year"])
         if h["target"] == "mask" and not records.masks:
             raise ConfigError(

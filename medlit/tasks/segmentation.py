@@ -87,7 +87,7 @@ class SegmentationTask(BaseTask):
             attaches them to the run as ``test_predictions/``.
     """
 
-    monitor = "val/dice_mean"
+    # monitor is set per instance from ``metrics`` (val/<first ranking metric>_mean)
     mode = "max"
 
     def __init__(
