@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from medlit.datasets.volume_io import atomic_write
 from medlit.errors import DatasetNotFoundError, InvalidCaseError
 
 Year = Literal["2018_task1", "2018_task3", "2019", "2020"]
@@ -244,16 +245,6 @@ def unknown_probability(probs: np.ndarray) -> np.ndarray:
     return 1.0 - probs.max(axis=1)
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_submission(path: str | Path, ids: list[str], probs: np.ndarray, year: str) -> None:
     """The official submission CSV: ``image`` + exactly the truth's columns, probabilities.
 
@@ -267,10 +258,10 @@ def write_submission(path: str | Path, ids: list[str], probs: np.ndarray, year: 
         if year == "2019":
             table["UNK"] = unknown_probability(probs)
         table.insert(0, "image", ids)
-    _atomic(Path(path), lambda p: table.to_csv(p, index=False))
+    atomic_write(Path(path), lambda p: table.to_csv(p, index=False))
 
 
 def write_mask(path: str | Path, mask: np.ndarray) -> None:
     """A predicted lesion mask as the ground truth is stored: single-channel PNG, 0/255."""
     image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), "L")
-    _atomic(Path(path), lambda p: image.save(p, format="PNG"))
+    atomic_write(Path(path), lambda p: image.save(p, format="PNG"))
