@@ -119,3 +119,33 @@ def save_gradcam(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save_detections(shown: Sequence[dict], path: str | Path) -> None:
+    """Slices with reference boxes (green) and detected boxes (red, with their score).
+
+    Each item has ``image`` (Y, X), ``ref`` (M, 4) and ``pred`` (N, 5: x1, y1, x2, y2,
+    score) in pixels, and a ``title``.
+    """
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4), squeeze=False)
+    for ax, item in zip(axes[0], shown, strict=True):
+        ax.imshow(item["image"], cmap="gray", vmin=0, vmax=1)
+        ax.set_axis_off()
+        ax.set_title(item["title"], fontsize=8)
+        for boxes, colour in ((item["ref"], "#34c759"), (item["pred"], "#ff3b30")):
+            for b in boxes:
+                ax.add_patch(
+                    plt.Rectangle(
+                        (b[0] - 0.5, b[1] - 0.5),
+                        b[2] - b[0],
+                        b[3] - b[1],
+                        fill=False,
+                        edgecolor=colour,
+                        linewidth=1.0,
+                    )
+                )
+                if len(b) > 4:
+                    ax.text(b[0], b[1] - 1, f"{b[4]:.2f}", color=colour, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -164,11 +164,19 @@ class ClassificationTask(BaseTask):
             metrics["auc_macro"] = float(np.nanmean(aucs))
         if len(names) == 2 and not math.isnan(aucs[1]):
             metrics["roc_auc"] = aucs[1]  # binary (ISIC 2020): AUC of the positive class
+        ids = [r["case_id"] for r in rows]
+        # A data module whose challenge scores its items differently (LUNA16 candidates:
+        # FROC/CPM over scans) scores them itself.
+        scorer = getattr(self.trainer.datamodule, "score_predictions", None)
+        scored = scorer(ids, probs.numpy()) if scorer is not None else None
+        if scored is not None:
+            metrics.update(scored.metrics())
         for k, v in metrics.items():
             self.log(f"{stage}/{k}", v, sync_dist=True)
         if self.trainer.sanity_checking:
             return
-        ids = [r["case_id"] for r in rows]
+        if scored is not None and stage == "test":
+            log_file(self.trainer, "test_froc.png", scored.plot)
         writer = getattr(self.trainer.datamodule, "write_submission", None)
         if stage == "test" and writer is not None:  # the challenge's own submission format
             log_file(self.trainer, "test_submission.csv", lambda p: writer(p, ids, probs.numpy()))

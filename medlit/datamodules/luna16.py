@@ -1,0 +1,405 @@
+"""LUNA16 DataModule: the official subsets as folds, checked and cached scans, 2.5D
+detection slices with nodule boxes, whole-scan evaluation, and candidate patches for
+false-positive reduction."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from medlit.datamodules.base import BaseDataModule, cache_root
+from medlit.datasets.cache import CacheEntry, VolumeCache
+from medlit.datasets.luna16 import (
+    ANNOTATION_COLUMNS,
+    CANDIDATE_COLUMNS,
+    LUNG_WINDOW,
+    N_SUBSETS,
+    SUBMISSION_COLUMNS,
+    LunaScan,
+    Preprocessing,
+    candidate_patch,
+    discover_scans,
+    keep_present,
+    locate,
+    preprocess_scan,
+    read_table,
+)
+from medlit.datasets.nodules import (
+    CandidateDataset,
+    NoduleSliceDataset,
+    ScanDataset,
+    detection_collate,
+    first_item,
+)
+from medlit.datasets.synthetic_luna16 import write_luna16
+from medlit.datasets.volume_io import atomic_write
+from medlit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from medlit.metrics.froc import FROCResult
+
+log = logging.getLogger(__name__)
+
+
+class LUNA16DataModule(BaseDataModule):
+    """LUNA16 lung CT: nodule detection and candidate false-positive reduction.
+
+    Args:
+        root: folder holding ``subset0..9/``, ``annotations.csv`` and the other CSVs (any
+            subsets may be missing: rows of absent scans are skipped).
+        demo: when ``root`` is empty or missing, first write a seeded synthetic release
+            there in the official layout.
+        demo_scans: scans written by ``demo`` (spread round-robin over the 10 subsets).
+        train_subsets: subsets (folds, 0-9) to train on; default every subset that is
+            neither validation nor test.
+        val_subsets: subsets that validate (checkpoint selection).
+        test_subsets: held-out subsets, scored once with the best checkpoint.
+        target: ``boxes``: 2.5D slices with YOLO boxes (DetectionTask); ``candidates``:
+            patches around ``candidates_file`` entries (ClassificationTask, false-positive
+            reduction).
+        candidates_file: ``candidates_V2.csv`` (the revised list) or ``candidates.csv``.
+        spacing: resample every scan to this voxel size (x, y, z mm) before caching;
+            None keeps each scan's own grid.
+        hu_window: Hounsfield window (low, high) mapped to [0, 1]; lung window by default.
+        context_slices: neighbouring axial slices on each side as extra channels (1 gives
+            three channels, the usual 2.5D input).
+        patch_size: side of square training crops (detection), in voxels.
+        positive_fraction: share of training slices that cut a nodule; the rest touch none.
+        samples_per_epoch: training samples per epoch (slices, or candidates drawn by the
+            balanced sampler).
+        augment: CT augmentation (flips, small rotation and zoom, mild noise).
+        candidate_size: side of candidate patches, in voxels.
+        candidate_input: ``planes``: axial, coronal and sagittal planes through the
+            candidate; ``slices``: ``2·context_slices + 1`` axial slices.
+        balance: ``sampler`` draws training candidates with inverse class frequency (the
+            candidate lists hold ~500 non-nodules per nodule).
+        seed: seed of the demo data.
+        cache_dir: cache of decoded (and resampled) scans; default ``$MEDLIT_CACHE_DIR``
+            or ``~/.cache/medlit``.
+        batch_size: training samples per batch (evaluation: one scan, or this many
+            candidates, per batch).
+        num_workers: data loader workers.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/LUNA16",
+        demo: bool = False,
+        demo_scans: int = 80,
+        train_subsets: list[int] | None = None,
+        val_subsets: list[int] | None = None,
+        test_subsets: list[int] | None = None,
+        target: Literal["boxes", "candidates"] = "boxes",
+        candidates_file: str = "candidates_V2.csv",
+        spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.0),
+        hu_window: tuple[float, float] = LUNG_WINDOW,
+        context_slices: int = 1,
+        patch_size: int = 256,
+        positive_fraction: float = 0.5,
+        samples_per_epoch: int = 4000,
+        augment: bool = True,
+        candidate_size: int = 48,
+        candidate_input: Literal["planes", "slices"] = "planes",
+        balance: Literal["sampler", "none"] = "sampler",
+        seed: int = 42,
+        cache_dir: str | None = None,
+        batch_size: int = 16,
+        num_workers: int = 2,
+    ) -> None:
+        super().__init__(root, batch_size, num_workers)
+        self.save_hyperparameters(logger=False)
+        val = list(val_subsets if val_subsets is not None else [8])
+        test = list(test_subsets if test_subsets is not None else [9])
+        train = list(
+            train_subsets
+            if train_subsets is not None
+            else [k for k in range(N_SUBSETS) if k not in val + test]
+        )
+        for name, subsets in (("train", train), ("val", val), ("test", test)):
+            if bad := [k for k in subsets if not 0 <= k < N_SUBSETS]:
+                raise ConfigError(f"data.{name}_subsets: {bad} are not subsets 0-9")
+        if overlap := (set(train) & set(val)) | (set(train) & set(test)) | (set(val) & set(test)):
+            raise ConfigError(
+                f"data: subsets {sorted(overlap)} are in two of train {train}, val {val}, "
+                f"test {test}; each fold belongs to one split"
+            )
+        if hu_window[0] >= hu_window[1]:
+            raise ConfigError(f"data.hu_window: low {hu_window[0]} must be below high")
+        self.subsets = {"train": train, "val": val, "test": test}
+        self.scans: dict[str, LunaScan] = {}
+        self.entries: dict[str, CacheEntry] = {}
+        self.tables: dict[str, pd.DataFrame] = {}
+        self.split_uids: dict[str, list[str]] = {}
+
+    # ---- what tasks ask of the data ----------------------------------------------------
+
+    @property
+    def num_channels(self) -> int:
+        h = self.hparams
+        if h["target"] == "candidates" and h["candidate_input"] == "planes":
+            return 3
+        return 2 * h["context_slices"] + 1
+
+    @property
+    def classes(self) -> list[str]:
+        return ["nodule"] if self.hparams["target"] == "boxes" else ["non_nodule", "nodule"]
+
+    @property
+    def class_counts(self) -> list[int]:
+        if self.hparams["target"] != "candidates":
+            return []
+        self._load()
+        labels = self._candidate_rows("train")["class"].to_numpy()
+        return np.bincount(labels, minlength=2).tolist()
+
+    def reference(self, uids: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Annotations and excluded findings of ``uids`` (official columns), for FROC."""
+        self._load()
+        pick = [*ANNOTATION_COLUMNS]
+        ann, exc = self.tables["annotations"], self.tables["excluded"]
+        return (
+            ann[ann["seriesuid"].isin(uids)][pick].reset_index(drop=True),
+            exc[exc["seriesuid"].isin(uids)][pick].reset_index(drop=True),
+        )
+
+    # ---- discovery, checks and caching ---------------------------------------------------
+
+    def _load(self) -> None:
+        """Discover scans, read and check the CSVs, check and cache the scans of every
+        split, and place every annotation/candidate in its scan (idempotent)."""
+        if self.entries:
+            return
+        h = self.hparams
+        self.write_demo_if_empty(
+            lambda root: write_luna16(root, h["demo_scans"], seed=h["seed"]),
+            f"{h['demo_scans']} synthetic LUNA16 scans",
+        )
+        start = time.perf_counter()
+        self.scans = discover_scans(self.root)
+        for split, subsets in self.subsets.items():
+            self.split_uids[split] = sorted(u for u, s in self.scans.items() if s.subset in subsets)
+        if not self.split_uids["train"] and not self.split_uids["test"]:
+            raise ConfigError(
+                f"no scan of subsets {self.subsets['train']} (train) or "
+                f"{self.subsets['test']} (test) under {self.root}; found subsets "
+                f"{sorted({s.subset for s in self.scans.values()})}"
+            )
+        wanted = [u for s in ("train", "val", "test") for u in self.split_uids[s]]
+        spacing = tuple(h["spacing"]) if h["spacing"] is not None else None
+        prep = Preprocessing(spacing)
+        cache = VolumeCache(cache_root(h["cache_dir"], "luna16", self.root), asdict(prep))
+        entries = {
+            u: cache.get(u, self.scans[u].sources, partial(preprocess_scan, self.scans[u], prep))
+            for u in wanted
+        }
+        files = {
+            "annotations": (self.root / "annotations.csv", ANNOTATION_COLUMNS, True),
+            "excluded": (self.root / "annotations_excluded.csv", ANNOTATION_COLUMNS, False),
+            "candidates": (
+                self.root / h["candidates_file"],
+                CANDIDATE_COLUMNS,
+                h["target"] == "candidates",
+            ),
+        }
+        for name, (path, columns, required) in files.items():
+            table = keep_present(read_table(path, columns, required), list(self.scans), path)
+            # Only scans of the chosen splits are placed (and checked against their grid).
+            table = (
+                table[table["seriesuid"].isin(entries)]
+                .sort_values("seriesuid", kind="stable")
+                .reset_index(drop=True)
+            )
+            size = "diameter_mm" if "diameter_mm" in table else None
+            located = [
+                locate(group, entries[uid].meta, path, size)
+                for uid, group in table.groupby("seriesuid", sort=True)
+            ]
+            table[["z", "y", "x", "radius_mm"]] = (
+                np.concatenate(located) if located else np.zeros((0, 4))
+            )
+            self.tables[name] = table
+        self.entries = entries
+        built = sum(e.built for e in entries.values())
+        log.info(
+            "LUNA16 %s: %d scans (train %d, val %d, test %d) ready in %.2f s (%d checked and "
+            "preprocessed, %d from the cache, %.1f MB); %d nodules, %d excluded, %d candidates",
+            self.root,
+            len(entries),
+            *(len(self.split_uids[s]) for s in ("train", "val", "test")),
+            time.perf_counter() - start,
+            built,
+            len(entries) - built,
+            sum(e.nbytes() for e in entries.values()) / 1e6,
+            len(self.tables["annotations"]),
+            len(self.tables["excluded"]),
+            len(self.tables["candidates"]),
+        )
+
+    def prepare_data(self) -> None:
+        """Write demo data if asked, then check and cache every scan of every split.
+
+        A broken scan or CSV row raises ``InvalidCaseError`` here, before any training.
+        """
+        self._load()
+
+    def _nodules(self, uids: list[str]) -> list[np.ndarray]:
+        ann = self.tables["annotations"]
+        groups = {
+            u: g[["z", "y", "x", "radius_mm"]].to_numpy() for u, g in ann.groupby("seriesuid")
+        }
+        return [groups.get(u, np.zeros((0, 4))) for u in uids]
+
+    def _candidate_rows(self, split: str) -> pd.DataFrame:
+        cands = self.tables["candidates"]
+        return cands[cands["seriesuid"].isin(self.split_uids[split])]
+
+    def _candidates(self, split: str) -> CandidateDataset:
+        h = self.hparams
+        rows = self._candidate_rows(split)
+        centres = rows[["z", "y", "x"]].to_numpy()
+        items = [
+            (f"{uid}#{line}", uid, centre, int(label))
+            for uid, line, centre, label in zip(
+                rows["seriesuid"], rows["line"], centres, rows["class"], strict=True
+            )
+        ]
+        return CandidateDataset(
+            self.entries,
+            items,
+            h["hu_window"],
+            h["candidate_size"],
+            h["candidate_input"],
+            h["context_slices"],
+            augment=split == "train" and h["augment"],
+        )
+
+    # ---- datasets ------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        self._load()
+        h = self.hparams
+        entries = {s: [self.entries[u] for u in self.split_uids[s]] for s in self.split_uids}
+        splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage, [])
+        for split in splits:
+            if not self.split_uids[split]:
+                raise ConfigError(
+                    f"no scan of subsets {self.subsets[split]} ({split}) under {self.root}"
+                )
+            if h["target"] == "candidates":
+                self.datasets[split] = self._candidates(split)
+            elif split == "train":
+                self.datasets[split] = NoduleSliceDataset(
+                    entries[split],
+                    self._nodules(self.split_uids[split]),
+                    h["hu_window"],
+                    h["context_slices"],
+                    h["patch_size"],
+                    h["positive_fraction"],
+                    h["samples_per_epoch"],
+                    h["augment"],
+                )
+            else:
+                self.datasets[split] = ScanDataset(
+                    entries[split], self._nodules(self.split_uids[split]), h["hu_window"]
+                )
+        if stage == "predict":
+            uids = self.split_uids["test"]
+            self.datasets["predict"] = ScanDataset(
+                [self.entries[u] for u in uids], None, h["hu_window"]
+            )
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        if self.hparams["target"] == "candidates":
+            return self._loader(split, batch_size=self.batch_size)
+        return self._loader(split, collate_fn=first_item)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.hparams["target"] == "boxes":
+            return self._loader("train", collate_fn=detection_collate)
+        if self.hparams["balance"] != "sampler":
+            return self._loader("train", shuffle=True)
+        labels = np.asarray(self.datasets["train"].labels)
+        counts = np.bincount(labels, minlength=2).clip(min=1)
+        weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+        sampler = WeightedRandomSampler(
+            weights, num_samples=self.hparams["samples_per_epoch"], replacement=True
+        )
+        return self._loader("train", sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("predict")
+
+    # ---- outputs -------------------------------------------------------------------------
+
+    def candidate_marks(self, ids: list[str], probs: np.ndarray) -> pd.DataFrame:
+        """Candidates ``<seriesuid>#<line>`` with their nodule probability, as CAD marks."""
+        cands = self.tables["candidates"].set_index(
+            self.tables["candidates"]["seriesuid"]
+            + "#"
+            + self.tables["candidates"]["line"].astype(str)
+        )
+        rows = cands.loc[ids]
+        return pd.DataFrame(
+            {
+                "seriesuid": rows["seriesuid"].to_numpy(),
+                "coordX": rows["coordX"].to_numpy(),
+                "coordY": rows["coordY"].to_numpy(),
+                "coordZ": rows["coordZ"].to_numpy(),
+                "probability": probs[:, -1],
+            }
+        )
+
+    def write_submission(self, path: Path, ids: list[str], probs: np.ndarray) -> None:
+        """False-positive reduction: the LUNA16 submission CSV of the scored candidates."""
+        write_submission(path, self.candidate_marks(ids, probs))
+
+    def score_predictions(self, ids: list[str], probs: np.ndarray) -> FROCResult:
+        """False-positive reduction scored as the challenge scores it: FROC/CPM over the
+        scans whose candidates were classified."""
+        from medlit.metrics.froc import froc
+
+        marks = self.candidate_marks(ids, probs)
+        uids = sorted(set(marks["seriesuid"]))
+        annotations, excluded = self.reference(uids)
+        return froc(marks, annotations, excluded, uids)
+
+    def candidate_inputs(self, uid: str, centres_zyx: np.ndarray) -> np.ndarray:
+        """Classifier inputs (N, 3, S, S) at voxel positions of a scan, made exactly as the
+        false-positive-reduction training patches are (without augmentation)."""
+        h = self.hparams
+        hu = self.entries[uid].arrays["image"]
+        return np.stack(
+            [
+                candidate_patch(
+                    hu,
+                    c,
+                    h["candidate_size"],
+                    h["hu_window"],
+                    h["candidate_input"],
+                    h["context_slices"],
+                )
+                for c in centres_zyx
+            ]
+        ).astype(np.float32)
+
+
+def write_submission(path: str | Path, marks: pd.DataFrame) -> None:
+    """The official submission CSV ``seriesuid,coordX,coordY,coordZ,probability``,
+    written to a temporary name and renamed."""
+    table = marks[list(SUBMISSION_COLUMNS)]
+    atomic_write(Path(path), lambda p: table.to_csv(p, index=False, float_format="%.6f"))

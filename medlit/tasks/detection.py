@@ -1,0 +1,442 @@
+"""DetectionTask: an Ultralytics YOLO network trained inside Lightning on 2.5D slices,
+evaluated per scan as LUNA16 evaluates (slice detections merged into 3D candidates in
+world mm, FROC/CPM), with optional false-positive reduction by a candidate classifier.
+
+Ultralytics provides the network (built from its model YAML), the detection loss
+(``v8DetectionLoss``: task-aligned assignment, BCE, CIoU and DFL) and NMS; its trainer,
+data pipeline and plotting are not used, so nothing is downloaded (no weights, fonts or
+assets) and Lightning owns the loop (devices, precision, DDP, checkpoints, logging).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.detection import MeanAveragePrecision
+
+from medlit.datasets.luna16 import index_to_world
+from medlit.datasets.nodules import slice_boxes, spacing_zyx
+from medlit.datasets.slices import stack_slices
+from medlit.errors import ConfigError
+from medlit.metrics.froc import FROCResult, froc
+from medlit.models import load_weights
+from medlit.tasks.base import BaseTask
+from medlit.tracking import log_file
+from medlit.visualize import save_detections
+
+# Before Ultralytics is imported: no DNS probe, no settings sync, quiet model summaries.
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_VERBOSE", "False")
+
+log = logging.getLogger(__name__)
+
+
+def _ultralytics():
+    try:
+        from ultralytics.cfg import get_cfg
+        from ultralytics.nn.tasks import DetectionModel
+        from ultralytics.utils.nms import non_max_suppression
+    except ImportError as e:  # the AGPL dependency lives in an extra
+        raise ConfigError('DetectionTask needs Ultralytics: pip install "medlit[detection]"') from e
+    return DetectionModel, get_cfg, non_max_suppression
+
+
+def merge_detections(
+    slices: list[tuple[int, np.ndarray]], spacing: np.ndarray, tolerance_slices: float = 1.0
+) -> np.ndarray:
+    """Merge per-slice boxes into 3D candidates.
+
+    ``slices`` holds ``(z, boxes)`` with boxes (n, 5) = pixel x1, y1, x2, y2, score;
+    ``spacing`` is (z, y, x) mm. Boxes are taken in descending score; a box joins the
+    nearest existing candidate whose centre lies within ``max(radius of the candidate,
+    radius of the box) + tolerance_slices · z-spacing`` mm (3D distance), otherwise it
+    starts a new one. A candidate's centre is the score-weighted mean of its boxes'
+    centres (a nodule's boxes on neighbouring slices average to its centre slice), its
+    diameter the widest box, and its score the highest box score.
+
+    Returns (m, 5): z, y, x (continuous voxel index), diameter_mm, score; by score.
+    """
+    rows = [
+        np.column_stack(
+            [
+                np.full(len(b), z, float),
+                (b[:, 1] + b[:, 3]) / 2 - 0.5,  # pixel centre -> voxel index
+                (b[:, 0] + b[:, 2]) / 2 - 0.5,
+                np.maximum((b[:, 3] - b[:, 1]) * spacing[1], (b[:, 2] - b[:, 0]) * spacing[2]) / 2,
+                b[:, 4],
+            ]
+        )
+        for z, b in slices
+        if len(b)
+    ]
+    if not rows:
+        return np.zeros((0, 5))
+    dets = np.concatenate(rows)
+    dets = dets[np.argsort(-dets[:, 4], kind="stable")]
+    centres: list[np.ndarray] = []  # mm, weighted sums
+    weights: list[float] = []
+    radius: list[float] = []
+    score: list[float] = []
+    tol = tolerance_slices * spacing[0]
+    for d in dets:
+        p = d[:3] * spacing
+        if centres:
+            c = np.asarray(centres) / np.asarray(weights)[:, None]
+            dist = np.linalg.norm(c - p, axis=1)
+            allowed = np.maximum(np.asarray(radius), d[3]) + tol
+            j = int(np.argmin(dist / allowed))
+            if dist[j] <= allowed[j]:
+                centres[j] = centres[j] + d[4] * p
+                weights[j] += d[4]
+                radius[j] = max(radius[j], d[3])
+                continue
+        centres.append(d[4] * p)
+        weights.append(d[4])
+        radius.append(d[3])
+        score.append(d[4])
+    c = np.asarray(centres) / np.asarray(weights)[:, None] / spacing
+    return np.column_stack([c, 2 * np.asarray(radius), np.asarray(score)])
+
+
+class DetectionTask(BaseTask):
+    """Nodule (or any lesion) detection with an Ultralytics YOLO network.
+
+    Args:
+        model: Ultralytics model YAML: a name shipped with Ultralytics (``yolov8n.yaml``,
+            ``yolo11s.yaml``: the letter picks the scale) or a path to your own YAML.
+        weights: local weights (a state dict or Lightning checkpoint; convert an
+            Ultralytics ``.pt`` with ``torch.save(YOLO("x.pt").model.state_dict(), ...)``).
+            Tensors whose shape differs (input channels, class count) are skipped.
+        in_channels: input channels (2.5D: 2·context_slices + 1).
+        num_classes: detected classes (``nc`` of the model YAML is overridden).
+        box_gain: weight of the box (CIoU) loss, as Ultralytics' ``box``.
+        cls_gain: weight of the classification loss, as Ultralytics' ``cls``.
+        dfl_gain: weight of the distribution focal loss, as Ultralytics' ``dfl``.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        scheduler: ``cosine`` (after ``warmup_epochs`` of linear warm-up) or ``none``.
+        warmup_epochs: epochs of linear warm-up.
+        conf_threshold: lowest box score kept at evaluation (low: FROC needs the tail).
+        iou_threshold: IoU of Ultralytics' NMS within a slice.
+        max_det: boxes kept per slice after NMS.
+        eval_batch_size: slices per forward pass when a whole scan is evaluated.
+        merge_tolerance: slices of z-distance allowed when merging boxes into 3D candidates.
+        max_candidates: candidates kept per scan (the LUNA16 scorer reads at most 100).
+        fpr_checkpoint: checkpoint of a ClassificationTask trained on the same data module
+            with ``target: candidates``; its nodule probability re-ranks the candidates.
+        fpr_weight: the re-ranked score is ``detection^(1-w) · classifier^w``.
+        predictions_dir: also write the test and predict submission CSVs here.
+        log_images: log a PNG of test slices with reference and detected boxes.
+    """
+
+    monitor = "val/cpm"
+    mode = "max"
+
+    def __init__(
+        self,
+        model: str = "yolov8n.yaml",
+        weights: str | None = None,
+        in_channels: int = 3,
+        num_classes: int = 1,
+        box_gain: float = 7.5,
+        cls_gain: float = 0.5,
+        dfl_gain: float = 1.5,
+        lr: float = 1e-3,
+        weight_decay: float = 5e-4,
+        scheduler: Literal["cosine", "none"] = "cosine",
+        warmup_epochs: int = 1,
+        conf_threshold: float = 0.01,
+        iou_threshold: float = 0.5,
+        max_det: int = 30,
+        eval_batch_size: int = 32,
+        merge_tolerance: float = 1.0,
+        max_candidates: int = 100,
+        fpr_checkpoint: str | None = None,
+        fpr_weight: float = 0.5,
+        predictions_dir: str | None = None,
+        log_images: bool = True,
+    ) -> None:
+        super().__init__()
+        self.criterion = None
+        # In a list: a registered submodule would be trained, and saved with this model.
+        self._fpr: list[torch.nn.Module] = []
+        self._rows: list[dict[str, Any]] = []
+        self._shown: list[dict[str, Any]] = []
+        self.val_map = MeanAveragePrecision(iou_thresholds=[0.5], box_format="xyxy")
+
+    def configure_models(self) -> None:
+        h = self.hparams
+        DetectionModel, get_cfg, _ = _ultralytics()
+        try:
+            self.model = DetectionModel(
+                h["model"], ch=h["in_channels"], nc=h["num_classes"], verbose=False
+            )
+        except FileNotFoundError as e:
+            raise ConfigError(
+                f"model.model={h['model']!r}: no such Ultralytics model YAML ({e}); use e.g. "
+                "yolov8n.yaml, yolo11s.yaml or a path to your own YAML"
+            ) from e
+        # The loss reads its gains from ``model.args``, as in Ultralytics' own trainer.
+        self.model.args = get_cfg(
+            overrides={"box": h["box_gain"], "cls": h["cls_gain"], "dfl": h["dfl_gain"]}
+        )
+        if h["weights"]:
+            load_weights(self.model, h["weights"])
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        classes = getattr(dm, "classes", None)
+        if classes is not None and len(classes) != self.hparams["num_classes"]:
+            raise ConfigError(
+                f"model.num_classes={self.hparams['num_classes']} but the data module has "
+                f"{len(classes)} classes {classes}"
+            )
+        if self.hparams["fpr_checkpoint"] and not self._fpr:
+            self._fpr.append(load_fpr_classifier(self.hparams["fpr_checkpoint"], dm))
+
+    # ---- training ------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Any:
+        return self.model(x)
+
+    def _loss(self, preds: Any, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        device = batch["image"].device
+        if self.criterion is None or self.criterion.device != device:
+            self.criterion = self.model.init_criterion()
+        target = {
+            "batch_idx": batch["batch_idx"].float(),
+            "cls": batch["box_labels"].float(),
+            "bboxes": batch["boxes"].float(),
+        }
+        loss, items = self.criterion(preds, target)
+        # Ultralytics' scaling: (box + cls + dfl) × batch size.
+        return loss.sum(), items
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, items = self._loss(self(batch["image"]), batch)
+        n = len(batch["image"])
+        self.log_train_loss(loss / n, n)
+        for name, value in items.items():
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    # ---- whole-scan inference ------------------------------------------------------------
+
+    def detect_slices(self, volume: Tensor) -> list[tuple[int, np.ndarray]]:
+        """Boxes (n, 5) x1, y1, x2, y2, score of every axial slice of a windowed volume."""
+        _, _, nms = _ultralytics()
+        h = self.hparams
+        context = (h["in_channels"] - 1) // 2
+        depth, height, width = volume.shape
+        stride = int(self.model.stride.max())
+        pad = (0, -width % stride, 0, -height % stride)
+        out = []
+        for start in range(0, depth, h["eval_batch_size"]):
+            zs = np.arange(start, min(start + h["eval_batch_size"], depth))
+            x = F.pad(stack_slices(volume[None], zs, context), pad)
+            preds = self.model(x.to(self.device, self.dtype))
+            kept = nms(
+                preds,
+                conf_thres=h["conf_threshold"],
+                iou_thres=h["iou_threshold"],
+                max_det=h["max_det"],
+            )
+            for z, k in zip(zs, kept, strict=True):
+                out.append((int(z), k[:, :5].float().cpu().numpy()))
+        return out
+
+    def scan_candidates(self, item: dict[str, Any], slices: list) -> pd.DataFrame:
+        """3D candidates of one scan in world mm, as LUNA16 submission rows."""
+        meta = item["meta"]
+        merged = merge_detections(slices, spacing_zyx(meta), self.hparams["merge_tolerance"])
+        merged = merged[: self.hparams["max_candidates"] * 2]
+        score = merged[:, 4]
+        if self._fpr and len(merged):
+            p = self.fpr_probability(item["case_id"], merged[:, :3])
+            w = self.hparams["fpr_weight"]
+            score = score ** (1 - w) * p**w
+        world = index_to_world_meta(meta, merged[:, :3])
+        table = pd.DataFrame(
+            {
+                "seriesuid": item["case_id"],
+                "coordX": world[:, 0] if len(world) else [],
+                "coordY": world[:, 1] if len(world) else [],
+                "coordZ": world[:, 2] if len(world) else [],
+                "probability": score,
+                "diameter_mm": merged[:, 3],
+            }
+        )
+        table = table.sort_values("probability", ascending=False, kind="stable")
+        # Rounded as the submission CSV stores them, so scoring the file gives the same.
+        return table.head(self.hparams["max_candidates"]).round(6).reset_index(drop=True)
+
+    @torch.no_grad()
+    def fpr_probability(self, uid: str, centres: np.ndarray) -> np.ndarray:
+        dm = self.trainer.datamodule
+        fpr = self._fpr[0].to(self.device)
+        x = torch.from_numpy(dm.candidate_inputs(uid, centres)).to(self.device)
+        probs = [fpr(x[i : i + 256]).float().softmax(1)[:, -1] for i in range(0, len(x), 256)]
+        return torch.cat(probs).cpu().numpy()
+
+    def _evaluate(self, item: dict[str, Any], stage: str) -> None:
+        slices = self.detect_slices(item["image"])
+        marks = self.scan_candidates(item, slices)
+        nodules = item["nodules"].cpu().numpy()
+        if stage == "val":
+            spacing = spacing_zyx(item["meta"])
+            preds, target = [], []
+            for z, boxes in slices:
+                preds.append(
+                    {
+                        "boxes": torch.from_numpy(boxes[:, :4]),
+                        "scores": torch.from_numpy(boxes[:, 4]),
+                        "labels": torch.zeros(len(boxes), dtype=torch.long),
+                    }
+                )
+                ref = slice_boxes(nodules, z, spacing)
+                target.append(
+                    {
+                        "boxes": torch.from_numpy(ref),
+                        "labels": torch.zeros(len(ref), dtype=torch.long),
+                    }
+                )
+            self.val_map.update(preds, target)
+        self._rows.append(
+            {
+                "case_id": item["case_id"],
+                "marks": marks.drop(columns="diameter_mm").to_dict("list"),
+                "nodules": len(nodules),
+            }
+        )
+        if stage == "test" and self.hparams["log_images"] and len(self._shown) < 4 and len(nodules):
+            z = int(round(nodules[0, 0]))
+            shown_boxes = dict(slices).get(z, np.zeros((0, 5)))
+            self._shown.append(
+                {
+                    "image": item["image"][z].cpu().numpy(),
+                    "ref": slice_boxes(nodules, z, spacing_zyx(item["meta"])),
+                    "pred": shown_boxes[shown_boxes[:, 4] >= 0.1],
+                    "title": f"{item['case_id'][-12:]} z={z}",
+                }
+            )
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> pd.DataFrame:
+        marks = self.scan_candidates(batch, self.detect_slices(batch["image"]))
+        return marks.drop(columns="diameter_mm")
+
+    # ---- scan-level scoring --------------------------------------------------------------
+
+    def _finish(self, stage: str) -> FROCResult | None:
+        rows = self.gather_rows(self._rows)  # every scan once, whatever the world size
+        self._rows = []
+        if not rows:
+            return None
+        marks = pd.concat([pd.DataFrame(r["marks"]) for r in rows], ignore_index=True)
+        uids = [r["case_id"] for r in rows]
+        annotations, excluded = self.trainer.datamodule.reference(uids)
+        result = froc(marks, annotations, excluded, uids)
+        for name, value in result.metrics().items():
+            self.log(f"{stage}/{name}", value, sync_dist=True)
+        if self.trainer.sanity_checking:
+            return result
+        per_scan = pd.DataFrame(
+            {
+                "case_id": uids,
+                "nodules": [r["nodules"] for r in rows],
+                "marks": [len(r["marks"]["seriesuid"]) for r in rows],
+            }
+        ).set_index("case_id")
+        log_file(self.trainer, f"{stage}_per_case.csv", per_scan.to_csv)
+        if stage == "test":
+            self._write_outputs(marks, uids, result)
+        return result
+
+    def _write_outputs(self, marks: pd.DataFrame, uids: list[str], result: FROCResult) -> None:
+        from medlit.datamodules.luna16 import write_submission
+
+        seriesuids = pd.Series(uids)
+        log_file(self.trainer, "test_submission.csv", lambda p: write_submission(p, marks))
+        log_file(
+            self.trainer,
+            "test_seriesuids.csv",
+            lambda p: seriesuids.to_csv(p, index=False, header=False),
+        )
+        log_file(self.trainer, "test_froc.png", result.plot)
+        if self.hparams["log_images"] and self._shown:
+            shown, self._shown = self._shown, []
+            log_file(self.trainer, "test_detections.png", lambda p: save_detections(shown, p))
+        if self.hparams["predictions_dir"] and self.trainer.is_global_zero:
+            write_submission(Path(self.hparams["predictions_dir"]) / "submission.csv", marks)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_map.update_called:
+            # Slice-level mAP@0.5: a check of the 2D detector, not the challenge metric.
+            self.log("val/map50", self.val_map.compute()["map"], sync_dist=True)
+        self.val_map.reset()
+        self._finish("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")
+
+    def on_predict_epoch_end(self) -> None:
+        folder = self.hparams["predictions_dir"]
+        outputs = self.trainer.predict_loop.predictions
+        if folder and outputs and self.trainer.is_global_zero:
+            from medlit.datamodules.luna16 import write_submission
+
+            write_submission(Path(folder) / "submission.csv", pd.concat(outputs))
+
+
+def index_to_world_meta(meta: dict, index_zyx: np.ndarray) -> np.ndarray:
+    from medlit.datasets.luna16 import geometry_of
+
+    if len(index_zyx) == 0:
+        return np.zeros((0, 3))
+    return index_to_world(geometry_of(meta), index_zyx)
+
+
+def load_fpr_classifier(path: str, datamodule: Any) -> torch.nn.Module:
+    """The network of a false-positive-reduction ClassificationTask checkpoint, in eval mode.
+
+    Loaded with ``weights_only=True``. Its candidate inputs must be made as this data
+    module makes them (spacing, window, patch size and kind), or its scores mean nothing.
+    """
+    from medlit.tasks.classification import ClassificationTask
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"model.fpr_checkpoint: {file} does not exist")
+    ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    trained = ckpt.get("datamodule_hyper_parameters", {})
+    own = dict(getattr(datamodule, "hparams", {}))
+    keys = ("spacing", "hu_window", "candidate_size", "candidate_input", "context_slices")
+    if diff := [
+        k
+        for k in keys
+        if k in trained and k in own and list(np.ravel(trained[k])) != list(np.ravel(own[k]))
+    ]:
+        raise ConfigError(
+            f"model.fpr_checkpoint {file} was trained with data "
+            + ", ".join(f"{k}={trained[k]}" for k in diff)
+            + " but this data module uses "
+            + ", ".join(f"{k}={own[k]}" for k in diff)
+        )
+    # LightningCLI adds its own bookkeeping keys (``_class_path``...) to the hyperparameters.
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+    task = ClassificationTask(**hparams)
+    task.load_state_dict(ckpt["state_dict"])
+    return task.model.eval()

@@ -1,0 +1,176 @@
+"""``medlit.fit`` on tiny generated LUNA16 releases: YOLO detection scored with FROC/CPM,
+the submission CSV scored again from the file alone, and false-positive reduction."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from medlit.datasets.nodules import slice_boxes
+from medlit.fit import main
+from medlit.metrics.froc import FROC_POINTS
+from medlit.tasks.detection import merge_detections
+from tests.data.luna16.data import make_luna16
+from tests.test_fit import REPO, _artifacts, _runs, run_demo
+
+DETECTOR = str(REPO / "experiments/demo/luna16_yolo.yaml")
+FPR = str(REPO / "experiments/demo/luna16_fpr.yaml")
+
+
+def common(root: Path, tracking_uri: str) -> list[str]:
+    return [
+        f"--trainer.default_root_dir={root.parent}",
+        f"--data.root={root}",
+        "--data.demo=false",
+        "--data.num_workers=0",
+        "--data.spacing=null",
+        f"--trainer.logger.init_args.tracking_uri={tracking_uri}",
+        "--trainer.logger.init_args.experiment_name=test",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+
+
+@pytest.fixture(scope="module")
+def _luna_pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("luna16") / "LUNA16"
+    make_luna16(root, scans=10, seed=0)
+    return root
+
+
+def score_file(run_id: str, tracking_uri: str, root: Path, out: Path) -> str:
+    """The evaluator run on the run's submission CSV alone (a separate process)."""
+    mlflow.set_tracking_uri(tracking_uri)
+    folder = mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(out))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medlit.metrics.froc",
+            f"{folder}/test_submission.csv",
+            "--annotations",
+            str(root / "annotations.csv"),
+            "--excluded",
+            str(root / "annotations_excluded.csv"),
+            "--seriesuids",
+            f"{folder}/test_seriesuids.csv",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout
+
+
+def cpm_from(stdout: str) -> float:
+    line = next(ln for ln in stdout.splitlines() if ln.strip().lower().startswith("cpm"))
+    return float(line.replace(":", " ").split()[-1])
+
+
+def test_detector_tracks_froc_and_writes_a_submission_the_scorer_agrees_with(
+    _luna_pristine: Path, tmp_path: Path, tracking_uri: str
+) -> None:
+    metrics = main(
+        [
+            DETECTOR,
+            *common(_luna_pristine, tracking_uri),
+            "--data.patch_size=64",
+            "--data.batch_size=4",
+            "--data.samples_per_epoch=8",
+            "--trainer.max_epochs=1",
+            "--model.conf_threshold=0.001",
+        ]
+    )
+    assert {"test/cpm", *(f"test/sens_at_{p:g}fp" for p in FROC_POINTS)} <= set(metrics)
+    assert 0 <= metrics["test/cpm"] <= 1
+    [run] = _runs(tracking_uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["data"] == "synthetic"
+    assert {"val/cpm", "val/map50", "train/box_loss"} <= set(run.data.metrics)
+    files = _artifacts(tracking_uri, run.info.run_id)
+    assert {"test_submission.csv", "test_seriesuids.csv", "test_froc.png"} <= set(files)
+    out = score_file(run.info.run_id, tracking_uri, _luna_pristine, tmp_path / "art")
+    assert cpm_from(out) == pytest.approx(metrics["test/cpm"], abs=1e-9)
+    submission = pd.read_csv(tmp_path / "art" / "test_submission.csv")
+    assert list(submission.columns) == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
+    assert submission.groupby("seriesuid").size().max() <= 100
+
+
+def test_false_positive_reduction_scores_candidates_and_reranks_the_detector(
+    _luna_pristine: Path, tracking_uri: str
+) -> None:
+    fpr = main(
+        [
+            FPR,
+            *common(_luna_pristine, tracking_uri),
+            "--model.model=test_resnet",
+            "--data.candidate_size=16",
+            "--data.samples_per_epoch=32",
+            "--data.batch_size=16",
+            "--trainer.max_epochs=1",
+        ]
+    )
+    assert {"test/balanced_accuracy", "test/cpm", "test/auc_nodule"} <= set(fpr)
+    [run] = _runs(tracking_uri)
+    files = _artifacts(tracking_uri, run.info.run_id)
+    assert {"test_submission.csv", "test_froc.png"} <= set(files)
+    [name] = [f for f in files if f.endswith(".ckpt")]
+    ckpt = mlflow.MlflowClient(tracking_uri).download_artifacts(run.info.run_id, name)
+    base = [
+        DETECTOR,
+        *common(_luna_pristine, tracking_uri),
+        "--data.patch_size=64",
+        "--data.batch_size=4",
+        "--data.samples_per_epoch=4",
+        "--data.candidate_size=16",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_val_batches=0",
+        "--model.conf_threshold=0.001",
+    ]
+    main([*base, f"--model.fpr_checkpoint={ckpt}"])
+    # A classifier trained on other candidate patches is refused with the reason named.
+    with pytest.raises(Exception, match="candidate_size=16"):
+        main([*base, "--data.candidate_size=24", f"--model.fpr_checkpoint={ckpt}"])
+
+
+def test_merge_joins_a_nodule_across_slices_and_keeps_neighbours_apart() -> None:
+    spacing = np.array([2.0, 1.0, 1.0])  # z, y, x mm
+    nodule = np.array([[10.0, 30.0, 40.0, 6.0]])  # z, y, x index, radius mm
+    slices = []
+    for z in range(6, 15):
+        boxes = slice_boxes(nodule, z, spacing)
+        slices.append((z, np.column_stack([boxes, np.full(len(boxes), 0.9 - abs(z - 10) * 0.1)])))
+    # A vessel cross-section 20 mm away on two slices, lower scores.
+    slices += [(z, np.array([[58.0, 30.0, 62.0, 34.0, 0.3]])) for z in (9, 10)]
+    merged = merge_detections(slices, spacing)
+    assert len(merged) == 2
+    np.testing.assert_allclose(merged[0, :3], [10.0, 30.0, 40.0], atol=0.05)
+    assert merged[0, 3] == pytest.approx(12.0, abs=0.01)  # widest box: the diameter
+    assert merged[0, 4] == pytest.approx(0.9)
+    np.testing.assert_allclose(merged[1, :3], [9.5, 31.5, 59.5], atol=1e-6)
+    assert merge_detections([(0, np.zeros((0, 5)))], spacing).shape == (0, 5)
+
+
+def test_unknown_model_yaml_is_a_config_error(_luna_pristine: Path, tracking_uri: str) -> None:
+    with pytest.raises(Exception, match="no such Ultralytics model YAML"):
+        main([DETECTOR, *common(_luna_pristine, tracking_uri), "--model.model=yolov99q.yaml"])
+
+
+@pytest.mark.slow
+def test_demo_detector_reaches_cpm_half_and_its_submission_scores_the_same(
+    tmp_path: Path, tracking_uri: str
+) -> None:
+    """The README's LUNA16 demo, unchanged: CPM >= 0.5 on the held-out synthetic fold."""
+    torch.set_num_threads(2)
+    metrics = run_demo(DETECTOR, tmp_path / "LUNA16", tracking_uri)
+    assert metrics["test/cpm"] >= 0.5, metrics
+    [run] = _runs(tracking_uri)
+    out = score_file(run.info.run_id, tracking_uri, tmp_path / "LUNA16", tmp_path / "art")
+    assert cpm_from(out) == pytest.approx(metrics["test/cpm"], abs=1e-9)
