@@ -18,9 +18,6 @@ world coordinates by SimpleITK from the voxel index where it was drawn.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +28,7 @@ from scipy import ndimage
 
 from medlit.datasets.luna16 import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, N_SUBSETS
 from medlit.datasets.synthetic import MARKER
-from medlit.datasets.volume_io import Geometry, atomic_write
+from medlit.datasets.volume_io import Geometry, atomic_write, write_image
 
 UID_ROOT = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -424,23 +421,6 @@ def luna16_phantom(
     return out
 
 
-def _write_metaimage(image: sitk.Image, path: Path, compress: bool = False) -> None:
-    """Write ``<stem>.mhd`` + ``<stem>.raw`` (``.zraw`` compressed) as a pair, atomically.
-
-    ``write_volume``'s temporary name would end up in the header's ElementDataFile, so
-    the pair is written under its final names in a hidden folder beside ``path`` and
-    moved out data first, header last: a reader never sees a header without its data.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
-    try:
-        sitk.WriteImage(image, str(tmp / path.name), useCompression=compress)
-        for f in sorted(tmp.iterdir(), key=lambda f: f.name == path.name):
-            os.replace(f, path.parent / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _world(image: sitk.Image, mm: np.ndarray, flipped: bool) -> list[float]:
     """World (x, y, z) mm of a canonical-grid position, through SimpleITK's index ->
     physical point transform of the written ``image`` (mirrored in x, y when flipped)."""
@@ -532,10 +512,10 @@ def write_luna16(
             (cand_v2, phantom.candidates + phantom.extra_candidates),
         ):
             rows += [[uid, *_world(image, c, flipped), k] for c, k in found]
-        _write_metaimage(image, root / f"subset{i % n_subsets}" / f"{uid}.mhd")
+        write_image(image, root / f"subset{i % n_subsets}" / f"{uid}.mhd")
         if lung_masks:
             mask = geom.apply(sitk.GetImageFromArray(lungs))
-            _write_metaimage(mask, root / "seg-lungs-LUNA16" / f"{uid}.mhd", compress=True)
+            write_image(mask, root / "seg-lungs-LUNA16" / f"{uid}.mhd", compress=True)
     _write_csv(root / "annotations.csv", ann, ANNOTATION_COLUMNS)
     _write_csv(root / "annotations_excluded.csv", exc, ANNOTATION_COLUMNS)
     _write_csv(root / "candidates.csv", cand, CANDIDATE_COLUMNS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import tempfile
 import zlib
 from collections.abc import Callable
@@ -67,16 +68,36 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
 
 
 def write_volume(array: np.ndarray, geometry: Geometry, path: str | Path) -> None:
-    """Write a (z, y, x) array with ``geometry``; atomically (temporary name, then rename)."""
+    """Write a (z, y, x) array with ``geometry``; atomically (see ``write_image``)."""
+    write_image(geometry.apply(sitk.GetImageFromArray(array)), path)
+
+
+def write_image(image: sitk.Image, path: str | Path, compress: bool | None = None) -> None:
+    """Write a SimpleITK image atomically: readers never see a half-written file.
+
+    Single files (``.nii``, ``.nii.gz``) are written to a temporary name and renamed. A
+    MetaImage header names its data file (``ElementDataFile``), so the ``.mhd`` and its
+    ``.raw``/``.zraw`` are written under their final names in a hidden folder beside
+    ``path`` and moved out data first, header last. ``compress`` defaults to the suffix
+    (``.gz``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = geometry.apply(sitk.GetImageFromArray(array))
-    # The suffix must survive so that SimpleITK picks the right writer (.nii.gz, .mhd, ...).
-    suffix = "".join(path.suffixes)
+    suffix = "".join(path.suffixes)  # keeps SimpleITK's writer choice (.nii.gz, .mhd ...)
+    compress = suffix.endswith(".gz") if compress is None else compress
+    if suffix.endswith(".mhd"):
+        folder = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+        try:
+            sitk.WriteImage(image, str(folder / path.name), useCompression=compress)
+            for f in sorted(folder.iterdir(), key=lambda f: f.name == path.name):
+                os.replace(f, path.parent / f.name)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        sitk.WriteImage(image, tmp, useCompression=suffix.endswith(".gz"))
+        sitk.WriteImage(image, tmp, useCompression=compress)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

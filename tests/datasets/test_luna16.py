@@ -258,3 +258,16 @@ def test_candidate_patches_and_balanced_sampler(tmp_path):
     assert item["image"][0, 8, 8] > 0.5  # the nodule at the centre of the axial plane
     labels = torch.cat([b["label"] for b in dm.train_dataloader()])
     assert 0.35 < labels.float().mean() < 0.65  # balanced despite 2:1
+
+
+def test_write_volume_keeps_a_metaimage_header_and_its_data_together(tmp_path):
+    """The header names its data file: written atomically, the pair keeps final names."""
+    from medlit.datasets.volume_io import Geometry, read_volume, write_volume
+
+    geometry = Geometry((150.0, 140.0, -90.0), (0.65, 0.65, 2.0), FLIPPED)
+    array = np.arange(60, dtype=np.int16).reshape(3, 4, 5)
+    write_volume(array, geometry, tmp_path / "scan.mhd")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.mhd", "scan.raw"]
+    assert "ElementDataFile = scan.raw" in (tmp_path / "scan.mhd").read_text()
+    back, g = read_volume(tmp_path / "scan.mhd")
+    assert (back == array).all() and g == geometry
