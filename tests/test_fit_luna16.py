@@ -128,16 +128,34 @@ def test_false_positive_reduction_scores_candidates_and_reranks_the_detector(
         *common(_luna_pristine, tracking_uri),
         "--data.patch_size=64",
         "--data.batch_size=4",
-        "--data.samples_per_epoch=4",
         "--data.candidate_size=16",
-        "--trainer.max_epochs=1",
-        "--trainer.limit_val_batches=0",
-        "--model.conf_threshold=0.001",
+        "--trainer.max_epochs=0",  # the seeded initial detector: identical in every run
+        "--model.conf_threshold=0.0",  # an untrained detector: keep every box
     ]
-    main([*base, f"--model.fpr_checkpoint={ckpt}"])
+    main(base)
+    plain = latest_submission(tracking_uri)
+    main([*base, f"--model.fpr_checkpoint={ckpt}", "--model.fpr_weight=0.5"])
+    reranked = latest_submission(tracking_uri)
+    # Same seed, same detector: the same candidates, re-scored by the classifier.
+    key = ["seriesuid", "coordX", "coordY", "coordZ"]
+    both = plain.merge(reranked, on=key, suffixes=("_det", "_fpr"))
+    assert len(both) == len(plain) > 0
+    assert not np.allclose(both["probability_det"], both["probability_fpr"])
+    main([*base, "--model.lung_margin_mm=0"])
+    in_lungs = latest_submission(tracking_uri)
+    assert 0 < len(in_lungs) < len(plain)  # candidates outside the lung masks dropped
+    assert len(in_lungs.merge(plain, on=key)) == len(in_lungs)
     # A classifier trained on other candidate patches is refused with the reason named.
     with pytest.raises(Exception, match="candidate_size=16"):
         main([*base, "--data.candidate_size=24", f"--model.fpr_checkpoint={ckpt}"])
+
+
+def latest_submission(tracking_uri: str) -> pd.DataFrame:
+    run = max(_runs(tracking_uri), key=lambda r: r.info.start_time)
+    path = mlflow.MlflowClient(tracking_uri).download_artifacts(
+        run.info.run_id, "test_submission.csv"
+    )
+    return pd.read_csv(path)
 
 
 def test_merge_joins_a_nodule_across_slices_and_keeps_neighbours_apart() -> None:

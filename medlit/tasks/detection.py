@@ -50,7 +50,10 @@ def _ultralytics():
 
 
 def merge_detections(
-    slices: list[tuple[int, np.ndarray]], spacing: np.ndarray, tolerance_slices: float = 1.0
+    slices: list[tuple[int, np.ndarray]],
+    spacing: np.ndarray,
+    tolerance_slices: float = 1.0,
+    max_radius_mm: float = 16.0,
 ) -> np.ndarray:
     """Merge per-slice boxes into 3D candidates.
 
@@ -58,7 +61,8 @@ def merge_detections(
     ``spacing`` is (z, y, x) mm. Boxes are taken in descending score; a box joins the
     nearest existing candidate whose centre lies within ``max(radius of the candidate,
     radius of the box) + tolerance_slices · z-spacing`` mm (3D distance), otherwise it
-    starts a new one. A candidate's centre is the score-weighted mean of its boxes'
+    starts a new one. The reach is capped at ``max_radius_mm`` (LUNA16 nodules are at most
+    30 mm across), so one huge low-quality box cannot swallow a scan. A candidate's centre is the score-weighted mean of its boxes'
     centres (a nodule's boxes on neighbouring slices average to its centre slice), its
     diameter the widest box, and its score the highest box score.
 
@@ -91,7 +95,7 @@ def merge_detections(
         if centres:
             c = np.asarray(centres) / np.asarray(weights)[:, None]
             dist = np.linalg.norm(c - p, axis=1)
-            allowed = np.maximum(np.asarray(radius), d[3]) + tol
+            allowed = np.minimum(np.maximum(np.asarray(radius), d[3]), max_radius_mm) + tol
             j = int(np.argmin(dist / allowed))
             if dist[j] <= allowed[j]:
                 centres[j] = centres[j] + d[4] * p
@@ -133,6 +137,8 @@ class DetectionTask(BaseTask):
         fpr_checkpoint: checkpoint of a ClassificationTask trained on the same data module
             with ``target: candidates``; its nodule probability re-ranks the candidates.
         fpr_weight: the re-ranked score is ``detection^(1-w) · classifier^w``.
+        lung_margin_mm: drop candidates farther than this from the lungs, on scans that
+            have a lung mask (``seg-lungs-LUNA16``); None keeps every candidate.
         predictions_dir: also write the test and predict submission CSVs here.
         log_images: log a PNG of test slices with reference and detected boxes.
     """
@@ -161,6 +167,7 @@ class DetectionTask(BaseTask):
         max_candidates: int = 100,
         fpr_checkpoint: str | None = None,
         fpr_weight: float = 0.5,
+        lung_margin_mm: float | None = None,
         predictions_dir: str | None = None,
         log_images: bool = True,
     ) -> None:
@@ -257,6 +264,8 @@ class DetectionTask(BaseTask):
         """3D candidates of one scan in world mm, as LUNA16 submission rows."""
         meta = item["meta"]
         merged = merge_detections(slices, spacing_zyx(meta), self.hparams["merge_tolerance"])
+        if self.hparams["lung_margin_mm"] is not None and len(merged):
+            merged = merged[self._near_lungs(item["case_id"], merged[:, :3], meta)]
         merged = merged[: self.hparams["max_candidates"] * 2]
         score = merged[:, 4]
         if self._fpr and len(merged):
@@ -277,6 +286,21 @@ class DetectionTask(BaseTask):
         table = table.sort_values("probability", ascending=False, kind="stable")
         # Rounded as the submission CSV stores them, so scoring the file gives the same.
         return table.head(self.hparams["max_candidates"]).round(6).reset_index(drop=True)
+
+    def _near_lungs(self, uid: str, centres: np.ndarray, meta: dict) -> np.ndarray:
+        """Candidates with a lung voxel within ``lung_margin_mm`` (a box around the centre:
+        juxtapleural nodules lie on the mask's edge). All kept when the scan has no mask."""
+        entry = getattr(self.trainer.datamodule, "entries", {}).get(uid)
+        lungs = entry.arrays.get("lungs") if entry is not None else None
+        if lungs is None:
+            return np.ones(len(centres), bool)
+        reach = np.ceil(self.hparams["lung_margin_mm"] / spacing_zyx(meta)).astype(int)
+        keep = []
+        for c in np.round(centres).astype(int):
+            lo = np.clip(c - reach, 0, lungs.shape)
+            hi = np.clip(c + reach + 1, 0, lungs.shape)
+            keep.append(bool(lungs[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].any()))
+        return np.asarray(keep, bool)
 
     @torch.no_grad()
     def fpr_probability(self, uid: str, centres: np.ndarray) -> np.ndarray:
@@ -437,6 +461,7 @@ def load_fpr_classifier(path: str, datamodule: Any) -> torch.nn.Module:
         )
     # LightningCLI adds its own bookkeeping keys (``_class_path``...) to the hyperparameters.
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
-    task = ClassificationTask(**hparams)
+    with torch.random.fork_rng():  # building it must not shift this run's random streams
+        task = ClassificationTask(**hparams)
     task.load_state_dict(ckpt["state_dict"])
     return task.model.eval()
