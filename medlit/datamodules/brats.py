@@ -32,7 +32,7 @@ from medlit.datasets.cache import CacheEntry, VolumeCache
 from medlit.datasets.slices import CaseDataset, SliceDataset
 from medlit.datasets.synthetic import write_brats
 from medlit.datasets.volume_io import Geometry, write_volume
-from medlit.errors import DatasetNotFoundError
+from medlit.errors import ConfigError, DatasetNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,10 @@ class BraTSDataModule(BaseDataModule):
         label_values: every label value allowed in a segmentation; default the release's
             set. Later GLI releases add e.g. 4 = resection cavity: [0, 1, 2, 3, 4].
         target: ``regions``: WT/TC/ET masks (multi-label); ``labels``: classes 0 bg,
-            1 NCR, 2 edema, 3 ET. Evaluation always scores WT/TC/ET.
+            1 NCR, 2 edema, 3 ET (evaluation then scores WT/TC/ET); ``modality``: the
+            ``target_modality`` image (modality synthesis, ``target_image``) from the
+            ``modalities`` inputs.
+        target_modality: the contrast to synthesise with ``target: modality``.
         context_slices: neighbouring slices on each side given as extra channels (2.5D).
         patch_size: side of training patches in voxels.
         foreground_fraction: share of training patches forced to contain tumour.
@@ -80,7 +83,8 @@ class BraTSDataModule(BaseDataModule):
         modalities: list[Modality] | None = None,
         et_label: int | None = None,
         label_values: list[int] | None = None,
-        target: Literal["regions", "labels"] = "regions",
+        target: Literal["regions", "labels", "modality"] = "regions",
+        target_modality: Modality = "flair",
         context_slices: int = 0,
         patch_size: int = 128,
         foreground_fraction: float = 0.33,
@@ -99,13 +103,23 @@ class BraTSDataModule(BaseDataModule):
         super().__init__(root, batch_size, num_workers)
         self.save_hyperparameters(logger=False)  # the resolved config is logged whole
         self.modalities = tuple(modalities or MODALITIES)
+        self.synthesis = target == "modality"
+        if self.synthesis:
+            if target_modality in self.modalities:
+                raise ConfigError(
+                    f"data.target_modality={target_modality!r} is also an input "
+                    f"(data.modalities={list(self.modalities)})"
+                )
+            # Cached and cropped with the inputs, as their last channel; split off per item.
+            self.modalities = (*self.modalities, target_modality)
         self.cases: dict[str, list[BraTSCase]] = {}
 
     # ---- discovery, checks and caching -------------------------------------------------
 
     @property
     def num_channels(self) -> int:
-        return len(self.modalities) * (2 * self.hparams["context_slices"] + 1)
+        inputs = len(self.modalities) - int(self.synthesis)
+        return inputs * (2 * self.hparams["context_slices"] + 1)
 
     def _layout_and_labels(self) -> tuple[str, int, tuple[int, ...]]:
         h = self.hparams
@@ -213,7 +227,16 @@ class BraTSDataModule(BaseDataModule):
                             fill_mask=0,
                             p=0.5,
                         ),
-                        A.MultiplicativeNoise(multiplier=(0.9, 1.1), per_channel=True, p=0.3),
+                        # Per-channel intensity noise would break the input-target relation.
+                        *(
+                            []
+                            if self.synthesis
+                            else [
+                                A.MultiplicativeNoise(
+                                    multiplier=(0.9, 1.1), per_channel=True, p=0.3
+                                )
+                            ]
+                        ),
                     ]
                 )
             self.datasets["train"] = SliceDataset(
@@ -224,12 +247,17 @@ class BraTSDataModule(BaseDataModule):
                 foreground_fraction=h["foreground_fraction"],
                 length=h["samples_per_epoch"],
                 augment=augment,
+                target_channels=int(self.synthesis),
             )
         if stage in ("fit", "validate"):
-            self.datasets["val"] = CaseDataset(self._entries(self.cases["val"]), eval_target)
+            self.datasets["val"] = CaseDataset(
+                self._entries(self.cases["val"]), eval_target, int(self.synthesis)
+            )
         if stage == "test":
-            self.datasets["test"] = CaseDataset(self._entries(self.cases["test"]), eval_target)
+            self.datasets["test"] = CaseDataset(
+                self._entries(self.cases["test"]), eval_target, int(self.synthesis)
+            )
         if stage == "predict":
             self.datasets["predict"] = CaseDataset(
-                self._entries(self.cases["predict"], require_seg=False), None
+                self._entries(self.cases["predict"], require_seg=False), None, int(self.synthesis)
             )

@@ -44,6 +44,11 @@ class ISICDataModule(BaseDataModule):
         year: force the release instead of detecting it from the files.
         target: ``label`` (diagnosis) or ``mask`` (lesion segmentation, 2018 Task 1).
         image_size: side of the square model input, in pixels.
+        normalize: ``imagenet`` (mean/std, for pretrained-style classifiers) or
+            ``symmetric`` (pixels mapped to [-1, 1], for GAN generators with tanh output).
+        augment: ``full`` (crops, flips, rotations, colour jitter), ``flips`` (flips and
+            90° rotations only: keeps the image distribution a generator must learn), or
+            ``none``.
         balance: ``sampler`` draws training images with inverse class frequency;
             ``none`` leaves imbalance to the loss (ClassificationTask.class_weights).
         val_fraction: share of groups (lesions/patients) for validation.
@@ -67,6 +72,8 @@ class ISICDataModule(BaseDataModule):
         year: Literal["2018_task1", "2018_task3", "2019", "2020"] | None = None,
         target: Literal["label", "mask"] = "label",
         image_size: int = 224,
+        normalize: Literal["imagenet", "symmetric"] = "imagenet",
+        augment: Literal["full", "flips", "none"] = "full",
         balance: Literal["none", "sampler"] = "none",
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
@@ -151,9 +158,11 @@ class ISICDataModule(BaseDataModule):
         )
 
     def _transform(self, train: bool) -> A.Compose:
-        size = self.hparams["image_size"]
+        h = self.hparams
+        size = h["image_size"]
         steps: list = [A.Resize(size, size)]
-        if train:  # dermoscopy has no canonical orientation; lighting and scale vary
+        if train and h["augment"] == "full":
+            # Dermoscopy has no canonical orientation; lighting and scale vary.
             steps = [
                 A.RandomResizedCrop((size, size), scale=(0.6, 1.0), ratio=(0.8, 1.25)),
                 A.HorizontalFlip(),
@@ -162,7 +171,13 @@ class ISICDataModule(BaseDataModule):
                 A.Affine(rotate=(-30, 30), border_mode=0, p=0.5),
                 A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=0.8),
             ]
-        return A.Compose([*steps, A.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        elif train and h["augment"] == "flips":
+            steps += [A.HorizontalFlip(), A.VerticalFlip(), A.RandomRotate90()]
+        if h["normalize"] == "symmetric":
+            norm = A.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # [0, 1] -> [-1, 1]
+        else:
+            norm = A.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        return A.Compose([*steps, norm])
 
     def setup(self, stage: str) -> None:
         records = self._load()

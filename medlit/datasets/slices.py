@@ -33,6 +33,15 @@ def stack_slices(volume: np.ndarray, z: int | np.ndarray, context: int) -> np.nd
     return out[0] if np.ndim(z) == 0 else out
 
 
+def split_target(stack: np.ndarray, context: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(S·M, Y, X) slice-major stack -> inputs (S·(M-k), Y, X) and the last ``k``
+    modalities of the centre slice (k, Y, X) (see ``stack_slices`` for the order)."""
+    s = 2 * context + 1
+    per = stack.reshape(s, -1, *stack.shape[1:])
+    inputs = per[:, :-k].reshape(-1, *stack.shape[1:])
+    return inputs, torch.as_tensor(np.ascontiguousarray(per[context, -k:]))
+
+
 class SliceDataset(Dataset):
     """Random axial (2.5D) patches with foreground oversampling, for training.
 
@@ -48,6 +57,9 @@ class SliceDataset(Dataset):
         foreground_fraction: share of samples forced to contain foreground.
         length: samples per epoch.
         augment: optional albumentations pipeline applied after cropping.
+        target_channels: the last modalities of the volume that are targets, not inputs
+            (modality synthesis): cropped and augmented with the inputs, then returned
+            as ``target_image`` (their centre slice) instead of part of ``image``.
     """
 
     def __init__(
@@ -59,8 +71,10 @@ class SliceDataset(Dataset):
         foreground_fraction: float = 0.33,
         length: int = 1000,
         augment: A.BasicTransform | A.Compose | None = None,
+        target_channels: int = 0,
     ) -> None:
         self.entries = list(entries)
+        self.target_channels = target_channels
         self.target_fn = target_fn
         self.context = context
         self.foreground_fraction = foreground_fraction
@@ -103,12 +117,16 @@ class SliceDataset(Dataset):
         out = crop(image=image.transpose(1, 2, 0), mask=label)
         if self.augment is not None:
             out = self.augment(image=out["image"], mask=out["mask"])
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))),
+        image = np.ascontiguousarray(out["image"].transpose(2, 0, 1))
+        item = {
             "mask": torch.from_numpy(self.target_fn(out["mask"])),
             "case_id": entry.meta["case_id"],
             "slice_index": z,
         }
+        if self.target_channels:
+            image, item["target_image"] = split_target(image, self.context, self.target_channels)
+        item["image"] = torch.from_numpy(np.ascontiguousarray(image))
+        return item
 
 
 class CaseDataset(Dataset):
@@ -121,9 +139,12 @@ class CaseDataset(Dataset):
     ``bbox`` (z0, z1, y0, y1, x0, x1) of the crop inside it.
     """
 
-    def __init__(self, entries: Sequence[CacheEntry], target_fn: TargetFn | None) -> None:
+    def __init__(
+        self, entries: Sequence[CacheEntry], target_fn: TargetFn | None, target_channels: int = 0
+    ) -> None:
         self.entries = list(entries)
         self.target_fn = target_fn
+        self.target_channels = target_channels
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -142,4 +163,8 @@ class CaseDataset(Dataset):
         }
         if self.target_fn is not None and "seg" in entry.arrays:
             item["mask"] = torch.from_numpy(self.target_fn(np.asarray(entry.arrays["seg"])))
+        if k := self.target_channels:  # modality synthesis: inputs, target, brain mask
+            item["target_image"] = item["image"][-k:]
+            item["image"] = item["image"][:-k]
+            item["brain"] = (item["image"] != 0).any(0)
         return item
