@@ -3,6 +3,7 @@
 from medlit.tasks.base import BaseTask
 from medlit.tasks.classification import ClassificationTask
 from medlit.tasks.detection import DetectionTask
+from medlit.tasks.gan import GANTask
 from medlit.tasks.segmentation import SegmentationTask
 
-__all__ = ["BaseTask", "ClassificationTask", "DetectionTask", "SegmentationTask"]
+__all__ = ["BaseTask", "ClassificationTask", "DetectionTask", "GANTask", "SegmentationTask"]
