@@ -7,6 +7,8 @@ jsonargparse for free.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
@@ -14,7 +16,19 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from medlit.callbacks import FiniteLossGuard
+from medlit.errors import MedlitError
 from medlit.tracking import DEFAULT_TRACKING_URI, log_run_metadata
+
+
+def run_main(main: Callable[[], object]) -> int:
+    """Exit status of an entry point: 0, or 2 with ``medlit: error: ...`` on stderr for
+    medlit's own errors (bad data, bad config), which need no traceback."""
+    try:
+        main()
+    except MedlitError as e:
+        print(f"medlit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 class TrackConfig(SaveConfigCallback):

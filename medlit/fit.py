@@ -15,8 +15,8 @@ from typing import Any
 
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from medlit.cli import MedlitCLI
-from medlit.errors import ConfigError, MedlitError
+from medlit.cli import MedlitCLI, run_main
+from medlit.errors import ConfigError
 from medlit.tracking import MLflowTracker
 
 log = logging.getLogger("medlit")
@@ -82,14 +82,5 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return metrics
 
 
-def run() -> int:
-    try:
-        main()
-    except MedlitError as e:
-        print(f"medlit: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(run_main(main))

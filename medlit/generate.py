@@ -26,11 +26,11 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from medlit.cli import MedlitCLI
+from medlit.cli import MedlitCLI, run_main
 from medlit.datasets.isic import CLASSES, TRUTH_CSV
 from medlit.datasets.synthetic import MARKER
 from medlit.datasets.volume_io import Geometry, atomic_write, write_volume
-from medlit.errors import ConfigError, MedlitError
+from medlit.errors import ConfigError
 from medlit.fit import _normalise_args
 from medlit.tasks.gan import GANTask
 
@@ -128,14 +128,5 @@ def main(argv: list[str] | None = None) -> list[Path]:
     return written
 
 
-def run() -> int:
-    try:
-        main()
-    except MedlitError as e:
-        print(f"medlit: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(run_main(main))

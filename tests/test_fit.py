@@ -43,6 +43,22 @@ def tiny(root: Path, tracking_uri: str, *extra: str) -> list[str]:
     ]
 
 
+def cli_args(root: Path, tracking_uri: str, *extra: str) -> list[str]:
+    """Overrides every integration test shares: its own data root (no demo writing), runs
+    in its own tracking store, no worker processes, quiet output."""
+    return [
+        f"--trainer.default_root_dir={root.parent}",
+        f"--data.root={root}",
+        "--data.demo=false",
+        "--data.num_workers=0",
+        f"--trainer.logger.init_args.tracking_uri={tracking_uri}",
+        "--trainer.logger.init_args.experiment_name=test",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *extra,
+    ]
+
+
 def run_demo(config: str, root: Path, tracking_uri: str) -> dict[str, float]:
     """A README demo, unchanged but for where its data and runs go."""
     return main(

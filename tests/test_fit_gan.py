@@ -14,28 +14,22 @@ from medlit.datasets.isic import read_records
 from medlit.fit import main
 from medlit.generate import main as generate
 from tests.data.isic.data import make_isic
-from tests.test_fit import REPO, _artifacts, _runs, run_demo
+from tests.test_fit import REPO, _artifacts, _runs, cli_args, run_demo
 
 PIX2PIX = str(REPO / "experiments/demo/brats_pix2pix.yaml")
 ISIC_GAN = str(REPO / "experiments/demo/isic_gan.yaml")
 
 
 def common(root: Path, tracking_uri: str) -> list[str]:
-    return [
-        f"--trainer.default_root_dir={root.parent}",
-        f"--data.root={root}",
-        "--data.demo=false",
-        "--data.num_workers=0",
+    return cli_args(
+        root,
+        tracking_uri,
         "--data.batch_size=4",
         "--data.val_fraction=0.25",
         "--data.test_fraction=0.25",
         "--model.base_channels=8",
-        f"--trainer.logger.init_args.tracking_uri={tracking_uri}",
-        "--trainer.logger.init_args.experiment_name=test",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
         "--trainer.max_epochs=1",
-    ]
+    )
 
 
 def best_checkpoint(tracking_uri: str) -> str:
@@ -158,11 +152,14 @@ def test_demo_pix2pix_beats_the_trivial_baseline(tmp_path: Path, tracking_uri: s
 
 @pytest.mark.slow
 def test_demo_gan_improves_without_collapsing(tmp_path: Path, tracking_uri: str) -> None:
+    """The README's GAN demo, unchanged: the Fréchet distance falls several-fold over
+    training and the samples stay diverse (a collapsed generator's diversity is ~0)."""
     run_demo(ISIC_GAN, tmp_path / "ISIC2018_Task3", tracking_uri)
     [run] = _runs(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     fd = [m.value for m in client.get_metric_history(run.info.run_id, "val/fd_resnet18_random")]
-    diversity = client.get_metric_history(run.info.run_id, "val/diversity")[-1].value
+    diversity = [m.value for m in client.get_metric_history(run.info.run_id, "val/diversity")]
     real = client.get_metric_history(run.info.run_id, "val/diversity_real")[-1].value
-    assert min(fd[-3:]) < 0.7 * fd[0], fd
-    assert 0.6 * real < diversity < 1.4 * real, (diversity, real)
+    assert min(fd[-5:]) < 0.3 * fd[0], fd
+    assert min(diversity[-5:]) > 0.4 * real, (diversity, real)
+    assert "test_samples.png" in _artifacts(tracking_uri, run.info.run_id)

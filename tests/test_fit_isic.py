@@ -15,26 +15,20 @@ from medlit.datasets.volume_io import read_volume
 from medlit.errors import ConfigError, DatasetNotFoundError
 from medlit.fit import main
 from tests.data.isic.data import make_isic
-from tests.test_fit import REPO, _artifacts, _runs, run_demo, tiny
+from tests.test_fit import REPO, _artifacts, _runs, cli_args, run_demo, tiny
 
 CLASSIFIER = str(REPO / "experiments/demo/isic_classifier.yaml")
 SEGMENTER = str(REPO / "experiments/demo/isic_unet.yaml")
 
 
 def common(root: Path, tracking_uri: str) -> list[str]:
-    return [
-        f"--trainer.default_root_dir={root.parent}",
-        f"--data.root={root}",
-        "--data.demo=false",
-        "--data.num_workers=0",
+    return cli_args(
+        root,
+        tracking_uri,
         "--data.image_size=32",
         "--data.val_fraction=0.25",
         "--data.test_fraction=0.25",
-        f"--trainer.logger.init_args.tracking_uri={tracking_uri}",
-        "--trainer.logger.init_args.experiment_name=test",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-    ]
+    )
 
 
 @pytest.mark.parametrize(

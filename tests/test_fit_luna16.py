@@ -18,24 +18,18 @@ from medlit.fit import main
 from medlit.metrics.froc import FROC_POINTS
 from medlit.tasks.detection import merge_detections
 from tests.data.luna16.data import make_luna16
-from tests.test_fit import REPO, _artifacts, _runs, run_demo
+from tests.test_fit import REPO, _artifacts, _runs, cli_args, run_demo
 
 DETECTOR = str(REPO / "experiments/demo/luna16_yolo.yaml")
 FPR = str(REPO / "experiments/demo/luna16_fpr.yaml")
 
 
 def common(root: Path, tracking_uri: str) -> list[str]:
-    return [
-        f"--trainer.default_root_dir={root.parent}",
-        f"--data.root={root}",
-        "--data.demo=false",
-        "--data.num_workers=0",
+    return cli_args(
+        root,
+        tracking_uri,
         "--data.spacing=null",
-        f"--trainer.logger.init_args.tracking_uri={tracking_uri}",
-        "--trainer.logger.init_args.experiment_name=test",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-    ]
+    )
 
 
 @pytest.fixture(scope="module")

@@ -4,17 +4,52 @@ optimiser and scheduler, and per-case evaluation tables that survive DDP)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from pytorch_lightning import LightningModule
 from torch.optim.lr_scheduler import LambdaLR
 
+from medlit.datasets.slices import stack_slices
+from medlit.errors import ConfigError
 from medlit.tracking import log_file
+
+
+def predict_slices(
+    volume: torch.Tensor,
+    net: Callable[[torch.Tensor], torch.Tensor],
+    in_channels: int,
+    batch_size: int,
+    multiple: int,
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Run a 2D/2.5D network over a whole (C, Z, Y, X) volume, slice by slice along z.
+
+    ``in_channels`` must be an odd multiple of C (2·context + 1 slices per input); slices
+    are padded to a ``multiple`` of the network's downsampling and cropped back. Returns
+    (K, Z, Y, X), ``activation`` applied per batch of slices.
+    """
+    channels = volume.shape[0]
+    per_slice = in_channels / channels
+    if per_slice != int(per_slice) or int(per_slice) % 2 == 0:
+        raise ConfigError(
+            f"model.in_channels={in_channels} is not an odd multiple of the {channels} "
+            "channels of the volume"
+        )
+    context = (int(per_slice) - 1) // 2
+    depth, height, width = volume.shape[1:]
+    pad = (0, -width % multiple, 0, -height % multiple)
+    out = []
+    for start in range(0, depth, batch_size):
+        zs = np.arange(start, min(start + batch_size, depth))
+        y = net(F.pad(stack_slices(volume, zs, context), pad))[..., :height, :width]
+        out.append(activation(y) if activation is not None else y)
+    return torch.cat(out).transpose(0, 1)
 
 
 class BaseTask(LightningModule):

@@ -33,7 +33,6 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from medlit.datasets.slices import stack_slices
 from medlit.errors import ConfigError
 from medlit.metrics.synthesis import (
     FeatureExtractor,
@@ -42,7 +41,7 @@ from medlit.metrics.synthesis import (
     mean_pairwise_distance,
 )
 from medlit.models.gan import DCGANDiscriminator, DCGANGenerator, PatchDiscriminator, UNetGenerator
-from medlit.tasks.base import BaseTask
+from medlit.tasks.base import BaseTask, predict_slices
 from medlit.tracking import log_file
 
 
@@ -174,9 +173,7 @@ class GANTask(BaseTask):
                 h["fd_model"], h["fd_weights"], image_size=max(h["image_size"], 64)
             )
         self.generator_ema = (
-            AveragedModel(
-                self.generator, multi_avg_fn=get_ema_multi_avg_fn(h["ema_decay"]), use_buffers=True
-            )
+            AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(h["ema_decay"]))
             if h["ema_decay"] > 0
             else None
         )
@@ -255,6 +252,12 @@ class GANTask(BaseTask):
         opt_g.step()
         if self.generator_ema is not None:
             self.generator_ema.update_parameters(self.generator)
+            # BatchNorm statistics are copied, not averaged: an average still dominated by
+            # the initial (0, 1) statistics makes a DCGAN generator emit one flat image.
+            for ema_buffer, buffer in zip(
+                self.generator_ema.module.buffers(), self.generator.buffers(), strict=True
+            ):
+                ema_buffer.copy_(buffer)
         self.log_train_loss(g_loss, n)
         return {"loss": g_loss.detach()}
 
@@ -268,22 +271,9 @@ class GANTask(BaseTask):
     def synthesise_volume(self, volume: Tensor) -> Tensor:
         """(C, Z, Y, X) inputs -> (out_channels, Z, Y, X), slice by slice along z."""
         h = self.hparams
-        per_slice = h["in_channels"] / volume.shape[0]
-        if per_slice != int(per_slice) or int(per_slice) % 2 == 0:
-            raise ConfigError(
-                f"model.in_channels={h['in_channels']} is not an odd multiple of the "
-                f"{volume.shape[0]} input channels of the data"
-            )
-        context = (int(per_slice) - 1) // 2
-        depth, height, width = volume.shape[1:]
-        multiple = 2 ** h["depth"]
-        pad = (0, -width % multiple, 0, -height % multiple)
-        out = []
-        for start in range(0, depth, h["inference_batch_size"]):
-            zs = np.arange(start, min(start + h["inference_batch_size"], depth))
-            x = F.pad(stack_slices(volume, zs, context), pad)
-            out.append(self.sampler(x)[..., :height, :width])
-        return torch.cat(out).transpose(0, 1)
+        return predict_slices(
+            volume, self.sampler, h["in_channels"], h["inference_batch_size"], 2 ** h["depth"]
+        )
 
     def _evaluate_case(self, batch: dict[str, Any], stage: str) -> None:
         image, target = batch["image"][0], batch["target_image"][0]

@@ -13,11 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medlit.datasets.slices import stack_slices
 from medlit.errors import ConfigError
 from medlit.metrics.segmentation import region_metrics, volume_diagonal
 from medlit.models import load_weights
-from medlit.tasks.base import BaseTask
+from medlit.tasks.base import BaseTask, predict_slices
 from medlit.tracking import log_file, log_folder
 from medlit.visualize import save_overlays
 
@@ -175,26 +174,15 @@ class SegmentationTask(BaseTask):
     @torch.no_grad()
     def predict_volume(self, volume: Tensor) -> Tensor:
         """(C, Z, Y, X) volume -> (K, Z, Y, X) probabilities, slice by slice along z."""
-        channels = volume.shape[0]
-        per_slice = self.hparams["in_channels"] / channels
-        if per_slice != int(per_slice) or int(per_slice) % 2 == 0:
-            raise ConfigError(
-                f"in_channels={self.hparams['in_channels']} is not an odd multiple "
-                f"of the {channels} channels of the volume"
-            )
-        context = (int(per_slice) - 1) // 2
-        depth, height, width = volume.shape[1:]
-        pad_h, pad_w = (-height) % 32, (-width) % 32  # SMP encoders downsample 32×
-        out = []
-        step = self.hparams["inference_batch_size"]
-        for start in range(0, depth, step):
-            zs = np.arange(start, min(start + step, depth))
-            x = F.pad(stack_slices(volume, zs, context), (0, pad_w, 0, pad_h))
-            logits = self(x)[..., :height, :width]
-            out.append(
-                logits.sigmoid() if self.hparams["target"] == "regions" else logits.softmax(1)
-            )
-        return torch.cat(out).transpose(0, 1)
+        h = self.hparams
+        return predict_slices(
+            volume,
+            self,
+            h["in_channels"],
+            h["inference_batch_size"],
+            32,  # SMP encoders downsample 32×
+            (lambda y: y.sigmoid()) if h["target"] == "regions" else (lambda y: y.softmax(1)),
+        )
 
     def to_regions(self, probs: Tensor) -> np.ndarray:
         """Probabilities (K, Z, Y, X) -> boolean evaluation regions (R, Z, Y, X)."""
