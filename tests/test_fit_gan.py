@@ -160,6 +160,6 @@ def test_demo_gan_improves_without_collapsing(tmp_path: Path, tracking_uri: str)
     fd = [m.value for m in client.get_metric_history(run.info.run_id, "val/fd_resnet18_random")]
     diversity = [m.value for m in client.get_metric_history(run.info.run_id, "val/diversity")]
     real = client.get_metric_history(run.info.run_id, "val/diversity_real")[-1].value
-    assert min(fd[-5:]) < 0.3 * fd[0], fd
-    assert min(diversity[-5:]) > 0.4 * real, (diversity, real)
+    assert min(fd[-3:]) < 0.3 * fd[0], fd
+    assert min(diversity[-3:]) > 0.7 * real, (diversity, real)
     assert "test_samples.png" in _artifacts(tracking_uri, run.info.run_id)

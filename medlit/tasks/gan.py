@@ -90,7 +90,8 @@ class GANTask(BaseTask):
         fd_weights: local weights for ``fd_model``; default a fixed seeded random
             initialisation (the metric is named after what it is).
         fd_samples: generated images compared with the real validation images.
-        sample_every_n_epochs: log a grid of samples every N epochs.
+        sample_every_n_epochs: log a grid of samples every N epochs (at validation
+            epochs; also after the first).
         num_samples: images in the sample grid.
         inference_batch_size: slices per forward pass on whole cases (paired).
         log_images: log sample grids / slices as PNG.
@@ -344,7 +345,9 @@ class GANTask(BaseTask):
         if (
             self.hparams["log_images"]
             and not self.trainer.sanity_checking
-            and (stage == "test" or self.current_epoch % every == 0)
+            and (
+                stage == "test" or self.current_epoch == 0 or (self.current_epoch + 1) % every == 0
+            )
         ):
             grid, _ = self._sample(self.hparams["num_samples"], seed=1)
             name = (
