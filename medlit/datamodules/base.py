@@ -6,13 +6,14 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pytorch_lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from medlit.datasets.synthetic import is_synthetic
 
@@ -26,6 +27,17 @@ def cache_root(cache_dir: str | None, kind: str, root: Path) -> Path:
     """
     base = Path(cache_dir or os.environ.get("MEDLIT_CACHE_DIR", "~/.cache/medlit")).expanduser()
     return base / f"{kind}-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:10]}"
+
+
+def balanced_sampler(
+    labels: Sequence[int], num_samples: int | None = None
+) -> WeightedRandomSampler:
+    """Draw items with probability inversely proportional to their class's frequency, so
+    every class is drawn equally often (``num_samples`` per epoch, default all items)."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels).clip(min=1)
+    weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+    return WeightedRandomSampler(weights, num_samples=num_samples or len(labels), replacement=True)
 
 
 class BaseDataModule(LightningDataModule):

@@ -10,10 +10,9 @@ from typing import Literal
 
 import albumentations as A
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader
 
-from medlit.datamodules.base import BaseDataModule, cache_root
+from medlit.datamodules.base import BaseDataModule, balanced_sampler, cache_root
 from medlit.datamodules.splits import split_groups
 from medlit.datasets.images import ImageDataset
 from medlit.datasets.isic import (
@@ -200,10 +199,7 @@ class ISICDataModule(BaseDataModule):
         if self.hparams["balance"] != "sampler" or self.hparams["target"] != "label":
             return self._loader("train", shuffle=True)
         labels = [self.records.labels[i] for i in self.split_ids["train"]]
-        counts = np.bincount(labels)
-        weights = torch.tensor([1.0 / counts[c] for c in labels], dtype=torch.double)
-        sampler = WeightedRandomSampler(weights, num_samples=len(labels), replacement=True)
-        return self._loader("train", sampler=sampler)
+        return self._loader("train", sampler=balanced_sampler(labels))
 
     def write_prediction(self, image_id: str, regions: np.ndarray, folder: Path) -> None:
         """A predicted lesion (regions (1, 1, H, W)) as ``<id>_segmentation.png``, 0/255."""

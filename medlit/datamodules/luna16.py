@@ -13,10 +13,9 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader
 
-from medlit.datamodules.base import BaseDataModule, cache_root
+from medlit.datamodules.base import BaseDataModule, balanced_sampler, cache_root
 from medlit.datasets.cache import CacheEntry, VolumeCache
 from medlit.datasets.luna16 import (
     ANNOTATION_COLUMNS,
@@ -327,12 +326,7 @@ class LUNA16DataModule(BaseDataModule):
             return self._loader("train", collate_fn=detection_collate)
         if self.hparams["balance"] != "sampler":
             return self._loader("train", shuffle=True)
-        labels = np.asarray(self.datasets["train"].labels)
-        counts = np.bincount(labels, minlength=2).clip(min=1)
-        weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
-        sampler = WeightedRandomSampler(
-            weights, num_samples=self.hparams["samples_per_epoch"], replacement=True
-        )
+        sampler = balanced_sampler(self.datasets["train"].labels, self.hparams["samples_per_epoch"])
         return self._loader("train", sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
