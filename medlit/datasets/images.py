@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from medlit.datasets.seeding import seed_transforms
+
 
 def read_rgb(path: Path) -> np.ndarray:
     with Image.open(path) as im:
@@ -60,6 +62,7 @@ class ImageDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict:
+        seed_transforms(self, self.transform)
         image_id = self.ids[index]
         image = read_rgb(self.images[image_id])
         item: dict = {"case_id": image_id}

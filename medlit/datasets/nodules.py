@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from medlit.datasets.cache import CacheEntry
 from medlit.datasets.luna16 import candidate_cube, cube_input, window
+from medlit.datasets.seeding import seed_transforms
 from medlit.datasets.slices import stack_slices
 
 # A slice gets a box for a nodule when the sphere's cut through it has at least this
@@ -130,6 +131,7 @@ class NoduleSliceDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         # np.random is seeded per worker by Lightning's worker_init_fn (seed_everything).
+        seed_transforms(self, self.crop_positive, self.crop_any)
         if self.positives and np.random.rand() < self.positive_fraction:
             k, z = self.positives[np.random.randint(len(self.positives))]
         else:

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medlit.datasets.cache import CacheEntry
+from medlit.datasets.seeding import seed_transforms
 
 TargetFn = Callable[[np.ndarray], np.ndarray]
 
@@ -103,6 +104,7 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | int]:
         # np.random is seeded per worker by Lightning's worker_init_fn (seed_everything).
+        seed_transforms(self, self.crop_any, self.crop_fg, self.augment)
         k = np.random.randint(len(self.entries))
         entry, fg = self.entries[k], self.fg_slices[k]
         want_fg = len(fg) > 0 and np.random.rand() < self.foreground_fraction
