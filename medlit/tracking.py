@@ -9,6 +9,7 @@ store); artifacts go next to it under ``mlruns/``. Open the UI with::
 from __future__ import annotations
 
 import logging
+import random
 import subprocess
 import tempfile
 import time
@@ -44,6 +45,44 @@ TRACKED_PACKAGES = (
 )
 
 
+def retrying(
+    what: str, fn: Callable[..., T], *args: Any, retries: int = 6, delay: float = 0.5, **kwargs: Any
+) -> T:
+    """``fn(*args, **kwargs)``, retried ``retries`` times in all with jittered exponential
+    back-off (0.5, 1, 2, 4, 8 s by default: about 15 s, longer than SQLite's 5 s lock
+    timeout twice over); the last failure is raised."""
+    for attempt in range(1, retries + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - the caller decides what a final failure means
+            if attempt == retries:
+                raise
+            log.debug("MLflow: %s failed (%s), retry %d", what, e, attempt)
+            time.sleep(delay * random.uniform(0.75, 1.25))
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def init_store(uri: str) -> None:
+    """Create a SQLite tracking store's tables under a file lock. MLflow creates them on
+    first use with Alembic, and two processes doing that at once on a new database (two
+    sweep workers started together) fail with "table ... already exists"."""
+    if (folder := _sqlite_dir(uri)) is None:
+        return
+    import fcntl
+
+    from mlflow import MlflowClient
+
+    folder.mkdir(parents=True, exist_ok=True)
+    db = Path(uri.removeprefix("sqlite:///"))
+    with open(db.with_name(db.name + ".init-lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _sqlite_dir(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
 
@@ -60,8 +99,12 @@ class MLflowTracker(MLFlowLogger):
             ``http://mlflow:5000``.
         tags: extra run tags.
         log_model: log the best checkpoint as an artifact at the end of training.
+        run_id: log into this existing run instead of starting a new one (a sweep
+            creates each trial's run as a child of the study's run and passes its id).
         retries: attempts per tracking call before it is dropped.
-        retry_delay: seconds before the first retry; doubles after each failure.
+        retry_delay: seconds before the first retry; doubles after each failure, with
+            jitter so that parallel writers (sweep workers on one SQLite store) that
+            collided do not collide again.
     """
 
     def __init__(
@@ -71,12 +114,12 @@ class MLflowTracker(MLFlowLogger):
         tracking_uri: str = DEFAULT_TRACKING_URI,
         tags: dict[str, Any] | None = None,
         log_model: Literal[True, False, "all"] = True,
-        retries: int = 3,
+        run_id: str | None = None,
+        retries: int = 6,
         retry_delay: float = 0.5,
     ) -> None:
-        if (folder := _sqlite_dir(tracking_uri)) is not None:
-            folder.mkdir(parents=True, exist_ok=True)  # sqlite does not create folders
-        self._local_dir = folder
+        init_store(tracking_uri)
+        self._local_dir = _sqlite_dir(tracking_uri)
         self.retries = retries
         self.retry_delay = retry_delay
         self.dropped = 0
@@ -86,6 +129,7 @@ class MLflowTracker(MLFlowLogger):
             tracking_uri=tracking_uri,
             tags=tags,
             log_model=log_model,
+            run_id=run_id,
         )
 
     @property
@@ -95,24 +139,18 @@ class MLflowTracker(MLFlowLogger):
         return str(self._local_dir) if self._local_dir is not None else super().save_dir
 
     def _safely(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
-        delay = self.retry_delay
-        for attempt in range(1, self.retries + 1):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - tracking must never stop training
-                if attempt == self.retries:
-                    self.dropped += 1
-                    log.warning(
-                        "MLflow: %s failed %d times, dropped (%s: %s)",
-                        what,
-                        attempt,
-                        type(e).__name__,
-                        e,
-                    )
-                    return None
-                time.sleep(delay)
-                delay *= 2
-        return None
+        try:
+            return retrying(what, fn, *args, retries=self.retries, delay=self.retry_delay, **kwargs)
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            self.dropped += 1
+            log.warning(
+                "MLflow: %s failed %d times, dropped (%s: %s)",
+                what,
+                self.retries,
+                type(e).__name__,
+                e,
+            )
+            return None
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
