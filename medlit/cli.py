@@ -18,6 +18,8 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from medlit.callbacks import FiniteLossGuard
 from medlit.errors import MedlitError
 from medlit.tracking import DEFAULT_TRACKING_URI, log_run_metadata
+from medlit.tuning.trial import TrialReporter
+from medlit.tuning.trial import context as sweep_trial
 
 
 def run_main(main: Callable[[], object]) -> int:
@@ -75,6 +77,8 @@ class MedlitCLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         user = trainer_cfg.get("callbacks") or []
         extra: list = [FiniteLossGuard()]
+        if (trial := sweep_trial()) is not None:  # this run is one trial of a sweep
+            extra.append(TrialReporter(trial))
         if not any(isinstance(c, ModelCheckpoint) for c in user):
             extra.append(
                 ModelCheckpoint(

@@ -18,6 +18,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from medlit.cli import MedlitCLI, run_main
 from medlit.errors import ConfigError
 from medlit.tracking import MLflowTracker
+from medlit.tuning.trial import TrialReporter, write_result
 
 log = logging.getLogger("medlit")
 
@@ -68,6 +69,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         datamodule.prepare_data()
     trainer.fit(model, datamodule=datamodule)
+    reporter = next((c for c in trainer.callbacks if isinstance(c, TrialReporter)), None)
+    if reporter is not None:  # one trial of a sweep: hand the objective to the worker
+        if trainer.is_global_zero:
+            write_result(reporter.ctx["result_file"], reporter.result())
+        if not reporter.ctx.get("test") or reporter.pruned:
+            return {}
     ckpt = trainer.checkpoint_callback
     best = (
         ckpt.best_model_path if isinstance(ckpt, ModelCheckpoint) and ckpt.best_model_path else None
