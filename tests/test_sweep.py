@@ -1,0 +1,693 @@
+"""``python -m medlit.sweep``: search spaces, real worker processes on a shared Optuna
+storage (journal file and PostgreSQL), a worker killed mid-trial, pruning, resuming, the
+best config, and the study as the MLflow UI renders it in headless Chromium."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from medlit.errors import ConfigError
+from medlit.sweep import load
+from medlit.tuning import space as sp
+from medlit.tuning.storage import JournalHeartbeatStorage, make_storage, redact
+from medlit.tuning.worker import RETRY_OF, SURPLUS, resolve
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "experiments/demo/brats_unet.yaml"
+ARTIFACTS = Path(os.environ.get("MEDLIT_TEST_ARTIFACTS", REPO / "test-artifacts"))
+REQUIRE_SERVICES = os.environ.get("MEDLIT_REQUIRE_SERVICES") == "1"
+POSTGRES = os.environ.get(
+    "MEDLIT_TEST_POSTGRES", "postgresql://medlit:medlit@127.0.0.1:5432/medlit_test"
+)
+MAX_EPOCHS = 2
+
+
+def write_sweep(
+    tmp_path: Path, root: Path, tracking_uri: str, name: str = "tiny", **keys: Any
+) -> Path:
+    """A sweep over the demo BraTS experiment shrunk to seconds per trial (tiny encoder,
+    32 px, 2 epochs), with its storage, logs and runs under ``tmp_path``."""
+    doc = {
+        "experiment": str(DEMO),
+        "overrides": {
+            "trainer.max_epochs": MAX_EPOCHS,
+            "trainer.default_root_dir": str(tmp_path),
+            "trainer.enable_progress_bar": False,
+            "trainer.enable_model_summary": False,
+            "trainer.logger.init_args.tracking_uri": tracking_uri,
+            "trainer.logger.init_args.experiment_name": "sweep-test",
+            "data.root": str(root),
+            "data.demo": False,
+            "data.patch_size": 32,
+            "data.batch_size": 4,
+            "data.samples_per_epoch": 8,
+            "data.num_workers": 0,
+            "data.val_fraction": 0.25,
+            "data.test_fraction": 0.25,
+            "model.encoder": "tu-test_resnet",
+            "model.model_kwargs": {"decoder_channels": [32, 16, 16, 8, 8]},
+            "model.inference_batch_size": 8,
+        },
+        "objective": {"metric": "val/dice_mean", "direction": "maximize"},
+        "search_space": {
+            "model.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+            "model.loss": {"type": "categorical", "choices": ["dice_ce", "dice"]},
+        },
+        "n_trials": 3,
+        "sampler": {"name": "tpe", "seed": 0},
+        "pruner": {"name": "none"},
+        "storage": str(tmp_path / "optuna" / f"{name}.journal"),
+        "output_dir": str(tmp_path / "sweeps" / name),
+    }
+    doc.update(keys)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+LOGS: dict[int, Path] = {}
+
+
+def start_worker(sweep: Path, *args: str) -> subprocess.Popen:
+    """A worker process, as a user starts one in a terminal; output to a log file."""
+    log = sweep.with_suffix(f".worker-{uuid.uuid4().hex[:6]}.log")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "medlit.sweep", str(sweep), *args],
+            cwd=sweep.parent,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    LOGS[proc.pid] = log
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    proc.wait(timeout=timeout)
+    return LOGS[proc.pid].read_text()
+
+
+def run_sweep(sweep: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "medlit.sweep", str(sweep), *args],
+        cwd=sweep.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def study_of(sweep: Path) -> optuna.Study:
+    doc = yaml.safe_load(sweep.read_text())
+    return optuna.load_study(study_name=sweep.stem, storage=make_storage(doc["storage"]))
+
+
+def runs_of(tracking_uri: str) -> tuple[mlflow.entities.Run, list[mlflow.entities.Run]]:
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("sweep-test")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("medlit.sweep.role") == "parent"]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return parents[0], children
+
+
+def validations(tracking_uri: str, run_id: str) -> int:
+    """How many validations of a run reached MLflow (one val/dice_mean per epoch, at
+    distinct global steps)."""
+    history = mlflow.MlflowClient(tracking_uri).get_metric_history(run_id, "val/dice_mean")
+    assert len({m.step for m in history}) == len(history)
+    return len(history)
+
+
+def worker_pids(children: list[mlflow.entities.Run]) -> set[str]:
+    return {r.data.tags["medlit.sweep.worker"] for r in children}
+
+
+# ----------------------------------------------------------------------- search spaces
+
+
+def test_search_space_errors_name_the_key() -> None:
+    bad = {
+        "a": sp.Param("float", low=1.0, high=0.5),
+        "b": sp.Param("float", low=0.0, high=1.0, log=True),
+        "c": sp.Param("float", low=1e-4, high=1.0, log=True, step=0.1),
+        "d": sp.Param("int", low=1, high=8.5),
+        "e": sp.Param("categorical"),
+        "f": sp.Param("categorical", choices=[1, 1]),
+        "g": sp.Param("float", high=1.0),
+    }
+    messages = {
+        "a": "low=1.0 must be below high=0.5",
+        "b": "log scale needs low > 0",
+        "c": "'log' and 'step' exclude each other",
+        "d": "high=8.5 is not an integer",
+        "e": "non-empty 'choices'",
+        "f": "repeat a value",
+        "g": "needs 'low' and 'high'",
+    }
+    for key, param in bad.items():
+        with pytest.raises(ConfigError, match=messages[key]) as e:
+            sp.distribution(key, param)
+        assert f"search_space.{key}" in str(e.value)
+
+
+def test_any_yaml_value_can_be_a_choice_and_reaches_the_config_unchanged() -> None:
+    channels = [[32, 16, 16, 8, 8], [64, 32, 16, 8, 8]]
+    dist = sp.distribution("model.model_kwargs", sp.Param("categorical", choices=channels))
+    assert all(isinstance(c, str) for c in dist.choices)  # Optuna stores scalars only
+    decoded = [sp.decode(c, dist) for c in dist.choices]
+    assert decoded == channels
+    assert sp.to_cli("model.x", decoded[0]) == "--model.x=[32, 16, 16, 8, 8]"
+    assert sp.to_cli("model.lr", 0.001) == "--model.lr=0.001"
+    assert sp.to_cli("data.demo", False) == "--data.demo=false"
+    plain = sp.distribution("k", sp.Param("categorical", choices=["dice", "dice_ce"]))
+    assert [sp.decode(c, plain) for c in plain.choices] == ["dice", "dice_ce"]
+
+
+def test_grid_covers_every_step_and_choice() -> None:
+    space = sp.distributions(
+        {
+            "a": sp.Param("int", low=8, high=32, step=8),
+            "b": sp.Param("float", low=0.1, high=0.3, step=0.1),
+            "c": sp.Param("categorical", choices=["x", "y"]),
+        }
+    )
+    assert sp.grid(space) == {"a": [8, 16, 24, 32], "b": [0.1, 0.2, 0.3], "c": ["x", "y"]}
+    assert sp.grid_size(space) == 24
+    with pytest.raises(ConfigError, match="grid sampler needs choices or a step"):
+        sp.grid(sp.distributions({"lr": sp.Param("float", low=1e-4, high=1e-2, log=True)}))
+    for name in ("tpe", "random", "cmaes", "grid"):
+        sampler = sp.make_sampler(sp.SamplerConfig(name=name, seed=3), space, worker_index=1)
+        assert sampler is not None
+    assert isinstance(sp.make_pruner(sp.PrunerConfig("hyperband")), optuna.pruners.HyperbandPruner)
+    with pytest.raises(ConfigError, match="pruner.kwargs for 'median'"):
+        sp.make_pruner(sp.PrunerConfig("median", {"n_startup": 3}))
+
+
+def test_sweep_file_flags_win_and_paths_are_relative_to_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "sub" / "s.yaml"
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "experiment": os.path.relpath(DEMO, sweep.parent),
+                "objective": {"metric": "val/dice_mean"},
+                "search_space": {"model.lr": {"type": "float", "low": 1e-4, "high": 1e-2}},
+                "n_trials": 5,
+            }
+        )
+    )
+    cfg, workers = load([str(sweep), "--n-trials", "7", "--storage=/x/y.journal", "--workers=3"])
+    assert cfg.experiment == DEMO
+    assert (cfg.n_trials, cfg.storage, cfg.study_name, workers) == (7, "/x/y.journal", "s", 3)
+    assert cfg.objective.direction == "maximize" and cfg.objective.mode == "best"
+
+
+def test_unknown_sweep_keys_and_config_keys_fail_at_start(tmp_path: Path, brats_root: Path) -> None:
+    sweep = write_sweep(tmp_path, brats_root, "sqlite:///x.db", n_trial=3)
+    bad = run_sweep(sweep)
+    assert bad.returncode != 0 and "n_trial" in bad.stderr
+    sweep = write_sweep(
+        tmp_path,
+        brats_root,
+        f"sqlite:///{tmp_path}/mlflow.db",
+        search_space={"model.lrr": {"type": "float", "low": 1e-4, "high": 1e-2}},
+    )
+    bad = run_sweep(sweep)
+    assert bad.returncode == 2, bad.stderr
+    assert "model.lrr" in bad.stderr
+    assert not (tmp_path / "optuna").exists()  # nothing created before the config parses
+
+
+def test_storage_urls_are_redacted() -> None:
+    assert redact("postgresql://u:secret@db:5432/x") == "postgresql://u:***@db:5432/x"
+    assert redact("/a/b.journal") == "/a/b.journal"
+
+
+def test_journal_storage_fails_a_dead_workers_trial_and_only_once(tmp_path: Path) -> None:
+    """The journal heartbeat: a running trial whose owner process is gone is stale at
+    once; a live owner's is not; two workers failing it at once give one retry."""
+    retries: list[int] = []
+
+    def retry(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+        retries.append(t.number)
+        optuna.storages.RetryFailedTrialCallback()(study, t)
+
+    path = tmp_path / "s.journal"
+    storage = JournalHeartbeatStorage(path, stale_trial_callback=retry)
+    study = optuna.create_study(study_name="s", storage=storage)
+    mine = study.ask()
+    storage.record_heartbeat(mine._trial_id)
+    gone = study.ask()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    record = {"trial_id": gone._trial_id, "host": socket.gethostname(), "pid": dead.pid}
+    storage.set_trial_system_attr(gone._trial_id, "medlit:owner", {**record, "time": time.time()})
+    other = JournalHeartbeatStorage(path, stale_trial_callback=retry)  # a second worker
+    assert storage._get_stale_trial_ids(study._study_id) == [gone._trial_id]
+    with warnings_ignored():
+        optuna.storages.fail_stale_trials(study)
+        optuna.storages.fail_stale_trials(optuna.load_study(study_name="s", storage=other))
+    states = {t.number: t.state for t in study.trials}
+    assert states[mine.number] == TrialState.RUNNING
+    assert states[gone.number] == TrialState.FAIL
+    assert retries == [gone.number]
+    waiting = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert [t.system_attrs[RETRY_OF] for t in waiting] == [gone.number]
+
+
+@contextlib.contextmanager
+def warnings_ignored():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# ----------------------------------------------------------------------- whole sweeps
+
+
+@pytest.mark.slow
+def test_sweep_records_trials_resumes_and_writes_a_runnable_best_config(
+    tmp_path: Path, brats_root: Path, tracking_uri: str
+) -> None:
+    sweep = write_sweep(tmp_path, brats_root, tracking_uri, n_trials=2)
+    done = run_sweep(sweep)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = study_of(sweep)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    # The table: every trial, its state, value and parameters.
+    assert "Study 'tiny': 2 trials" in done.stdout
+    for t in study.trials:
+        assert f"{t.value:.5g}" in done.stdout
+
+    parent, children = runs_of(tracking_uri)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    assert parent.data.tags["best_trial"] == str(study.best_trial.number)
+    assert parent.data.tags["best.model.loss"] == study.best_params["model.loss"]
+    assert parent.data.params["objective.metric"] == "val/dice_mean"
+    client = mlflow.MlflowClient(tracking_uri)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"best_config.yaml", "trials.csv", "optimization_history.png"} <= artifacts
+    assert "param_importances.png" in artifacts
+    by_trial = {int(r.data.tags["optuna.trial"]): r for r in children}
+    assert sorted(by_trial) == [0, 1]
+    for t in study.trials:
+        run = by_trial[t.number]
+        assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "COMPLETE"
+        assert run.data.metrics["objective"] == pytest.approx(t.value)
+        assert float(run.data.params["sweep.model.lr"]) == pytest.approx(t.params["model.lr"])
+        assert float(run.data.params["model.init_args.lr"]) == pytest.approx(t.params["model.lr"])
+        assert validations(tracking_uri, run.info.run_id) == MAX_EPOCHS
+        assert t.value == pytest.approx(
+            max(m.value for m in client.get_metric_history(run.info.run_id, "val/dice_mean"))
+        )
+
+    # Re-running the same command resumes: nothing left to do, no trial added...
+    again = run_sweep(sweep)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(study_of(sweep).trials) == 2
+    # ...and a larger budget adds exactly the difference, under the same parent run.
+    more = run_sweep(sweep, "--n-trials", "3")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert [t.state for t in study_of(sweep).trials] == [TrialState.COMPLETE] * 3
+    parent2, children = runs_of(tracking_uri)
+    assert parent2.info.run_id == parent.info.run_id and len(children) == 3
+
+    # The best trial's config runs unchanged with medlit.fit and reproduces its value.
+    best = tmp_path / "sweeps" / "tiny" / "best_config.yaml"
+    study = study_of(sweep)
+    assert f"trial {study.best_trial.number}" in best.read_text().splitlines()[0]
+    cfg = yaml.safe_load(best.read_text())
+    assert cfg["model"]["init_args"]["lr"] == pytest.approx(study.best_params["model.lr"])
+    fit = subprocess.run(
+        [sys.executable, "-m", "medlit.fit", str(best)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri)
+    rerun = [
+        r
+        for r in client.search_runs([parent.info.experiment_id])
+        if "medlit.sweep.role" not in r.data.tags
+    ]
+    assert len(rerun) == 1
+    history = client.get_metric_history(rerun[0].info.run_id, "val/dice_mean")
+    assert max(m.value for m in history) == pytest.approx(study.best_value, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_pruned_trials_stop_early_and_are_marked_pruned(
+    tmp_path: Path, brats_root: Path, tracking_uri: str
+) -> None:
+    # A threshold no Dice reaches: every trial is pruned at its first validation.
+    sweep = write_sweep(
+        tmp_path,
+        brats_root,
+        tracking_uri,
+        n_trials=2,
+        pruner={"name": "threshold", "kwargs": {"lower": 2.0}},
+    )
+    sweep_doc = yaml.safe_load(sweep.read_text())
+    sweep_doc["overrides"]["trainer.max_epochs"] = 4
+    sweep.write_text(yaml.safe_dump(sweep_doc))
+    done = run_sweep(sweep)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = study_of(sweep)
+    assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
+    assert all(list(t.intermediate_values) == [0] for t in study.trials)
+    _, children = runs_of(tracking_uri)
+    for run in children:
+        assert run.data.tags["optuna.state"] == "PRUNED" and run.info.status == "KILLED"
+        assert validations(tracking_uri, run.info.run_id) == 1  # stopped after epoch 0
+    assert "PRUNED" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_ddp_trial_reports_from_rank_zero_and_every_rank_stops_when_pruned(
+    tmp_path: Path, brats_root: Path, tracking_uri: str
+) -> None:
+    """A trial on 2 CPU processes (gloo): rank 0 alone reports to the storage, its pruning
+    decision reaches rank 1 (which would otherwise train on and hang the run)."""
+    sweep = write_sweep(
+        tmp_path,
+        brats_root,
+        tracking_uri,
+        n_trials=1,
+        pruner={"name": "threshold", "kwargs": {"lower": 2.0}},
+    )
+    doc = yaml.safe_load(sweep.read_text())
+    doc["overrides"].update(
+        {
+            "trainer.max_epochs": 3,
+            "trainer.accelerator": "cpu",
+            "trainer.devices": 2,
+            "trainer.strategy": "ddp",
+        }
+    )
+    sweep.write_text(yaml.safe_dump(doc))
+    done = run_sweep(sweep, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [trial] = study_of(sweep).trials
+    assert trial.state == TrialState.PRUNED
+    assert list(trial.intermediate_values) == [0]  # one report per epoch, not one per rank
+    _, [run] = runs_of(tracking_uri)
+    assert validations(tracking_uri, run.info.run_id) == 1
+    assert "world_size=2" in (tmp_path / "sweeps" / "tiny" / "trial-0000.log").read_text() or (
+        "distributed_backend=gloo" in (tmp_path / "sweeps" / "tiny" / "trial-0000.log").read_text()
+    )
+
+
+@pytest.fixture(scope="module")
+def two_worker_sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two worker processes started together on one journal file and one SQLite
+    tracking store: 5 trials between them."""
+    from tests.data.brats.data import make_brats
+
+    tmp = tmp_path_factory.mktemp("two_workers")
+    root = tmp / "BraTS2021"
+    make_brats(root, "2021", cases=8, seed=3)
+    uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
+    sweep = write_sweep(tmp, root, uri, name="pair", n_trials=5)
+    env_cache = os.environ.get("MEDLIT_CACHE_DIR")
+    os.environ["MEDLIT_CACHE_DIR"] = str(tmp / "cache")
+    try:
+        workers = [start_worker(sweep, f"--worker_index={i}") for i in range(2)]
+        logs = [finish(w) for w in workers]
+    finally:
+        if env_cache is not None:
+            os.environ["MEDLIT_CACHE_DIR"] = env_cache
+    return {"sweep": sweep, "uri": uri, "codes": [w.returncode for w in workers], "logs": logs}
+
+
+@pytest.mark.slow
+def test_two_workers_share_the_trials_without_losing_or_repeating_one(
+    two_worker_sweep: dict[str, Any],
+) -> None:
+    assert two_worker_sweep["codes"] == [0, 0], two_worker_sweep["logs"]
+    study = study_of(two_worker_sweep["sweep"])
+    trials = [t for t in study.trials if not t.system_attrs.get(SURPLUS)]
+    assert [t.number for t in trials] == list(range(5))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    uri = two_worker_sweep["uri"]
+    _, children = runs_of(uri)
+    by_trial = sorted(int(r.data.tags["optuna.trial"]) for r in children)
+    assert by_trial == list(range(5))  # one MLflow run per trial: none lost, none twice
+    assert len(worker_pids(children)) == 2  # both workers ran trials
+    for run in children:  # every epoch of every trial reached the shared SQLite store
+        assert validations(uri, run.info.run_id) == MAX_EPOCHS
+        assert run.info.status == "FINISHED"
+    trial_logs = (two_worker_sweep["sweep"].parent / "sweeps" / "pair").glob("trial-*.log")
+    for log in [*two_worker_sweep["logs"], *(p.read_text() for p in trial_logs)]:
+        assert "dropped" not in log  # no tracking call gave up
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_the_study_and_its_trials(two_worker_sweep: dict[str, Any]) -> None:
+    """The MLflow UI, in headless Chromium: the parent run, expanded, shows every trial."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        if REQUIRE_SERVICES:
+            pytest.fail("/usr/bin/chromium is missing (apt-get install chromium)")
+        pytest.skip("no /usr/bin/chromium (Debian: apt-get install chromium)")
+    uri = two_worker_sweep["uri"]
+    parent, children = runs_of(uri)
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, timeout=120)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shot = ARTIFACTS / "mlflow_ui_sweep.png"
+        with playwright.sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=str(chromium),
+                headless=True,
+                args=[
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                ],
+            )
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/#/experiments/{parent.info.experiment_id}/runs")
+            page.get_by_text(parent.info.run_name, exact=True).wait_for(timeout=60_000)
+            expand = page.locator("[role=row] button").filter(has_not_text="Pin")
+            for i in range(expand.count()):
+                if not expand.nth(i).get_attribute("aria-label"):
+                    expand.nth(i).click()  # the parent run's "+" (show child runs)
+                    break
+            for run in children:
+                page.get_by_text(run.info.run_name, exact=True).wait_for(timeout=30_000)
+            rows = page.get_by_role("row").all_inner_texts()
+            page.screenshot(path=str(shot))
+            browser.close()
+        text = "\n".join(rows)
+        assert parent.info.run_name in text
+        for run in children:
+            assert run.info.run_name in text
+        assert shot.stat().st_size > 10_000
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_s_trial_fails_is_retried_and_the_study_completes(
+    tmp_path: Path, brats_root: Path, tracking_uri: str
+) -> None:
+    sweep = write_sweep(tmp_path, brats_root, tracking_uri, name="kill", n_trials=4)
+    doc = yaml.safe_load(sweep.read_text())
+    doc["overrides"]["trainer.max_epochs"] = 3  # long enough to be killed mid-trial
+    sweep.write_text(yaml.safe_dump(doc))
+    victim = start_worker(sweep, "--worker_index=0")
+    survivor = start_worker(sweep, "--worker_index=1")
+    storage = make_storage(doc["storage"])
+    killed_trial = None
+    deadline = time.monotonic() + 300
+    while killed_trial is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        with contextlib.suppress(KeyError, ValueError):
+            study = optuna.load_study(study_name="kill", storage=storage)
+            for t in study.get_trials(states=(TrialState.RUNNING,)):
+                owner = t.system_attrs.get("medlit:owner") or {}
+                if owner.get("pid") == victim.pid and t.intermediate_values:
+                    killed_trial = t  # mid-trial: it has reported an epoch already
+    assert killed_trial is not None, "the victim never got a trial running"
+    trainer_pids = trial_processes(killed_trial._trial_id)
+    assert trainer_pids, "the trial's training process was not found"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    time.sleep(2)
+    assert not any(alive(p) for p in trainer_pids), "the dead worker's trial kept training"
+    log = finish(survivor)
+    assert survivor.returncode == 0, log
+
+    study = study_of(sweep)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert [t.number for t in failed] == [killed_trial.number]  # only the dead worker's
+    retries = [t for t in study.trials if t.system_attrs.get(RETRY_OF) == killed_trial.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == killed_trial.params
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4
+    assert f"trial {killed_trial.number}: its worker" in log
+    _, children = runs_of(tracking_uri)
+    by_trial = {int(r.data.tags["optuna.trial"]): r for r in children}
+    dead_run = by_trial[killed_trial.number]
+    assert dead_run.info.status == "FAILED"
+    assert "worker died" in dead_run.data.tags["medlit.failure"]
+    assert by_trial[retries[0].number].data.tags["optuna.retry_of"] == str(killed_trial.number)
+    assert sum(r.data.tags["optuna.state"] == "COMPLETE" for r in children) == 4
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the PostgreSQL server that ``.ci/run`` starts."""
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect(POSTGRES, connect_timeout=5, autocommit=True)
+    except psycopg.OperationalError as e:
+        if REQUIRE_SERVICES:
+            pytest.fail(f"PostgreSQL at {redact(POSTGRES)} is required here: {e}")
+        pytest.skip(f"no PostgreSQL at {redact(POSTGRES)} ({e}); .ci/run starts one")
+    name = f"medlit_sweep_{uuid.uuid4().hex[:8]}"
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    try:
+        yield POSTGRES.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+@pytest.mark.slow
+def test_two_workers_on_a_postgresql_storage(
+    tmp_path: Path, brats_root: Path, tracking_uri: str, postgres_url: str
+) -> None:
+    sweep = write_sweep(tmp_path, brats_root, tracking_uri, name="pg", n_trials=4)
+    workers = [
+        start_worker(sweep, f"--storage={postgres_url}", f"--worker_index={i}") for i in range(2)
+    ]
+    logs = [finish(w) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], logs
+    study = optuna.load_study(study_name="pg", storage=postgres_url)
+    trials = [t for t in study.trials if not t.system_attrs.get(SURPLUS)]
+    assert [t.number for t in trials] == list(range(4))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    parent, children = runs_of(tracking_uri)
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == list(range(4))
+    assert len(worker_pids(children)) == 2
+    assert parent.data.tags["optuna.storage"].startswith("postgresql://medlit:***@")
+
+
+@pytest.mark.slow
+def test_a_metric_the_task_does_not_log_stops_the_sweep_with_its_name(
+    tmp_path: Path, brats_root: Path, tracking_uri: str
+) -> None:
+    sweep = write_sweep(
+        tmp_path, brats_root, tracking_uri, objective={"metric": "val/dise_mean"}, n_trials=3
+    )
+    done = run_sweep(sweep)
+    assert done.returncode == 2
+    assert "'val/dise_mean' is not logged" in done.stderr and "val/dice_mean" in done.stderr
+    assert [t.state for t in study_of(sweep).trials] == [TrialState.FAIL]  # not 3 failures
+
+
+def test_every_shipped_sweep_parses_against_its_experiment() -> None:
+    files = sorted((REPO / "experiments/sweeps").glob("*.yaml"))
+    experiments = {p.stem for p in (REPO / "experiments").glob("*.yaml")}
+    assert experiments <= {f.stem for f in files}, "a shipped experiment has no sweep file"
+    for f in files:
+        cfg, _ = load([str(f)])
+        dists = sp.distributions(cfg.search_space)
+        for key, d in dists.items():
+            for value in d.choices if hasattr(d, "choices") else (d.low, d.high):
+                overrides = [sp.to_cli(k, v) for k, v in cfg.overrides.items()]
+                resolve([str(cfg.experiment), *overrides, sp.to_cli(key, sp.decode(value, d))])
+        assert cfg.n_trials or cfg.timeout
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+def trial_processes(trial_id: int) -> list[int]:
+    """Processes whose environment carries this trial (the trial's training process)."""
+    pids = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            for var in env.read_bytes().split(b"\0"):
+                if var.startswith(b"MEDLIT_SWEEP_TRIAL="):
+                    ctx = json.loads(var.split(b"=", 1)[1])
+                    if ctx["trial_id"] == trial_id:
+                        pids.append(int(env.parent.name))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
