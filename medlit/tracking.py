@@ -9,11 +9,15 @@ store); artifacts go next to it under ``mlruns/``. Open the UI with::
 from __future__ import annotations
 
 import logging
+import os
 import random
+import re
+import shutil
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -45,17 +49,34 @@ TRACKED_PACKAGES = (
 )
 
 
+REJECTED = {
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_ALREADY_EXISTS",
+    "RESOURCE_DOES_NOT_EXIST",
+    "BAD_REQUEST",
+    "INVALID_STATE",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+}
+
+
+def rejected(e: BaseException) -> bool:
+    """The store answered and refused the request (a changed param, a missing run):
+    retrying or keeping it cannot help, unlike a store that does not answer."""
+    return getattr(e, "error_code", None) in REJECTED or isinstance(e, FileNotFoundError)
+
+
 def retrying(
     what: str, fn: Callable[..., T], *args: Any, retries: int = 6, delay: float = 0.5, **kwargs: Any
 ) -> T:
     """``fn(*args, **kwargs)``, retried ``retries`` times in all with jittered exponential
     back-off (0.5, 1, 2, 4, 8 s by default: about 15 s, longer than SQLite's 5 s lock
-    timeout twice over); the last failure is raised."""
+    timeout twice over); the last failure, or a :func:`rejected` request, is raised."""
     for attempt in range(1, retries + 1):
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - the caller decides what a final failure means
-            if attempt == retries:
+            if attempt == retries or rejected(e):
                 raise
             log.debug("MLflow: %s failed (%s), retry %d", what, e, attempt)
             time.sleep(delay * random.uniform(0.75, 1.25))
@@ -88,9 +109,16 @@ def _sqlite_dir(uri: str) -> Path | None:
 
 
 class MLflowTracker(MLFlowLogger):
-    """Lightning's MLFlowLogger, made resilient: every call to the tracking store is
-    retried with back-off and, if it still fails, logged and dropped, so a tracking
-    outage never stops training.
+    """Lightning's MLFlowLogger, made resilient: a tracking store or server that fails
+    never stops training and loses nothing while the run lasts.
+
+    Each call is retried with jittered back-off (a SQLite store locked by another writer,
+    a server restarting). When it still fails the tracker declares an outage, warns once,
+    and from then on keeps every call, in order and with its original step and time
+    stamp, without blocking training; every ``outage_probe`` seconds it tries to deliver
+    what it kept, and once the store answers everything is delivered and logging goes
+    on as before. At the end of the run it keeps trying for ``flush_timeout`` seconds;
+    only what is still undelivered then is dropped, and counted in ``dropped``.
 
     Args:
         experiment_name: MLflow experiment the run belongs to.
@@ -101,10 +129,12 @@ class MLflowTracker(MLFlowLogger):
         log_model: log the best checkpoint as an artifact at the end of training.
         run_id: log into this existing run instead of starting a new one (a sweep
             creates each trial's run as a child of the study's run and passes its id).
-        retries: attempts per tracking call before it is dropped.
+        retries: attempts per tracking call before an outage is declared.
         retry_delay: seconds before the first retry; doubles after each failure, with
             jitter so that parallel writers (sweep workers on one SQLite store) that
             collided do not collide again.
+        outage_probe: seconds between delivery attempts during an outage.
+        flush_timeout: seconds the end of the run waits for the store to come back.
     """
 
     def __init__(
@@ -117,12 +147,25 @@ class MLflowTracker(MLFlowLogger):
         run_id: str | None = None,
         retries: int = 6,
         retry_delay: float = 0.5,
+        outage_probe: float = 10.0,
+        flush_timeout: float = 120.0,
     ) -> None:
+        if tracking_uri.startswith(("http://", "https://")):
+            # MLflow's HTTP client retries 7 times with exponential back-off and waits
+            # 120 s per request by default: minutes of stalled training per call while a
+            # server is down. The tracker retries and keeps calls itself.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         init_store(tracking_uri)
         self._local_dir = _sqlite_dir(tracking_uri)
         self.retries = retries
         self.retry_delay = retry_delay
+        self.outage_probe = outage_probe
+        self.flush_timeout = flush_timeout
         self.dropped = 0
+        self._pending: list[tuple[str, Callable[[], Any]]] = []
+        self._down_since: float | None = None
+        self._next_probe = 0.0
         super().__init__(
             experiment_name=experiment_name,
             run_name=run_name,
@@ -132,29 +175,106 @@ class MLflowTracker(MLFlowLogger):
             run_id=run_id,
         )
 
+    # ------------------------------------------------------------------ resilience
+
+    def _safely(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        call = partial(fn, *args, **kwargs)
+        if self._down_since is not None and not self._deliver(attempts=1):
+            self._pending.append((what, call))
+            return None
+        try:
+            return retrying(what, call, retries=self.retries, delay=self.retry_delay)
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            if rejected(e):
+                self.dropped += 1
+                log.warning("MLflow refused %s, dropped (%s)", what, str(e)[:300])
+                return None
+            now = time.monotonic()
+            self._down_since, self._next_probe = now, now + self.outage_probe
+            self._pending.append((what, call))
+            log.warning(
+                "MLflow at %s is unreachable (%s: %s): training goes on; tracking calls are "
+                "kept and delivered when it answers again",
+                self._tracking_uri,
+                type(e).__name__,
+                str(e)[:200],
+            )
+            return None
+
+    def _deliver(self, attempts: int) -> bool:
+        """Send the kept calls, oldest first; False (and keep the rest) at the first that
+        fails. Probes at most every ``outage_probe`` seconds."""
+        if time.monotonic() < self._next_probe:
+            return False
+        sent = 0
+        while self._pending:
+            what, call = self._pending[0]
+            try:
+                retrying(what, call, retries=attempts, delay=self.retry_delay)
+            except Exception as e:  # noqa: BLE001 - still down, or this one call refused
+                if rejected(e):
+                    self.dropped += 1
+                    log.warning("MLflow refused %s, dropped (%s)", what, str(e)[:300])
+                else:
+                    self._next_probe = time.monotonic() + self.outage_probe
+                    return False
+            self._pending.pop(0)
+            sent += 1
+        if self._down_since is not None:
+            log.warning(
+                "MLflow at %s answers again after %.0f s: %d kept tracking calls delivered",
+                self._tracking_uri,
+                time.monotonic() - self._down_since,
+                sent,
+            )
+        self._down_since = None
+        return True
+
+    def _flush_at_end(self) -> None:
+        deadline = time.monotonic() + self.flush_timeout
+        while self._pending and time.monotonic() < deadline:
+            self._next_probe = 0.0
+            if self._deliver(attempts=1):
+                return
+            time.sleep(min(self.outage_probe, max(0.0, deadline - time.monotonic())))
+        if self._pending:
+            self.dropped += len(self._pending)
+            log.warning(
+                "MLflow at %s stayed unreachable: %d tracking calls (%s) were dropped",
+                self._tracking_uri,
+                len(self._pending),
+                ", ".join(sorted({w for w, _ in self._pending})),
+            )
+            self._pending.clear()
+
     @property
     def save_dir(self) -> str | None:
         # Checkpoints go to <store dir>/<experiment id>/<run id>/checkpoints, beside the
         # run's artifacts, instead of a ./checkpoints folder shared by every run.
         return str(self._local_dir) if self._local_dir is not None else super().save_dir
 
-    def _safely(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
-        try:
-            return retrying(what, fn, *args, retries=self.retries, delay=self.retry_delay, **kwargs)
-        except Exception as e:  # noqa: BLE001 - tracking must never stop training
-            self.dropped += 1
-            log.warning(
-                "MLflow: %s failed %d times, dropped (%s: %s)",
-                what,
-                self.retries,
-                type(e).__name__,
-                e,
-            )
-            return None
+    def _key(self, name: str) -> str:
+        name = f"{self._prefix}{self.LOGGER_JOIN_CHAR}{name}" if self._prefix else name
+        return re.sub(r"[^a-zA-Z0-9_/. -]+", "", name)  # what MLflow accepts, as Lightning does
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self._safely("log_metrics", super().log_metrics, metrics, step)
+        from mlflow.entities import Metric
+
+        # Lightning's own method, but the time stamp is taken now: a call kept during an
+        # outage is delivered later with the time it was logged.
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(key=self._key(k), value=float(v), timestamp=now, step=step or 0)
+            for k, v in metrics.items()
+            if not isinstance(v, str)
+        ]
+        self._safely(
+            "log_metrics",
+            lambda: self.experiment.log_batch(
+                run_id=self.run_id, metrics=batch, **self._log_batch_kwargs
+            ),
+        )
 
     @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
@@ -166,6 +286,7 @@ class MLflowTracker(MLFlowLogger):
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
         self._safely("finalize", super().finalize, status)
+        self._flush_at_end()
 
     @rank_zero_only
     def set_tags(self, tags: dict[str, Any]) -> None:
@@ -174,11 +295,18 @@ class MLflowTracker(MLFlowLogger):
                 f"set tag {k}", lambda k=k, v=v: self.experiment.set_tag(self.run_id, k, str(v))
             )
 
-    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
-        self._safely(
-            f"log artifacts {artifact_path or '.'}",
-            lambda: self.experiment.log_artifacts(self.run_id, str(folder), artifact_path),
-        )
+    def log_artifacts(
+        self, folder: str | Path, artifact_path: str | None = None, owned: bool = False
+    ) -> None:
+        """Upload a folder's files. ``owned``: the folder is the tracker's to delete once
+        uploaded (so it outlives an outage: it is uploaded when the store is back)."""
+
+        def upload() -> None:
+            self.experiment.log_artifacts(self.run_id, str(folder), artifact_path)
+            if owned:
+                shutil.rmtree(folder, ignore_errors=True)
+
+        self._safely(f"log artifacts {artifact_path or '.'}", upload)
 
 
 def log_folder(trainer: Trainer, name: str, write: Callable[[Path], None]) -> None:
@@ -196,9 +324,13 @@ def log_folder(trainer: Trainer, name: str, write: Callable[[Path], None]) -> No
         folder.mkdir(parents=True, exist_ok=True)
         write(folder)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        write(Path(tmp))
-        tracker.log_artifacts(tmp, name or None)
+    folder = Path(tempfile.mkdtemp(prefix="medlit-artifacts-"))
+    try:
+        write(folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    tracker.log_artifacts(folder, name or None, owned=True)
 
 
 def log_file(trainer: Trainer, name: str, write: Callable[[Path], None]) -> None:

@@ -3,6 +3,7 @@ training."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -115,7 +116,15 @@ def test_a_store_that_stays_down_only_drops_records(
         raise MlflowException("tracking store unreachable")
 
     monkeypatch.setattr(MlflowClient, "log_batch", down)
-    metrics = main(tiny(brats_root, tracking_uri, "--trainer.max_epochs=1", NO_WAIT))
+    metrics = main(
+        tiny(
+            brats_root,
+            tracking_uri,
+            "--trainer.max_epochs=1",
+            NO_WAIT,
+            "--trainer.logger.init_args.flush_timeout=0",
+        )
+    )
     assert 0 <= metrics["test/dice_mean"] <= 1
 
 
@@ -125,3 +134,103 @@ def test_flatten_config_for_params() -> None:
         "model.init_args.names": ["a"],
         "x": {},
     }
+
+
+def _start_server(store: str, port: int, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            *(sys.executable, "-m", "mlflow", "server"),
+            *("--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port)),
+            *("--workers", "1"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=cwd,
+    )
+
+
+def _wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def _answers(base: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{base}/health", timeout=2)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_metrics_logged_while_the_server_is_down_arrive_when_it_is_back(
+    brats_root: Path, tmp_path: Path
+) -> None:
+    """A real ``mlflow server`` is stopped mid-training and started again: training goes
+    on, and every metric step of every epoch reaches the server."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    store = f"sqlite:///{tmp_path}/server/mlflow.db"
+    (tmp_path / "server").mkdir()
+    server = _start_server(store, port, tmp_path / "server")
+    epochs, steps_per_epoch = 10, 8
+    fit = None
+    try:
+        _wait_until(lambda: _answers(base), 120, "the MLflow server")
+        args = tiny(
+            brats_root,
+            base,
+            f"--trainer.max_epochs={epochs}",
+            f"--data.samples_per_epoch={4 * steps_per_epoch}",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.logger.init_args.retry_delay=0.2",
+            "--trainer.logger.init_args.retries=2",
+            "--trainer.logger.init_args.outage_probe=1",
+        )
+        log = (tmp_path / "fit.log").open("wb")
+        fit = subprocess.Popen(
+            [sys.executable, "-m", "medlit.fit", *args], cwd=tmp_path, stdout=log, stderr=log
+        )
+        client = MlflowClient(base)
+
+        def validated(n: int) -> bool:
+            with contextlib.suppress(Exception):
+                [run] = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+                return len(client.get_metric_history(run.info.run_id, "val/dice_mean")) >= n
+            return False
+
+        _wait_until(lambda: validated(1), 300, "the first validation")
+        server.terminate()
+        server.wait(timeout=30)
+        time.sleep(3)
+        assert fit.poll() is None, "training stopped with the server"
+        server = _start_server(store, port, tmp_path / "server")
+        _wait_until(lambda: _answers(base), 120, "the restarted MLflow server")
+        assert fit.wait(timeout=600) == 0, (tmp_path / "fit.log").read_text()[-3000:]
+    finally:
+        if fit is not None and fit.poll() is None:
+            fit.kill()
+        server.terminate()
+        server.wait(timeout=30)
+    output = (tmp_path / "fit.log").read_text()
+    assert "is unreachable" in output and "answers again" in output
+    assert "dropped" not in output
+    server = _start_server(store, port, tmp_path / "server")
+    try:
+        _wait_until(lambda: _answers(base), 120, "the MLflow server")
+        client = MlflowClient(base)
+        [run] = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+        assert run.info.status == "FINISHED"
+        train = client.get_metric_history(run.info.run_id, "train/loss_step")
+        assert sorted(m.step for m in train) == list(range(epochs * steps_per_epoch))
+        val = client.get_metric_history(run.info.run_id, "val/dice_mean")
+        assert len(val) == epochs
+        assert "test/dice_mean" in run.data.metrics
+        stamps = [m.timestamp for m in sorted(train, key=lambda m: m.step)]
+        assert stamps == sorted(stamps)  # kept calls carry the time they were logged
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
