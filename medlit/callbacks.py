@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
+import numpy as np
 import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from medlit.errors import NonFiniteLossError
 
@@ -36,3 +39,81 @@ class FiniteLossGuard(Callback):
                 f"causes: a learning rate too high (now {lrs}), non-finite input intensities, or "
                 "fp16 overflow (try trainer.precision: bf16-mixed)."
             )
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` after every validation (or epoch): the full training state
+    (weights, optimizers, schedulers, loops, callbacks, RNG) that
+    ``medlit.fit CONFIG --ckpt_path=last`` continues from. It is kept beside the run's
+    checkpoints and never uploaded as the run's model (that is the best checkpoint)."""
+
+    def __init__(self) -> None:
+        super().__init__(save_last=True, save_top_k=0)
+
+    # Lightning (2.6) writes last.ckpt only in a step where a top-k checkpoint was saved,
+    # and this callback keeps no top-k: write it at every validation / epoch end.
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer) and not (
+            self._should_save_on_train_epoch_end(trainer)
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(
+            trainer
+        ) and self._should_save_on_train_epoch_end(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _rng_states() -> dict[str, Any]:
+    """RNG states as plain types and tensors, so that ``weights_only=True`` loads them."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class ResumeState(Callback):
+    """What Lightning's checkpoints leave out for an exact resume: the global RNG states
+    (NumPy's drives medlit's patch sampling) and the MLflow run to log into.
+
+    The states are taken when the checkpoint is written (at the end of an epoch's
+    validation) and put back when the checkpoint is restored. Nothing draws random
+    numbers between that point and the next training epoch's first batch in either run
+    (Lightning isolates the sanity check's RNG), and that first batch is fetched when
+    the resumed run builds its training iterator, before ``on_train_epoch_start``: so
+    the resumed run draws the same patches and augmentations as the uninterrupted one
+    (in a deterministic run, the same numbers).
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": _rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "rng" in state_dict:
+            _set_rng_states(state_dict["rng"])
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        from medlit.tracking import MLflowTracker
+
+        tracker = next((lg for lg in trainer.loggers if isinstance(lg, MLflowTracker)), None)
+        if tracker is not None:
+            checkpoint["medlit"] = {"mlflow_run_id": tracker.run_id}

@@ -15,7 +15,7 @@ from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
-from medlit.callbacks import FiniteLossGuard
+from medlit.callbacks import FiniteLossGuard, LastCheckpoint, ResumeState
 from medlit.errors import MedlitError
 from medlit.tracking import DEFAULT_TRACKING_URI, log_run_metadata
 from medlit.tuning.trial import TrialReporter
@@ -44,8 +44,27 @@ class TrackConfig(SaveConfigCallback):
             "datamodule": type(dm).__name__ if dm is not None else "none",
             "data": "synthetic" if getattr(dm, "is_synthetic", False) else "real",
         }
+        config = self.config.as_dict()
+        tags["medlit.config_hash"] = config_hash(config)
         config_yaml = self.parser.dump(self.config, skip_none=False)
-        log_run_metadata(trainer, self.config.as_dict(), config_yaml, tags)
+        log_run_metadata(trainer, config, config_yaml, tags)
+
+
+# Keys that may differ between a run and its resumption: where to resume from, the run to
+# log into, and a longer schedule.
+RESUME_FREE = ("ckpt_path", "config", "trainer.logger.init_args.run_id", "trainer.max_epochs")
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Identity of an experiment's config for ``--ckpt_path=last``: the resolved config
+    without :data:`RESUME_FREE` keys."""
+    import hashlib
+    import json
+
+    from medlit.tracking import flatten
+
+    flat = {k: v for k, v in flatten(config).items() if k not in RESUME_FREE}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class MedlitCLI(LightningCLI):
@@ -73,10 +92,19 @@ class MedlitCLI(LightningCLI):
             **kwargs,
         )
 
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="continue a run: 'last' (the latest unfinished run of this config in its "
+            "MLflow experiment) or a checkpoint file (its run is continued)",
+        )
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         user = trainer_cfg.get("callbacks") or []
-        extra: list = [FiniteLossGuard()]
+        extra: list = [FiniteLossGuard(), ResumeState()]
         if (trial := sweep_trial()) is not None:  # this run is one trial of a sweep
             extra.append(TrialReporter(trial))
         if not any(isinstance(c, ModelCheckpoint) for c in user):
@@ -91,6 +119,8 @@ class MedlitCLI(LightningCLI):
                     save_weights_only=True,
                 )
             )
+        if not any(isinstance(c, LastCheckpoint) for c in user):
+            extra.append(LastCheckpoint())
         if trainer_cfg.get("logger") not in (None, False) and not any(
             isinstance(c, LearningRateMonitor) for c in user
         ):

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from medlit.cli import MedlitCLI, run_main
+from medlit.cli import MedlitCLI, config_hash, run_main
 from medlit.errors import ConfigError
 from medlit.tracking import MLflowTracker
 from medlit.tuning.trial import TrialReporter, write_result
@@ -39,6 +40,53 @@ def _check_compatible(model: Any, datamodule: Any) -> None:
             f"({type(datamodule).__name__}: modalities × (2·context_slices + 1)); set "
             f"--model.in_channels={channels}"
         )
+
+
+def resume_from(asked: str, trainer: Any, fingerprint: str) -> str:
+    """The checkpoint to continue from, and the MLflow run it belongs to, which the run's
+    tracker is pointed at (the resumed run logs into the same run id)."""
+    import torch
+
+    tracker = next((lg for lg in trainer.loggers if isinstance(lg, MLflowTracker)), None)
+    if asked == "last":
+        if tracker is None:
+            raise ConfigError("--ckpt_path=last finds runs through MLflow; give a file path")
+        path, run_id = _last_unfinished(tracker, trainer, fingerprint)
+    else:
+        path = Path(asked)
+        if not path.is_file():
+            raise ConfigError(f"--ckpt_path {asked}: no such checkpoint file")
+        meta = torch.load(path, map_location="cpu", weights_only=True).get("medlit") or {}
+        run_id = meta.get("mlflow_run_id")
+    if tracker is not None and run_id:
+        tracker._run_id = run_id
+        tracker._safely("reopen run", lambda: tracker.experiment.update_run(run_id, "RUNNING"))
+        log.info("resuming MLflow run %s from %s", run_id, path)
+    return str(path)
+
+
+def _last_unfinished(tracker: MLflowTracker, trainer: Any, fingerprint: str) -> tuple[Path, str]:
+    client = tracker._mlflow_client
+    exp = client.get_experiment_by_name(tracker._experiment_name)
+    runs = (
+        client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`medlit.config_hash` = '{fingerprint}'",
+            order_by=["attributes.start_time DESC"],
+        )
+        if exp is not None
+        else []
+    )
+    root = Path(tracker.save_dir or trainer.default_root_dir)
+    for run in runs:
+        last = root / run.info.experiment_id / run.info.run_id / "checkpoints" / "last.ckpt"
+        if run.info.status != "FINISHED" and last.is_file():
+            return last, run.info.run_id
+    raise ConfigError(
+        f"--ckpt_path=last: experiment '{tracker._experiment_name}' at {tracker._tracking_uri} "
+        f"has no unfinished run of this config with a last.ckpt ({len(runs)} runs of this "
+        "config, all finished or without one); give the checkpoint's path instead"
+    )
 
 
 def summary(metrics: dict[str, float], trackers: list[MLflowTracker]) -> str:
@@ -68,7 +116,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # others wait for it at Lightning's own prepare_data barrier inside fit.
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         datamodule.prepare_data()
-    trainer.fit(model, datamodule=datamodule)
+    resume = None
+    if (asked := cli.config.get("ckpt_path")) is not None:
+        resume = resume_from(asked, trainer, config_hash(cli.config.as_dict()))
+    # Every checkpoint medlit writes holds tensors and plain values only.
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     reporter = next((c for c in trainer.callbacks if isinstance(c, TrialReporter)), None)
     if reporter is not None:  # one trial of a sweep: hand the objective to the worker
         if trainer.is_global_zero:
@@ -81,7 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     if best is None:
         log.warning("no best checkpoint (fast_dev_run or no validation): testing the last weights")
-    results = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+    results = trainer.test(
+        model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True
+    )
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     trackers = [lg for lg in trainer.loggers if isinstance(lg, MLflowTracker)]
     if trainer.is_global_zero:

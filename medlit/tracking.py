@@ -281,6 +281,10 @@ class MLflowTracker(MLFlowLogger):
         self._safely("log_hyperparams", super().log_hyperparams, params)
 
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        from medlit.callbacks import LastCheckpoint
+
+        if isinstance(checkpoint_callback, LastCheckpoint):
+            return  # the resume state stays local; the run's model is the best checkpoint
         self._safely("log checkpoint", super().after_save_checkpoint, checkpoint_callback)
 
     @rank_zero_only
@@ -394,7 +398,11 @@ def log_run_metadata(
 ) -> None:
     """Resolved config (YAML artifact + flattened params), git commit, versions, tags."""
     for tracker in (lg for lg in trainer.loggers if isinstance(lg, MLflowTracker)):
-        params = {k: v for k, v in flatten(config).items() if not k.startswith("trainer.logger")}
+        params = {
+            k: v
+            for k, v in flatten(config).items()
+            if not k.startswith("trainer.logger") and k != "ckpt_path"
+        }
         tracker.log_hyperparams(params)
         tracker.set_tags(
             {

@@ -62,7 +62,7 @@ class ImageDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict:
-        seed_transforms(self, self.transform)
+        seed_transforms(self.transform)
         image_id = self.ids[index]
         image = read_rgb(self.images[image_id])
         item: dict = {"case_id": image_id}

@@ -131,7 +131,7 @@ class NoduleSliceDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         # np.random is seeded per worker by Lightning's worker_init_fn (seed_everything).
-        seed_transforms(self, self.crop_positive, self.crop_any)
+        seed_transforms(self.crop_positive, self.crop_any)
         if self.positives and np.random.rand() < self.positive_fraction:
             k, z = self.positives[np.random.randint(len(self.positives))]
         else:

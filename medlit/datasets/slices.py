@@ -104,7 +104,7 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | int]:
         # np.random is seeded per worker by Lightning's worker_init_fn (seed_everything).
-        seed_transforms(self, self.crop_any, self.crop_fg, self.augment)
+        seed_transforms(self.crop_any, self.crop_fg, self.augment)
         k = np.random.randint(len(self.entries))
         entry, fg = self.entries[k], self.fg_slices[k]
         want_fg = len(fg) > 0 and np.random.rand() < self.foreground_fraction

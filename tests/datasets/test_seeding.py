@@ -15,7 +15,7 @@ class Owner:
         )
 
     def draw(self, image: np.ndarray) -> np.ndarray:
-        seed_transforms(self, self.transform)
+        seed_transforms(self.transform)
         return self.transform(image=image)["image"]
 
 
