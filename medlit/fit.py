@@ -56,7 +56,13 @@ def resume_from(asked: str, trainer: Any, fingerprint: str) -> str:
         path = Path(asked)
         if not path.is_file():
             raise ConfigError(f"--ckpt_path {asked}: no such checkpoint file")
-        meta = torch.load(path, map_location="cpu", weights_only=True).get("medlit") or {}
+        try:
+            meta = torch.load(path, map_location="cpu", weights_only=True).get("medlit") or {}
+        except Exception as e:  # noqa: BLE001 - not a checkpoint medlit can load safely
+            raise ConfigError(
+                f"--ckpt_path {asked}: not a checkpoint that loads with weights_only=True "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
         run_id = meta.get("mlflow_run_id")
     if tracker is not None and run_id:
         tracker._run_id = run_id

@@ -117,3 +117,17 @@ def test_last_without_an_unfinished_run_names_the_experiment(
 
     with pytest.raises(ConfigError, match="no unfinished run of this config"):
         main(tiny(brats_root, tracking_uri, "--trainer.max_epochs=1", "--ckpt_path=last"))
+
+
+def test_a_file_that_is_not_a_safe_checkpoint_is_refused_by_name(
+    brats_root: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    from medlit.errors import ConfigError
+    from medlit.fit import main
+
+    bad = tmp_path / "pickled.ckpt"
+    import pickle
+
+    bad.write_bytes(pickle.dumps({"obj": object()}))
+    with pytest.raises(ConfigError, match="pickled.ckpt: not a checkpoint that loads"):
+        main(tiny(brats_root, tracking_uri, "--trainer.max_epochs=1", f"--ckpt_path={bad}"))

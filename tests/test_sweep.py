@@ -471,7 +471,7 @@ def test_two_workers_share_the_trials_without_losing_or_repeating_one(
 @pytest.mark.slow
 def test_mlflow_ui_shows_the_study_and_its_trials(two_worker_sweep: dict[str, Any]) -> None:
     """The MLflow UI, in headless Chromium: the parent run, expanded, shows every trial."""
-    playwright = pytest.importorskip("playwright.sync_api")
+    playwright = required_module("playwright.sync_api")
     chromium = Path("/usr/bin/chromium")
     if not chromium.exists():
         if REQUIRE_SERVICES:
@@ -594,7 +594,7 @@ def test_a_killed_worker_s_trial_fails_is_retried_and_the_study_completes(
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh database on the PostgreSQL server that ``.ci/run`` starts."""
-    psycopg = pytest.importorskip("psycopg")
+    psycopg = required_module("psycopg")
     try:
         admin = psycopg.connect(POSTGRES, connect_timeout=5, autocommit=True)
     except psycopg.OperationalError as e:
@@ -660,6 +660,15 @@ def test_every_shipped_sweep_parses_against_its_experiment() -> None:
 
 
 # ----------------------------------------------------------------------- helpers
+
+
+def required_module(name: str) -> Any:
+    """A dev-extra module: skipped without it, except where CI requires the services."""
+    if REQUIRE_SERVICES:
+        import importlib
+
+        return importlib.import_module(name)
+    return pytest.importorskip(name)
 
 
 def free_port() -> int:

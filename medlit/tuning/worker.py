@@ -47,7 +47,6 @@ from medlit.tuning.trial import ENV
 
 log = logging.getLogger("medlit.sweep")
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 SURPLUS = "medlit:surplus"
 RETRY_OF = "failed_trial"  # set by Optuna's RetryFailedTrialCallback
 PARENT_ATTR = "mlflow_parent_run_id"
