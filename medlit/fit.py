@@ -42,11 +42,25 @@ def _check_compatible(model: Any, datamodule: Any) -> None:
         )
 
 
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint loaded with ``weights_only=True`` (tensors and plain values only), or a
+    ``ConfigError`` naming the file."""
+    import torch
+
+    if not path.is_file():
+        raise ConfigError(f"--ckpt_path {path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - not a checkpoint medlit can load safely
+        raise ConfigError(
+            f"--ckpt_path {path}: not a checkpoint that loads with weights_only=True "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
+
+
 def resume_from(asked: str, trainer: Any, fingerprint: str) -> str:
     """The checkpoint to continue from, and the MLflow run it belongs to, which the run's
     tracker is pointed at (the resumed run logs into the same run id)."""
-    import torch
-
     tracker = next((lg for lg in trainer.loggers if isinstance(lg, MLflowTracker)), None)
     if asked == "last":
         if tracker is None:
@@ -54,16 +68,7 @@ def resume_from(asked: str, trainer: Any, fingerprint: str) -> str:
         path, run_id = _last_unfinished(tracker, trainer, fingerprint)
     else:
         path = Path(asked)
-        if not path.is_file():
-            raise ConfigError(f"--ckpt_path {asked}: no such checkpoint file")
-        try:
-            meta = torch.load(path, map_location="cpu", weights_only=True).get("medlit") or {}
-        except Exception as e:  # noqa: BLE001 - not a checkpoint medlit can load safely
-            raise ConfigError(
-                f"--ckpt_path {asked}: not a checkpoint that loads with weights_only=True "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            ) from None
-        run_id = meta.get("mlflow_run_id")
+        run_id = (load_checkpoint(path).get("medlit") or {}).get("mlflow_run_id")
     if tracker is not None and run_id:
         tracker._run_id = run_id
         tracker._safely("reopen run", lambda: tracker.experiment.update_run(run_id, "RUNNING"))
@@ -95,8 +100,12 @@ def _last_unfinished(tracker: MLflowTracker, trainer: Any, fingerprint: str) -> 
     )
 
 
-def summary(metrics: dict[str, float], trackers: list[MLflowTracker]) -> str:
-    lines = ["", "Test results (best checkpoint)", "-" * 40]
+def summary(
+    metrics: dict[str, float],
+    trackers: list[MLflowTracker],
+    title: str = "Test results (best checkpoint)",
+) -> str:
+    lines = ["", title, "-" * 40]
     width = max((len(k) for k in metrics), default=0)
     lines += [f"{k:<{width}}  {v:10.4f}" for k, v in sorted(metrics.items())]
     for t in trackers:

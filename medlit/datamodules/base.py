@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from pytorch_lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler
 
 from medlit.datasets.synthetic import is_synthetic
 
@@ -40,6 +40,13 @@ def balanced_sampler(
     return WeightedRandomSampler(weights, num_samples=num_samples or len(labels), replacement=True)
 
 
+def one_item_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collate a batch of one whole case: tensors gain a batch axis, everything else
+    (ids, metadata dicts) is wrapped in a list, untouched."""
+    [item] = items
+    return {k: v[None] if isinstance(v, torch.Tensor) else [v] for k, v in item.items()}
+
+
 class BaseDataModule(LightningDataModule):
     """Holds the loader settings; subclasses fill ``self.datasets[split]`` in ``setup``.
 
@@ -52,6 +59,8 @@ class BaseDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.datasets: dict[str, Dataset] = {}
+        # Set by ``predict_from``: prediction reads this input, never ``root``.
+        self.predict_input: Path | None = None
 
     @property
     def is_synthetic(self) -> bool:
@@ -72,6 +81,8 @@ class BaseDataModule(LightningDataModule):
         """Training: ``batch_size`` items, last partial batch dropped; evaluation: one whole
         case per batch unless ``batch_size`` says otherwise."""
         train = split == "train"
+        if not train and "sampler" not in kwargs and (sampler := self._eval_sampler(split)):
+            kwargs["sampler"] = sampler
         return DataLoader(
             self.datasets[split],
             batch_size=batch_size or (self.batch_size if train else 1),
@@ -81,6 +92,29 @@ class BaseDataModule(LightningDataModule):
             pin_memory=train and torch.cuda.is_available(),
             drop_last=train,
             **kwargs,
+        )
+
+    def _eval_sampler(self, split: str) -> DistributedSampler | None:
+        """Under DDP, each rank evaluates a disjoint share of the cases, and the shares
+        together are every case exactly once.
+
+        Lightning's default for evaluation is a ``DistributedSampler`` that pads the last
+        round with repeated cases, so every rank runs the same number of steps; a repeated
+        case would count twice in any metric that is not keyed by case. Lightning's own
+        unrepeated sampler (the one it uses for ``predict``) has no padding. Evaluation
+        steps make no collective calls (metrics are gathered at epoch end), so ranks may
+        run different numbers of steps.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+
+        return UnrepeatedDistributedSampler(
+            self.datasets[split],
+            num_replicas=trainer.world_size,
+            rank=trainer.global_rank,
+            shuffle=False,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -4,6 +4,7 @@ whole-case evaluation."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import asdict
 from functools import partial
@@ -12,8 +13,10 @@ from typing import Literal
 
 import albumentations as A
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
-from medlit.datamodules.base import BaseDataModule, cache_root
+from medlit.datamodules.base import BaseDataModule, cache_root, one_item_batch
 from medlit.datamodules.splits import split_groups
 from medlit.datasets.brats import (
     BRATS_HELP,
@@ -28,11 +31,11 @@ from medlit.datasets.brats import (
     labels_from_regions,
     preprocess_case,
 )
-from medlit.datasets.cache import CacheEntry, VolumeCache
+from medlit.datasets.cache import CacheEntry, OnTheFly, VolumeCache
 from medlit.datasets.slices import CaseDataset, SliceDataset
 from medlit.datasets.synthetic import write_brats
 from medlit.datasets.volume_io import Geometry, write_volume
-from medlit.errors import ConfigError, DatasetNotFoundError
+from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +173,8 @@ class BraTSDataModule(BaseDataModule):
 
         A broken case raises ``InvalidCaseError`` here, before any training or tracking.
         """
+        if self.predict_input is not None:  # predicting on other data: root unused
+            return
         self._discover()
         start = time.perf_counter()
         entries = [e for s in ("train", "val", "test") for e in self._entries(self.cases[s])]
@@ -185,18 +190,68 @@ class BraTSDataModule(BaseDataModule):
             sum(e.nbytes() for e in entries) / 1e6,
         )
 
-    def write_prediction(self, case_id: str, regions: np.ndarray, folder: Path) -> None:
-        """Write predicted WT/TC/ET regions of a cropped case as ``<case>.nii.gz``: the
-        release's label values, uncropped, with the exact geometry of the input images."""
-        entry = next(
-            e
-            for d in self.datasets.values()
-            if isinstance(d, CaseDataset)
-            for e in d.entries
-            if e.meta["case_id"] == case_id
+    def predict_from(self, path: Path) -> None:
+        """Predict on ``path`` (a case folder, or a folder of case folders in any BraTS
+        layout) instead of ``root``; the training data need not be present.
+
+        Cases are checked and preprocessed as they are read (nothing is cached). A missing
+        modality is refused here, before anything runs, naming the case and the file.
+        """
+        path = Path(path).expanduser()
+        if not path.is_dir():
+            raise DatasetNotFoundError(
+                f"--input {path}: BraTS input is a case folder or a folder of case folders"
+            )
+        if self.synthesis:
+            raise ConfigError("modality synthesis writes with medlit.generate, not predict")
+        own = next(
+            (y for y, lay in LAYOUTS.items() if re.fullmatch(lay.case_pattern, path.name)), None
         )
-        meta = entry.meta
-        _, et, _ = self._layout_and_labels()
+        year = self.hparams["year"] or own or detect_layout(path).year
+        layout = LAYOUTS[year]
+        found = discover_cases(path.parent if own else path, layout, self.modalities)
+        cases = [c for c in found if c.case_id == path.name] if own else found
+        if not cases:
+            raise DatasetNotFoundError(f"--input {path}: no {year} BraTS case folders in it")
+        for case in cases:
+            for modality, file in case.images.items():
+                if not file.exists():
+                    raise InvalidCaseError(
+                        case.case_id,
+                        file,
+                        f"modality {modality} is missing; the model takes "
+                        f"{', '.join(self.modalities)} ({len(self.modalities)} channels)",
+                    )
+        et = self.hparams["et_label"]
+        self._predict_et = et if et is not None else layout.et_label
+        prep = Preprocessing(self.modalities, layout.labels, require_seg=False)
+        self.predict_input = path
+        self.datasets["predict"] = OnTheFly(
+            [BraTSCase(c.case_id, c.folder, c.images, None) for c in cases],
+            partial(_predict_item, prep=prep),
+        )
+        log.info("BraTS %s: %d %s cases to predict", path, len(cases), year)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", collate_fn=one_item_batch)
+
+    def write_prediction(
+        self, case_id: str, regions: np.ndarray, folder: Path, meta: dict | None = None
+    ) -> None:
+        """Write predicted WT/TC/ET regions of a cropped case as ``<case>.nii.gz``: the
+        release's label values, uncropped, with the exact geometry of the input images.
+        ``meta`` is the case's metadata when it is not one of the data module's own."""
+        if meta is None:
+            meta = next(
+                e
+                for d in self.datasets.values()
+                if isinstance(d, CaseDataset)
+                for e in d.entries
+                if e.meta["case_id"] == case_id
+            ).meta
+            _, et, _ = self._layout_and_labels()
+        else:
+            et = self._predict_et
         labels = np.zeros(meta["shape"], np.uint8)
         labels[tuple(slice(a, b) for a, b in meta["bbox"])] = labels_from_regions(regions, et)
         geometry = Geometry(
@@ -208,6 +263,8 @@ class BraTSDataModule(BaseDataModule):
 
     def setup(self, stage: str) -> None:
         h = self.hparams
+        if stage == "predict" and self.predict_input is not None:  # predict_from() chose
+            return
         if not self.cases:
             self._discover()
         _, et, _ = self._layout_and_labels()
@@ -261,3 +318,14 @@ class BraTSDataModule(BaseDataModule):
             self.datasets["predict"] = CaseDataset(
                 self._entries(self.cases["predict"], require_seg=False), None, int(self.synthesis)
             )
+
+
+def _predict_item(case: BraTSCase, prep: Preprocessing) -> dict:
+    """One unlabelled case, checked and preprocessed as for the cache: (C, Z, Y, X) image
+    and the metadata that writes its prediction back onto the input's grid."""
+    arrays, meta = preprocess_case(case, prep)
+    return {
+        "image": torch.from_numpy(arrays["image"].astype(np.float32)),
+        "case_id": case.case_id,
+        "meta": meta,
+    }

@@ -10,12 +10,14 @@ from typing import Literal
 
 import albumentations as A
 import numpy as np
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from medlit.datamodules.base import BaseDataModule, balanced_sampler, cache_root
 from medlit.datamodules.splits import split_groups
 from medlit.datasets.images import ImageDataset
 from medlit.datasets.isic import (
+    CLASSES,
     ISICRecords,
     check_records,
     read_records,
@@ -23,9 +25,11 @@ from medlit.datasets.isic import (
     write_submission,
 )
 from medlit.datasets.synthetic_isic import write_isic
-from medlit.errors import ConfigError
+from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError
 
 log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -143,6 +147,8 @@ class ISICDataModule(BaseDataModule):
 
     def prepare_data(self) -> None:
         """Write demo data if asked; check every CSV row, image and mask before training."""
+        if self.predict_input is not None:  # predicting on other data: root unused
+            return
         start = time.perf_counter()
         records = self._load()
         checked = check_records(records, cache_root(self.hparams["cache_dir"], "isic", self.root))
@@ -179,6 +185,8 @@ class ISICDataModule(BaseDataModule):
         return A.Compose([*steps, norm])
 
     def setup(self, stage: str) -> None:
+        if stage == "predict" and self.predict_input is not None:  # predict_from() chose
+            return
         records = self._load()
         masks = records.masks if self.hparams["target"] == "mask" else None
         labels = records.labels if masks is None else None
@@ -195,6 +203,56 @@ class ISICDataModule(BaseDataModule):
             sorted(records.images), records.images, self._transform(False)
         )
 
+    def predict_from(self, path: Path, num_classes: int | None = None) -> None:
+        """Predict on ``path`` (an image, or a folder of ``.jpg``/``.jpeg``/``.png`` images;
+        ``*_segmentation.png`` masks are skipped) instead of ``root``; the training data
+        need not be present. Images that are not colour (RGB) are refused here, before
+        anything runs. ``num_classes`` names the release for the submission CSV when
+        neither ``year`` nor the training data do."""
+        path = Path(path).expanduser()
+        if path.is_file():
+            files = [path]
+        elif path.is_dir():
+            files = sorted(
+                p
+                for p in path.iterdir()
+                if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith("_segmentation")
+            )
+        else:
+            raise DatasetNotFoundError(f"--input {path} does not exist")
+        if not files:
+            raise DatasetNotFoundError(f"--input {path}: no .jpg/.jpeg/.png images in it")
+        images: dict[str, Path] = {}
+        for file in files:
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                raise InvalidCaseError(file.stem, file, "not a .jpg/.jpeg/.png image")
+            if file.stem in images:
+                raise InvalidCaseError(file.stem, file, f"the same id as {images[file.stem]}")
+            try:
+                with Image.open(file) as im:
+                    mode = im.mode
+            except (OSError, ValueError) as e:
+                raise InvalidCaseError(file.stem, file, f"unreadable image ({e})") from e
+            if mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
+                raise InvalidCaseError(
+                    file.stem,
+                    file,
+                    f"a {mode} image with {Image.getmodebands(mode)} channel(s); the model "
+                    "takes colour (RGB, 3 channels) dermoscopy images",
+                )
+            images[file.stem] = file
+        h = self.hparams
+        self._predict_year = h["year"] or (
+            self._load().year
+            if self.root.is_dir() and any(self.root.iterdir())
+            else next((y for y, c in CLASSES.items() if len(c) == num_classes), None)
+        )
+        self.predict_input = path
+        self.datasets["predict"] = ImageDataset(
+            list(images), images, self._transform(False), evaluation=h["target"] == "mask"
+        )
+        log.info("ISIC %s: %d images to predict", path, len(images))
+
     def train_dataloader(self) -> DataLoader:
         if self.hparams["balance"] != "sampler" or self.hparams["target"] != "label":
             return self._loader("train", shuffle=True)
@@ -207,13 +265,22 @@ class ISICDataModule(BaseDataModule):
 
     def write_submission(self, path: Path, ids: list[str], probs: np.ndarray) -> None:
         """The release's official submission CSV (see ``medlit.datasets.isic.write_submission``)."""
-        write_submission(path, ids, probs, self._load().year)
+        year = getattr(self, "_predict_year", None) or self._load().year
+        if year not in CLASSES:
+            raise ConfigError(
+                f"no submission format for {year!r}: set data.year to the release the "
+                f"classifier was trained on ({', '.join(CLASSES)})"
+            )
+        write_submission(path, ids, probs, year)
 
     def _eval_batch(self) -> int:
         return 1 if self.hparams["target"] == "mask" else self.batch_size
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", batch_size=self._eval_batch())
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", batch_size=self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", batch_size=self._eval_batch())

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+import torch
 from torch.utils.data import DataLoader
 
 from medlit.datamodules.base import BaseDataModule, balanced_sampler, cache_root
-from medlit.datasets.cache import CacheEntry, VolumeCache
+from medlit.datasets.cache import CacheEntry, OnTheFly, VolumeCache
 from medlit.datasets.luna16 import (
     ANNOTATION_COLUMNS,
     CANDIDATE_COLUMNS,
@@ -26,11 +27,15 @@ from medlit.datasets.luna16 import (
     LunaScan,
     Preprocessing,
     candidate_patch,
+    check_data_size,
+    data_file,
     discover_scans,
     keep_present,
     locate,
     preprocess_scan,
+    read_header,
     read_table,
+    window,
 )
 from medlit.datasets.nodules import (
     CandidateDataset,
@@ -41,7 +46,7 @@ from medlit.datasets.nodules import (
 )
 from medlit.datasets.synthetic_luna16 import write_luna16
 from medlit.datasets.volume_io import atomic_write
-from medlit.errors import ConfigError
+from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError
 
 if TYPE_CHECKING:
     from medlit.metrics.froc import FROCResult
@@ -248,6 +253,8 @@ class LUNA16DataModule(BaseDataModule):
 
         A broken scan or CSV row raises ``InvalidCaseError`` here, before any training.
         """
+        if self.predict_input is not None:  # predicting on other data: root unused
+            return
         self._load()
 
     def _nodules(self, uids: list[str]) -> list[np.ndarray]:
@@ -284,6 +291,8 @@ class LUNA16DataModule(BaseDataModule):
     # ---- datasets ------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        if stage == "predict" and self.predict_input is not None:  # predict_from() chose
+            return
         self._load()
         h = self.hparams
         entries = {s: [self.entries[u] for u in self.split_uids[s]] for s in self.split_uids}
@@ -315,6 +324,55 @@ class LUNA16DataModule(BaseDataModule):
             self.datasets["predict"] = ScanDataset(
                 [self.entries[u] for u in uids], None, h["hu_window"]
             )
+
+    def predict_from(self, path: Path) -> None:
+        """Detect in ``path`` (a ``.mhd`` scan, or a folder searched recursively for them;
+        ``seg-lungs-LUNA16`` masks are skipped) instead of the test subsets; the training
+        data need not be present. Every header is checked here (3D, one channel, a data
+        file of the declared size) before anything runs; scans are resampled and
+        windowed as for training when they are read (nothing is cached)."""
+        h = self.hparams
+        if h["target"] != "boxes":
+            raise ConfigError(
+                "predict with the detector (target: boxes); a false-positive-reduction "
+                "classifier re-ranks its candidates through --model.fpr_checkpoint"
+            )
+        path = Path(path).expanduser()
+        if path.is_file():
+            files = [path]
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*.mhd") if "seg-lungs-LUNA16" not in p.parts)
+        else:
+            raise DatasetNotFoundError(f"--input {path} does not exist")
+        if not files:
+            raise DatasetNotFoundError(f"--input {path}: no .mhd scans in it")
+        scans: dict[str, LunaScan] = {}
+        for mhd in files:
+            if mhd.suffix != ".mhd":
+                raise InvalidCaseError(mhd.stem, mhd, "not a MetaImage header (.mhd)")
+            header = read_header(mhd)
+            dims = header.get("NDims", "?")
+            channels = header.get("ElementNumberOfChannels", "1")
+            if dims != "3" or channels != "1":
+                raise InvalidCaseError(
+                    mhd.stem,
+                    mhd,
+                    f"NDims {dims} with {channels} channel(s); the detector takes single-"
+                    "channel 3D CT",
+                )
+            check_data_size(mhd.stem, mhd, header)
+            if mhd.stem in scans:
+                raise InvalidCaseError(
+                    mhd.stem, mhd, f"the same seriesuid as {scans[mhd.stem].mhd}"
+                )
+            scans[mhd.stem] = LunaScan(mhd.stem, -1, mhd, data_file(mhd, header))
+        spacing = tuple(h["spacing"]) if h["spacing"] is not None else None
+        self.predict_input = path
+        self.datasets["predict"] = OnTheFly(
+            list(scans.values()),
+            partial(_predict_item, prep=Preprocessing(spacing), hu_window=tuple(h["hu_window"])),
+        )
+        log.info("LUNA16 %s: %d scans to predict", path, len(scans))
 
     def _eval_loader(self, split: str) -> DataLoader:
         if self.hparams["target"] == "candidates":
@@ -397,3 +455,16 @@ def write_submission(path: str | Path, marks: pd.DataFrame) -> None:
     written to a temporary name and renamed."""
     table = marks[list(SUBMISSION_COLUMNS)]
     atomic_write(Path(path), lambda p: table.to_csv(p, index=False, float_format="%.6f"))
+
+
+def _predict_item(scan: LunaScan, prep: Preprocessing, hu_window: tuple[float, ...]) -> dict:
+    """One scan as ``ScanDataset`` gives it, plus its HU array (``hu``) for the
+    false-positive-reduction patches."""
+    arrays, meta = preprocess_scan(scan, prep)
+    return {
+        "image": torch.from_numpy(window(arrays["image"], hu_window)),
+        "case_id": scan.seriesuid,
+        "meta": meta,
+        "nodules": torch.zeros(0, 4, dtype=torch.float64),
+        "hu": arrays["image"],
+    }

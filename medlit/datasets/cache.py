@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch.utils.data import Dataset
 
 BuildFn = Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]]
 
@@ -150,3 +151,21 @@ class VolumeCache:
         meta = json.loads((path / "meta.json").read_text())
         arrays = {p.stem: np.load(p, mmap_mode="r") for p in sorted(path.glob("*.npy"))}
         return CacheEntry(path, arrays, meta)
+
+
+class OnTheFly(Dataset):
+    """Items made when they are read, not cached: prediction inputs, each seen once.
+
+    ``load(source)`` checks and preprocesses one source exactly as the cache would; in data
+    loader workers this runs in parallel with the model.
+    """
+
+    def __init__(self, sources: Sequence[Any], load: Callable[[Any], dict]) -> None:
+        self.sources = list(sources)
+        self.load = load
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.load(self.sources[index])

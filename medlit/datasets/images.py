@@ -41,7 +41,8 @@ class ImageDataset(Dataset):
         labels: image id -> class index (classification).
         masks: image id -> mask file (segmentation).
         evaluation: segmentation evaluation items: ``image`` (3, 1, H', W') transformed,
-            ``mask`` (1, 1, H, W) at the file's resolution, unit ``spacing`` and ``shape``.
+            ``mask`` (1, 1, H, W) at the file's resolution, unit ``spacing`` and ``shape``;
+            without masks (prediction), ``size`` (H, W) of the file instead.
     """
 
     def __init__(
@@ -66,6 +67,11 @@ class ImageDataset(Dataset):
         image_id = self.ids[index]
         image = read_rgb(self.images[image_id])
         item: dict = {"case_id": image_id}
+        if self.masks is None and self.evaluation:  # prediction: a one-slice volume
+            x = self.transform(image=image)["image"].transpose(2, 0, 1)
+            item["image"] = torch.from_numpy(x[:, None].copy())
+            item["size"] = torch.tensor(image.shape[:2])
+            return item
         if self.masks is None:
             item["image"] = torch.from_numpy(
                 self.transform(image=image)["image"].transpose(2, 0, 1).copy()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -59,6 +60,8 @@ class BaseTask(LightningModule):
     ``monitor``/``mode`` name the metric that picks the best checkpoint.
     """
 
+    # Where ``predict`` writes its outputs (``medlit.predict --output``).
+    predict_output: Path | None = None
     monitor: str = "val/loss"
     mode: Literal["min", "max"] = "min"
     ignore: Sequence[str] = ()
@@ -72,6 +75,14 @@ class BaseTask(LightningModule):
 
     def configure_models(self) -> None:
         raise NotImplementedError
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop loss buffers this module does not have: they are derived from the training
+        data at ``fit`` (class weights) and play no part in evaluation or prediction."""
+        own = self.state_dict()
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("loss.") and k not in own]:
+            del state[key]
 
     def configure_losses(self) -> None:
         pass
@@ -103,16 +114,22 @@ class BaseTask(LightningModule):
 
     # ---- per-case evaluation shared by volume-level tasks -----------------------------
 
+    @staticmethod
+    def all_ranks(obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order (``[obj]`` without DDP). Every rank must call it."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, obj)
+            return parts
+        return [obj]
+
     def gather_rows(self, rows: list[dict[str, Any]], key: str = "case_id") -> list[dict[str, Any]]:
         """All ranks' per-case rows, each case once.
 
         A DistributedSampler pads the last round by repeating cases; dropping repeated
         keys makes every case count exactly once, whatever the world size.
         """
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
-            dist.all_gather_object(parts, rows)
-            rows = [r for part in parts for r in part]
+        rows = [r for part in self.all_ranks(rows) for r in part]
         unique = {r[key]: r for r in rows}
         return [unique[k] for k in sorted(unique)]
 

@@ -12,6 +12,7 @@ import timm
 import torch
 from torch import Tensor
 
+from medlit.datasets.volume_io import atomic_write
 from medlit.errors import ConfigError
 from medlit.metrics.classification import balanced_accuracy, confusion, per_class_auc
 from medlit.models import load_weights
@@ -195,6 +196,35 @@ class ClassificationTask(BaseTask):
 
     def on_test_epoch_end(self) -> None:
         self._finish("test")
+
+    def on_predict_epoch_start(self) -> None:
+        self._outputs = []
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        probs = self(batch["image"]).float().softmax(1).cpu()
+        self._outputs.extend(
+            {"case_id": c, "probs": p.tolist()}
+            for c, p in zip(batch["case_id"], probs, strict=True)
+        )
+
+    def on_predict_epoch_end(self) -> None:
+        """Every rank's images once; rank 0 writes the release's submission CSV (or, for a
+        data module without one, ``predictions.csv`` of class probabilities)."""
+        rows = self.gather_rows(self._outputs)
+        self._outputs = []
+        if not self.trainer.is_global_zero or self.predict_output is None or not rows:
+            return
+        ids = [r["case_id"] for r in rows]
+        probs = np.array([r["probs"] for r in rows], dtype=np.float64)
+        writer = getattr(self.trainer.datamodule, "write_submission", None)
+        if writer is not None:
+            writer(self.predict_output / "submission.csv", ids, probs)
+            return
+        table = pd.DataFrame(probs, columns=self.class_names)
+        table.insert(0, "image", ids)
+        atomic_write(
+            self.predict_output / "predictions.csv", lambda p: table.to_csv(p, index=False)
+        )
 
     def on_fit_end(self) -> None:
         """Grad-CAM overlays of a few validation images with the final weights."""

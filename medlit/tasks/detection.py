@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
@@ -177,7 +178,13 @@ class DetectionTask(BaseTask):
         self._fpr: list[torch.nn.Module] = []
         self._rows: list[dict[str, Any]] = []
         self._shown: list[dict[str, Any]] = []
-        self.val_map = MeanAveragePrecision(iou_thresholds=[0.5], box_format="xyxy")
+        # Slice-level mAP@0.5. torchmetrics' own DDP sync of this metric's list states
+        # needs the same number of slices on every rank (scans differ in depth), so the
+        # slices are gathered as objects and scored once, on every rank alike.
+        self.val_map = MeanAveragePrecision(
+            iou_thresholds=[0.5], box_format="xyxy", sync_on_compute=False
+        )
+        self._map_inputs: list[tuple[list, list]] = []
 
     def configure_models(self) -> None:
         h = self.hparams
@@ -332,7 +339,7 @@ class DetectionTask(BaseTask):
                         "labels": torch.zeros(len(ref), dtype=torch.long),
                     }
                 )
-            self.val_map.update(preds, target)
+            self._map_inputs.append((preds, target))
         self._rows.append(
             {
                 "case_id": item["case_id"],
@@ -358,9 +365,25 @@ class DetectionTask(BaseTask):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
+    def on_predict_epoch_start(self) -> None:
+        self._predicted: list[dict[str, Any]] = []
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> pd.DataFrame:
-        marks = self.scan_candidates(batch, self.detect_slices(batch["image"]))
-        return marks.drop(columns="diameter_mm")
+        dm = self.trainer.datamodule
+        uid = batch["case_id"]
+        # A scan from outside the data module (medlit.predict): its HU array serves the
+        # false-positive-reduction patches while it is scored.
+        borrowed = "hu" in batch and uid not in getattr(dm, "entries", {})
+        if borrowed:
+            dm.entries[uid] = SimpleNamespace(arrays={"image": batch["hu"]}, meta=batch["meta"])
+        try:
+            marks = self.scan_candidates(batch, self.detect_slices(batch["image"]))
+        finally:
+            if borrowed:
+                del dm.entries[uid]
+        marks = marks.drop(columns="diameter_mm")
+        self._predicted.append({"case_id": uid, "marks": marks})
+        return marks
 
     # ---- scan-level scoring --------------------------------------------------------------
 
@@ -407,7 +430,12 @@ class DetectionTask(BaseTask):
             write_submission(Path(self.hparams["predictions_dir"]) / "submission.csv", marks)
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_map.update_called:
+        # Every rank's slices (a rank may have none when there are fewer scans than ranks).
+        inputs = [x for part in self.all_ranks(self._map_inputs) for x in part]
+        self._map_inputs = []
+        for preds, target in inputs:
+            self.val_map.update(preds, target)
+        if inputs:
             # Slice-level mAP@0.5: a check of the 2D detector, not the challenge metric.
             self.log("val/map50", self.val_map.compute()["map"], sync_dist=True)
         self.val_map.reset()
@@ -417,12 +445,14 @@ class DetectionTask(BaseTask):
         self._finish("test")
 
     def on_predict_epoch_end(self) -> None:
-        folder = self.hparams["predictions_dir"]
-        outputs = self.trainer.predict_loop.predictions
-        if folder and outputs and self.trainer.is_global_zero:
+        """Every rank's scans once; rank 0 writes the LUNA16 submission CSV."""
+        rows = self.gather_rows(self._predicted)
+        self._predicted = []
+        folder = self.predict_output or self.hparams["predictions_dir"]
+        if folder and rows and self.trainer.is_global_zero:
             from medlit.datamodules.luna16 import write_submission
 
-            write_submission(Path(folder) / "submission.csv", pd.concat(outputs))
+            write_submission(Path(folder) / "submission.csv", pd.concat([r["marks"] for r in rows]))
 
 
 def index_to_world_meta(meta: dict, index_zyx: np.ndarray) -> np.ndarray:

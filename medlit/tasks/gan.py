@@ -328,10 +328,14 @@ class GANTask(BaseTask):
             self._real_images = []
             return
         if self._real_feats is None:
-            if not self._real_images:
-                return
-            self._real_feats = self._features(torch.cat(self._real_images))
+            # Under DDP each rank saw a disjoint share of the real images: the reference
+            # statistics are those of all of them.
+            local = self._features(torch.cat(self._real_images)) if self._real_images else None
             self._real_images = []
+            parts = [p for p in self.all_ranks(local) if p is not None]
+            if not parts:
+                return
+            self._real_feats = torch.cat(parts)
         n = self.hparams["fd_samples"]
         fake, _ = self._sample(n)
         fake_feats = self._features(fake)

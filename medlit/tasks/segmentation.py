@@ -234,6 +234,26 @@ class SegmentationTask(BaseTask):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch)
 
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Segment whole cases and write each one at once, in the data module's format
+        (BraTS: NIfTI on the input's grid; ISIC: a mask PNG at the image's size)."""
+        folder = self.predict_output
+        write = getattr(self.trainer.datamodule, "write_prediction", None)
+        if folder is None or write is None:
+            raise ConfigError(
+                "prediction needs an output folder and a data module with write_prediction"
+            )
+        for i, case_id in enumerate(batch["case_id"]):
+            probs = self.predict_volume(batch["image"][i])
+            if "size" in batch:  # resized input: back to the file's own size
+                size = tuple(int(v) for v in batch["size"][i])
+                probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+            regions = self.to_regions(probs)
+            if "meta" in batch:
+                write(case_id, regions, folder, meta=batch["meta"][i])
+            else:
+                write(case_id, regions, folder)
+
     def _finish(self, stage: str) -> None:
         rows = self.gather_rows(self._rows)
         means = self.log_case_table(stage, rows)

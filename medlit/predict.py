@@ -1,0 +1,129 @@
+"""Predict with a trained checkpoint on new data, written in the dataset's own formats.
+
+    python -m medlit.predict CONFIG --ckpt_path PATH --input DIR_OR_FILE --output DIR
+        [--batch_size N] [--device auto|cpu|cuda|cuda:K] [--num_workers N] [--no_progress]
+        [config overrides ...]
+
+What is written, by the experiment's task and data module:
+
+* BraTS segmentation: ``<case>.nii.gz`` per case, in the input release's label values
+  (1/2/4, or 1/2/3 for 2023), on the input's exact grid (shape, origin, spacing,
+  direction). Input: a case folder, or a folder of case folders.
+* ISIC classification: ``submission.csv`` in the release's official format. ISIC lesion
+  segmentation: ``<id>_segmentation.png`` (0/255) at each image's own size. Input: an
+  image, or a folder of ``.jpg``/``.jpeg``/``.png`` images.
+* LUNA16 detection: ``submission.csv`` (``seriesuid,coordX,coordY,coordZ,probability``,
+  world mm). Input: a ``.mhd`` scan, or a folder searched recursively for them.
+
+CONFIG is the experiment the checkpoint was trained with (a run's logged ``config.yaml``
+works too); its training data need not be present. The checkpoint is loaded with
+``weights_only=True``. Every file is written to a temporary name and renamed, so an
+interrupted run leaves only complete files. Inputs that do not fit the model (a missing
+modality, a grey-scale image, a 4D scan) are refused before anything runs, naming the
+file. Lightning runs the loop: ``--trainer.devices=N --trainer.strategy=ddp`` splits the
+inputs between processes, ``--trainer.precision=bf16-mixed`` works as in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from medlit.cli import MedlitCLI, run_main
+from medlit.errors import ConfigError
+from medlit.fit import _check_compatible, _normalise_args, load_checkpoint
+
+log = logging.getLogger("medlit")
+
+
+def device_args(device: str) -> list[str]:
+    """``--device`` as trainer overrides (later ``--trainer.*`` overrides still win)."""
+    if device == "auto":
+        return ["--trainer.accelerator=auto", "--trainer.devices=1"]
+    if device == "cpu":
+        return ["--trainer.accelerator=cpu", "--trainer.devices=1"]
+    if device == "cuda":
+        return ["--trainer.accelerator=gpu", "--trainer.devices=1"]
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return ["--trainer.accelerator=gpu", f"--trainer.devices=[{int(device[5:])}]"]
+    raise ConfigError(f"--device {device}: use auto, cpu, cuda or cuda:K")
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    """Predict; returns the files written (on rank 0: all of them)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m medlit.predict", add_help=False)
+    parser.add_argument("--ckpt_path", required=True)
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--batch_size", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--num_workers", type=int, default=None)
+    parser.add_argument("--no_progress", action="store_true")
+    ours, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if not rest:
+        raise ConfigError("give the experiment's CONFIG file first")
+    ckpt = Path(ours.ckpt_path).expanduser()
+    state = load_checkpoint(ckpt)
+    config, overrides = _normalise_args(rest)[:2], _normalise_args(rest)[2:]
+    extra = [
+        f"--trainer.enable_progress_bar={str(not ours.no_progress).lower()}",
+        *device_args(ours.device),
+    ]
+    if ours.num_workers is not None:
+        extra.append(f"--data.num_workers={ours.num_workers}")
+    # Nothing is tracked: last, so that the config's logger settings are overridden.
+    cli = MedlitCLI(args=[*config, *extra, *overrides, "--trainer.logger=false"])
+    model, dm, trainer = cli.model, cli.datamodule, cli.trainer
+    if not hasattr(dm, "predict_from") or type(model).__name__ == "GANTask":
+        raise ConfigError(
+            f"{type(model).__name__} on {type(dm).__name__} has no prediction writer"
+            + (
+                "; a GAN writes its images with python -m medlit.generate"
+                if "GAN" in type(model).__name__
+                else ""
+            )
+        )
+    _check_compatible(model, dm)
+    try:
+        model.on_load_checkpoint(state)
+        model.load_state_dict(state.get("state_dict", {}))
+    except RuntimeError as e:  # size mismatch / missing keys: another architecture
+        detail = " ".join(str(e).split())[:600]
+        raise ConfigError(
+            f"--ckpt_path {ckpt} does not fit the model of {config[1]} ({detail})"
+        ) from None
+    if ours.batch_size is not None:
+        if ours.batch_size < 1:
+            raise ConfigError(f"--batch_size {ours.batch_size}: must be at least 1")
+        dm.batch_size = ours.batch_size  # images per batch (ISIC)
+        for key in ("inference_batch_size", "eval_batch_size"):  # slices per forward
+            if key in model.hparams:
+                model.hparams[key] = ours.batch_size
+    source = Path(ours.input).expanduser()
+    if type(dm).__name__ == "ISICDataModule":
+        dm.predict_from(source, num_classes=model.hparams.get("num_classes"))
+    else:
+        dm.predict_from(source)
+    out = Path(ours.output).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--output {out}: cannot create it ({e.strerror})") from None
+    start = time.time()
+    model.predict_output = out
+    model.eval()
+    trainer.predict(model, datamodule=dm, return_predictions=False)
+    written = sorted(p for p in out.rglob("*") if p.is_file() and p.stat().st_mtime >= start)
+    if trainer.is_global_zero:
+        print(
+            f"medlit.predict: {len(dm.datasets['predict'])} inputs, wrote {len(written)} files to {out}"
+        )
+    return written
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,190 @@
+"""DDP evaluates exactly what one process does: for every task, a 2-process CPU (gloo)
+``medlit.evaluate`` of a checkpoint gives the single-process metrics and per-case tables,
+each rank evaluated a disjoint share of the cases, the shares together are all of them,
+and only rank 0 wrote artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from medlit.evaluate import main as evaluate
+from medlit.fit import main as fit
+from tests.data.isic.data import make_isic
+from tests.data.luna16.data import make_luna16
+from tests.test_fit import REPO, cli_args, tiny
+
+SHARES = "tests.helpers.shares.RecordShares"
+
+
+def brats_segmentation(tmp: Path, uri: str, brats_root: Path) -> list[str]:
+    return tiny(brats_root, uri, "--data.val_fraction=0.375", "--data.test_fraction=0.125")
+
+
+def brats_pix2pix(tmp: Path, uri: str, brats_root: Path) -> list[str]:
+    return [
+        str(REPO / "experiments/demo/brats_pix2pix.yaml"),
+        *cli_args(brats_root, uri),
+        "--data.patch_size=32",
+        "--data.batch_size=4",
+        "--data.samples_per_epoch=8",
+        "--data.val_fraction=0.375",
+        "--data.test_fraction=0.125",
+        "--model.base_channels=8",
+        "--model.depth=3",
+    ]
+
+
+def isic_classifier(tmp: Path, uri: str, brats_root: Path) -> list[str]:
+    root = tmp / "isic"
+    make_isic(root, "2018_task3", lesions=24, seed=4)
+    return [
+        str(REPO / "experiments/demo/isic_classifier.yaml"),
+        *cli_args(root, uri),
+        "--data.image_size=32",
+        "--data.val_fraction=0.3",
+        "--data.test_fraction=0.2",
+        "--data.batch_size=4",
+        "--model.model=test_resnet",
+        "--model.num_cam_images=0",
+    ]
+
+
+def isic_gan(tmp: Path, uri: str, brats_root: Path) -> list[str]:
+    root = tmp / "isic"
+    make_isic(root, "2018_task3", lesions=24, seed=4)
+    return [
+        str(REPO / "experiments/demo/isic_gan.yaml"),
+        *cli_args(root, uri),
+        "--data.image_size=32",
+        "--data.val_fraction=0.3",
+        "--data.test_fraction=0.2",
+        "--data.batch_size=4",
+        "--model.image_size=32",
+        "--model.base_channels=8",
+        "--model.fd_model=resnet10t",
+        "--model.fd_samples=16",
+        "--model.num_samples=4",
+        "--trainer.check_val_every_n_epoch=1",
+    ]
+
+
+def luna16_detector(tmp: Path, uri: str, brats_root: Path) -> list[str]:
+    root = tmp / "LUNA16"
+    make_luna16(root, scans=10, seed=0)  # one scan per subset
+    return [
+        str(REPO / "experiments/demo/luna16_yolo.yaml"),
+        *cli_args(root, uri),
+        "--data.spacing=null",
+        "--data.train_subsets=[0, 1, 2, 3, 4, 5]",
+        "--data.val_subsets=[6, 7, 8]",
+        "--data.test_subsets=[9]",
+        "--data.patch_size=64",
+        "--data.batch_size=4",
+        "--data.samples_per_epoch=8",
+        "--model.conf_threshold=0.001",
+    ]
+
+
+TASKS: dict[str, Callable[[Path, str, Path], list[str]]] = {
+    "segmentation-brats": brats_segmentation,
+    "gan-paired-brats": brats_pix2pix,
+    "classification-isic": isic_classifier,
+    "gan-unconditional-isic": isic_gan,
+    "detection-luna16": luna16_detector,
+}
+
+
+def _run_of(uri: str, experiment: str) -> mlflow.entities.Run:
+    client = mlflow.MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return run
+
+
+def _artifacts(uri: str, run_id: str, path: str | None = None) -> dict[str, Path]:
+    """Every artifact file of the run, downloaded: relative name -> local path."""
+    client = mlflow.MlflowClient(uri)
+    out: dict[str, Path] = {}
+    for f in client.list_artifacts(run_id, path):
+        if f.is_dir:
+            out.update(_artifacts(uri, run_id, f.path))
+        else:
+            out[f.path] = Path(client.download_artifacts(run_id, f.path))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", list(TASKS))
+def test_two_processes_evaluate_every_case_once_and_agree_with_one(
+    task: str, tmp_path: Path, tracking_uri: str, brats_root: Path
+) -> None:
+    base = TASKS[task](tmp_path, tracking_uri, brats_root)
+    fit([*base, "--trainer.max_epochs=1", "--trainer.logger.init_args.experiment_name=train"])
+    [ckpt] = sorted(tmp_path.rglob("best-*.ckpt"))
+
+    def shares(name: str) -> list[str]:
+        return [f"--trainer.callbacks+={SHARES}", f"--trainer.callbacks.folder={tmp_path / name}"]
+
+    one = [*base, "--ckpt_path", str(ckpt), "--trainer.logger.init_args.experiment_name=one"]
+    single = evaluate([*one, *shares("one")])
+    two = [
+        *base,
+        "--ckpt_path",
+        str(ckpt),
+        "--trainer.logger.init_args.experiment_name=two",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        *shares("two"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "medlit.evaluate", *two],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=900,
+    )
+    (tmp_path / "ddp.log").write_text(proc.stderr)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    # The cases: one process saw them all; two saw disjoint shares whose union is all.
+    [everything] = [json.loads(p.read_text()) for p in sorted((tmp_path / "one").glob("*.json"))]
+    ranks = [json.loads(p.read_text()) for p in sorted((tmp_path / "two").glob("*.json"))]
+    assert len(ranks) == 2 and all(ranks), ranks
+    assert len(everything) == len(set(everything)) >= 3
+    assert not set(ranks[0]) & set(ranks[1]), ranks
+    assert sorted(ranks[0] + ranks[1]) == sorted(everything)
+
+    # The metrics: those of one process, from the tracking store of each run.
+    runs = {name: _run_of(tracking_uri, name) for name in ("one", "two")}
+    val = {
+        name: {k: v for k, v in run.data.metrics.items() if k.startswith("val/")}
+        for name, run in runs.items()
+    }
+    assert val["one"] and set(val["one"]) == set(val["two"])
+    assert {k: pytest.approx(v) for k, v in single.items()} == val["one"]
+    assert val["two"] == {k: pytest.approx(v, rel=1e-5, abs=1e-6) for k, v in val["one"].items()}
+
+    # Artifacts: the same files, written once (by rank 0), with the same tables.
+    files = {name: _artifacts(tracking_uri, run.info.run_id) for name, run in runs.items()}
+    assert set(files["one"]) == set(files["two"])
+    for name in files["one"]:
+        if name.endswith(".csv"):
+            a, b = (pd.read_csv(files[k][name]) for k in ("one", "two"))
+            key = a.columns[0]
+            pd.testing.assert_frame_equal(
+                a.sort_values(key).reset_index(drop=True),
+                b.sort_values(key).reset_index(drop=True),
+                rtol=1e-5,
+            )
+    assert proc.stdout.count("val results") == 1  # the summary: rank 0 only
