@@ -117,3 +117,48 @@ class ResumeState(Callback):
         tracker = next((lg for lg in trainer.loggers if isinstance(lg, MLflowTracker)), None)
         if tracker is not None:
             checkpoint["medlit"] = {"mlflow_run_id": tracker.run_id}
+
+
+class Speedups(Callback):
+    """``channels_last`` memory format and ``torch.compile`` for the task's networks
+    (the top-level ``channels_last:`` / ``compile:`` config switches).
+
+    Lightning has neither switch (its ``precision`` covers ``bf16-mixed``). Each network
+    (a direct child module with parameters: the timm/SMP/YOLO model, a GAN's generator and
+    discriminator) is compiled in place with ``nn.Module.compile``, so parameter names,
+    checkpoints and ``weights_only`` loading are unchanged, and every call of the network,
+    in training, whole-volume evaluation and prediction alike, runs the compiled code.
+
+    Args:
+        channels_last: convert the networks and 4D training images to NHWC; faster
+            convolutions with tensor cores under mixed precision.
+        compile: ``torch.compile`` each network (the first steps pay the compilation).
+        compile_mode: ``torch.compile`` mode (``default``, ``reduce-overhead``,
+            ``max-autotune``).
+    """
+
+    def __init__(
+        self, channels_last: bool = False, compile: bool = False, compile_mode: str | None = None
+    ) -> None:
+        self.channels_last = channels_last
+        self.compile = compile
+        self.compile_mode = compile_mode
+        self.compiled: list[str] = []
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.channels_last:
+            pl_module.to(memory_format=torch.channels_last)
+        if self.compile and not self.compiled:
+            for name, child in pl_module.named_children():
+                if any(True for _ in child.parameters()):
+                    child.compile(mode=self.compile_mode)
+                    self.compiled.append(name)
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.channels_last and isinstance(batch, dict):
+            for key in ("image", "target_image"):
+                value = batch.get(key)
+                if isinstance(value, torch.Tensor) and value.dim() == 4:
+                    batch[key] = value.contiguous(memory_format=torch.channels_last)

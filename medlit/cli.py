@@ -15,7 +15,7 @@ from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
-from medlit.callbacks import FiniteLossGuard, LastCheckpoint, ResumeState
+from medlit.callbacks import FiniteLossGuard, LastCheckpoint, ResumeState, Speedups
 from medlit.errors import MedlitError
 from medlit.tracking import DEFAULT_TRACKING_URI, log_run_metadata
 from medlit.tuning.trial import TrialReporter
@@ -51,8 +51,17 @@ class TrackConfig(SaveConfigCallback):
 
 
 # Keys that may differ between a run and its resumption: where to resume from, the run to
-# log into, and a longer schedule.
-RESUME_FREE = ("ckpt_path", "config", "trainer.logger.init_args.run_id", "trainer.max_epochs")
+# log into, a longer schedule, and the speed switches.
+RESUME_FREE = (
+    "ckpt_path",
+    "config",
+    "trainer.logger.init_args.run_id",
+    "trainer.max_epochs",
+    # how fast, not what: the resumed run may turn these on or off
+    "channels_last",
+    "compile",
+    "compile_mode",
+)
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -100,11 +109,32 @@ class MedlitCLI(LightningCLI):
             help="continue a run: 'last' (the latest unfinished run of this config in its "
             "MLflow experiment) or a checkpoint file (its run is continued)",
         )
+        parser.add_argument(
+            "--channels_last",
+            type=bool,
+            default=False,
+            help="networks and 4D training images in channels-last (NHWC) memory format",
+        )
+        parser.add_argument(
+            "--compile",
+            type=bool,
+            default=False,
+            help="torch.compile every network of the task (in place: checkpoints unchanged)",
+        )
+        parser.add_argument(
+            "--compile_mode",
+            type=str | None,
+            default=None,
+            help="torch.compile mode: default, reduce-overhead or max-autotune",
+        )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         user = trainer_cfg.get("callbacks") or []
         extra: list = [FiniteLossGuard(), ResumeState()]
+        top = self.config.get(self.subcommand) if self.subcommand else self.config
+        if top.get("channels_last") or top.get("compile"):
+            extra.append(Speedups(top["channels_last"], top["compile"], top.get("compile_mode")))
         if (trial := sweep_trial()) is not None:  # this run is one trial of a sweep
             extra.append(TrialReporter(trial))
         if not any(isinstance(c, ModelCheckpoint) for c in user):
