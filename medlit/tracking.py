@@ -8,6 +8,7 @@ store); artifacts go next to it under ``mlruns/``. Open the UI with::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -104,6 +105,15 @@ def init_store(uri: str) -> None:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def fail_fast_over_http(uri: str) -> None:
+    """MLflow's HTTP client retries 7 times with exponential back-off and waits 120 s per
+    request by default: minutes of stalled training per call while a server is down.
+    medlit retries and keeps calls itself, so a request fails within 10 s."""
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
 def _sqlite_dir(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
 
@@ -118,7 +128,10 @@ class MLflowTracker(MLFlowLogger):
     stamp, without blocking training; every ``outage_probe`` seconds it tries to deliver
     what it kept, and once the store answers everything is delivered and logging goes
     on as before. At the end of the run it keeps trying for ``flush_timeout`` seconds;
-    only what is still undelivered then is dropped, and counted in ``dropped``.
+    what is still undelivered then is written to a local spool folder (metrics, params,
+    tags, artifact files, the best checkpoint and the final status), which
+    ``python -m medlit.tracking sync`` delivers later; only calls the spool cannot
+    describe (none in a plain run) are dropped, and counted in ``dropped``.
 
     Args:
         experiment_name: MLflow experiment the run belongs to.
@@ -135,6 +148,8 @@ class MLflowTracker(MLFlowLogger):
             collided do not collide again.
         outage_probe: seconds between delivery attempts during an outage.
         flush_timeout: seconds the end of the run waits for the store to come back.
+        spool_dir: where undelivered calls are kept after ``flush_timeout``; default
+            ``spool/`` beside a SQLite store, else ``mlruns/spool``. ``""`` drops them.
     """
 
     def __init__(
@@ -149,13 +164,9 @@ class MLflowTracker(MLFlowLogger):
         retry_delay: float = 0.5,
         outage_probe: float = 10.0,
         flush_timeout: float = 120.0,
+        spool_dir: str | None = None,
     ) -> None:
-        if tracking_uri.startswith(("http://", "https://")):
-            # MLflow's HTTP client retries 7 times with exponential back-off and waits
-            # 120 s per request by default: minutes of stalled training per call while a
-            # server is down. The tracker retries and keeps calls itself.
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        fail_fast_over_http(tracking_uri)
         init_store(tracking_uri)
         self._local_dir = _sqlite_dir(tracking_uri)
         self.retries = retries
@@ -163,7 +174,13 @@ class MLflowTracker(MLFlowLogger):
         self.outage_probe = outage_probe
         self.flush_timeout = flush_timeout
         self.dropped = 0
-        self._pending: list[tuple[str, Callable[[], Any]]] = []
+        self.spooled: Path | None = None
+        if spool_dir is None:
+            spool_dir = str(self._local_dir / "spool") if self._local_dir else "mlruns/spool"
+        self.spool_dir = Path(spool_dir) if spool_dir else None
+        # (what, call, replay record or None): the record is the call as JSON data, for
+        # the spool; a call without one cannot outlive the process.
+        self._pending: list[tuple[str, Callable[[], Any], dict | None]] = []
         self._down_since: float | None = None
         self._next_probe = 0.0
         super().__init__(
@@ -177,10 +194,17 @@ class MLflowTracker(MLFlowLogger):
 
     # ------------------------------------------------------------------ resilience
 
-    def _safely(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    def _safely(
+        self,
+        what: str,
+        fn: Callable[..., T],
+        *args: Any,
+        record: dict | None = None,
+        **kwargs: Any,
+    ) -> T | None:
         call = partial(fn, *args, **kwargs)
         if self._down_since is not None and not self._deliver(attempts=1):
-            self._pending.append((what, call))
+            self._pending.append((what, call, record))
             return None
         try:
             return retrying(what, call, retries=self.retries, delay=self.retry_delay)
@@ -191,7 +215,7 @@ class MLflowTracker(MLFlowLogger):
                 return None
             now = time.monotonic()
             self._down_since, self._next_probe = now, now + self.outage_probe
-            self._pending.append((what, call))
+            self._pending.append((what, call, record))
             log.warning(
                 "MLflow at %s is unreachable (%s: %s): training goes on; tracking calls are "
                 "kept and delivered when it answers again",
@@ -208,7 +232,7 @@ class MLflowTracker(MLFlowLogger):
             return False
         sent = 0
         while self._pending:
-            what, call = self._pending[0]
+            what, call, _ = self._pending[0]
             try:
                 retrying(what, call, retries=attempts, delay=self.retry_delay)
             except Exception as e:  # noqa: BLE001 - still down, or this one call refused
@@ -237,15 +261,60 @@ class MLflowTracker(MLFlowLogger):
             if self._deliver(attempts=1):
                 return
             time.sleep(min(self.outage_probe, max(0.0, deadline - time.monotonic())))
-        if self._pending:
-            self.dropped += len(self._pending)
+        if not self._pending:
+            return
+        kept = [r for _, _, r in self._pending if r is not None] if self.spool_dir else []
+        lost = sorted({w for w, _, r in self._pending if r is None or not self.spool_dir})
+        self.dropped += len(self._pending) - len(kept)
+        if kept:
+            self.spooled = self._spool(kept)
+            log.warning(
+                "MLflow at %s stayed unreachable: %d tracking calls are kept in %s; deliver "
+                "them with: python -m medlit.tracking sync %s",
+                self._tracking_uri,
+                len(kept),
+                self.spooled,
+                self.spooled,
+            )
+        if lost:
             log.warning(
                 "MLflow at %s stayed unreachable: %d tracking calls (%s) were dropped",
                 self._tracking_uri,
-                len(self._pending),
-                ", ".join(sorted({w for w, _ in self._pending})),
+                len(self._pending) - len(kept),
+                ", ".join(lost),
             )
-            self._pending.clear()
+        self._pending.clear()
+
+    def _spool(self, records: list[dict]) -> Path:
+        """Write undelivered calls (and their files) to a new spool folder, atomically."""
+        assert self.spool_dir is not None
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{self._run_id or 'new-run'}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.spool_dir))
+        lines = [
+            {
+                "tracking_uri": self._tracking_uri,
+                "experiment_name": self._experiment_name,
+                "run_id": self._run_id,
+                "run_name": self._run_name,
+                "tags": self.tags,
+            }
+        ]
+        for i, record in enumerate(records):
+            record = dict(record)
+            if record["op"] == "log_artifacts":  # the files travel with the spool
+                dest = tmp / "files" / str(i)
+                src = Path(record["folder"])
+                if record.pop("owned", False):
+                    shutil.move(str(src), dest)
+                else:
+                    shutil.copytree(src, dest)
+                record["folder"] = f"files/{i}"
+            lines.append(record)
+        (tmp / "calls.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        final = self.spool_dir / name
+        tmp.rename(final)
+        return final
 
     @property
     def save_dir(self) -> str | None:
@@ -274,11 +343,21 @@ class MLflowTracker(MLFlowLogger):
             lambda: self.experiment.log_batch(
                 run_id=self.run_id, metrics=batch, **self._log_batch_kwargs
             ),
+            record={"op": "log_metrics", "metrics": [[m.key, m.value, now, m.step] for m in batch]},
         )
 
     @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
-        self._safely("log_hyperparams", super().log_hyperparams, params)
+        from lightning_fabric.utilities.logger import _convert_params, _flatten_dict
+
+        # As Lightning logs them: flattened, values as strings cut to 250 characters.
+        flat = {k: str(v)[:250] for k, v in _flatten_dict(_convert_params(params)).items()}
+        self._safely(
+            "log_hyperparams",
+            super().log_hyperparams,
+            params,
+            record={"op": "log_params", "params": flat},
+        )
 
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         from medlit.callbacks import LastCheckpoint
@@ -289,14 +368,28 @@ class MLflowTracker(MLFlowLogger):
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
-        self._safely("finalize", super().finalize, status)
+        final = {"success": "FINISHED", "failed": "FAILED", "finished": "FINISHED"}
+        callback = getattr(self, "_checkpoint_callback", None)
+        best = getattr(callback, "best_model_path", "") if callback is not None else ""
+        self._safely(
+            "finalize",
+            super().finalize,
+            status,
+            record={
+                "op": "finalize",
+                "status": final.get(status, status),
+                "checkpoints": [best] if best else [],
+            },
+        )
         self._flush_at_end()
 
     @rank_zero_only
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
             self._safely(
-                f"set tag {k}", lambda k=k, v=v: self.experiment.set_tag(self.run_id, k, str(v))
+                f"set tag {k}",
+                lambda k=k, v=v: self.experiment.set_tag(self.run_id, k, str(v)),
+                record={"op": "set_tag", "key": k, "value": str(v)},
             )
 
     def log_artifacts(
@@ -310,7 +403,16 @@ class MLflowTracker(MLFlowLogger):
             if owned:
                 shutil.rmtree(folder, ignore_errors=True)
 
-        self._safely(f"log artifacts {artifact_path or '.'}", upload)
+        self._safely(
+            f"log artifacts {artifact_path or '.'}",
+            upload,
+            record={
+                "op": "log_artifacts",
+                "folder": str(folder),
+                "artifact_path": artifact_path,
+                "owned": owned,
+            },
+        )
 
 
 def log_folder(trainer: Trainer, name: str, write: Callable[[Path], None]) -> None:
@@ -417,3 +519,114 @@ def log_run_metadata(
         "versions.yaml",
         lambda p: p.write_text(yaml.safe_dump(package_versions(), sort_keys=True)),
     )
+
+
+# ---- the spool: calls a run could not deliver, delivered later ---------------------------
+
+
+def _replay(client: Any, run_id: str, record: dict, folder: Path) -> None:
+    from mlflow.entities import Metric, Param
+
+    op = record["op"]
+    if op == "log_metrics":
+        metrics = [Metric(k, v, ts, step) for k, v, ts, step in record["metrics"]]
+        for i in range(0, len(metrics), 1000):  # MLflow's batch limit
+            client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    elif op == "log_params":
+        params = [Param(k, v) for k, v in record["params"].items()]
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i : i + 100])
+    elif op == "set_tag":
+        client.set_tag(run_id, record["key"], record["value"])
+    elif op == "log_artifacts":
+        client.log_artifacts(run_id, str(folder / record["folder"]), record["artifact_path"])
+    elif op == "finalize":
+        for ckpt in record["checkpoints"]:
+            if Path(ckpt).is_file():
+                client.log_artifact(run_id, ckpt, Path(ckpt).stem)
+        client.set_terminated(run_id, record["status"])
+    else:
+        raise ValueError(f"unknown spooled call {op!r}")
+
+
+def sync_spool(path: str | Path, tracking_uri: str | None = None) -> int:
+    """Deliver every spooled run under ``path`` (a spool folder, or a folder of them) to
+    its tracking store (or ``tracking_uri``), oldest call first; returns the calls
+    delivered. A delivered folder is deleted; after a failure the folder keeps exactly the
+    calls not yet delivered, so running it again continues where it stopped."""
+    from mlflow import MlflowClient
+
+    from medlit.errors import MedlitError
+
+    path = Path(path)
+    folders = (
+        [path]
+        if (path / "calls.jsonl").is_file()
+        else sorted(p for p in path.glob("*") if (p / "calls.jsonl").is_file())
+    )
+    if not folders:
+        raise MedlitError(f"{path}: no spooled tracking calls (no */calls.jsonl)")
+    delivered = 0
+    for folder in folders:
+        header, *records = [
+            json.loads(line) for line in (folder / "calls.jsonl").read_text().splitlines()
+        ]
+        uri = tracking_uri or header["tracking_uri"]
+        fail_fast_over_http(uri)
+        client = MlflowClient(uri)
+        try:
+            run_id = header["run_id"]
+            if run_id is None:  # the run itself was never created on the store
+                exp = client.get_experiment_by_name(header["experiment_name"])
+                exp_id = (
+                    exp.experiment_id
+                    if exp
+                    else client.create_experiment(header["experiment_name"])
+                )
+                run_id = client.create_run(
+                    exp_id, run_name=header["run_name"], tags=header["tags"] or {}
+                ).info.run_id
+                header["run_id"] = run_id
+            while records:
+                retrying(records[0]["op"], _replay, client, run_id, records[0], folder)
+                records.pop(0)
+                delivered += 1
+        except Exception as e:  # noqa: BLE001 - keep what is left, say why
+            atomic_lines = "".join(json.dumps(x) + "\n" for x in [header, *records])
+            tmp = folder / "calls.jsonl.tmp"
+            tmp.write_text(atomic_lines)
+            tmp.replace(folder / "calls.jsonl")
+            raise MedlitError(
+                f"{folder}: {len(records)} calls not delivered to {uri} "
+                f"({type(e).__name__}: {str(e)[:200]}); run the sync again"
+            ) from None
+        shutil.rmtree(folder)
+        log.info("delivered %s to %s (run %s)", folder.name, uri, run_id)
+    return delivered
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m medlit.tracking",
+        description="Deliver tracking calls that runs kept in a spool folder while their "
+        "MLflow store was unreachable.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sync = sub.add_parser("sync", help="deliver spooled calls")
+    sync.add_argument("path", nargs="?", default="mlruns/spool")
+    sync.add_argument("--tracking_uri", default=None, help="deliver here instead")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    n = sync_spool(args.path, args.tracking_uri)
+    print(f"medlit.tracking: delivered {n} spooled tracking calls from {args.path}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from medlit.cli import run_main
+
+    sys.exit(run_main(main))

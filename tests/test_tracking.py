@@ -234,3 +234,90 @@ def test_metrics_logged_while_the_server_is_down_arrive_when_it_is_back(
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_calls_still_undelivered_at_the_end_are_spooled_and_synced_later(
+    brats_root: Path, tmp_path: Path
+) -> None:
+    """The server goes down mid-training and stays down past the run's end: the run
+    finishes, its undelivered calls go to a spool folder, a sync while the server is down
+    keeps them all, and a sync once it is back delivers every metric step, the artifacts,
+    the best checkpoint and the final status."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    store = f"sqlite:///{tmp_path}/server/mlflow.db"
+    (tmp_path / "server").mkdir()
+    spool = tmp_path / "spool"
+    server = _start_server(store, port, tmp_path / "server")
+    epochs, steps_per_epoch = 3, 4
+    fit = None
+    try:
+        _wait_until(lambda: _answers(base), 120, "the MLflow server")
+        args = tiny(
+            brats_root,
+            base,
+            f"--trainer.max_epochs={epochs}",
+            f"--data.samples_per_epoch={4 * steps_per_epoch}",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.logger.init_args.retry_delay=0.2",
+            "--trainer.logger.init_args.retries=2",
+            "--trainer.logger.init_args.outage_probe=1",
+            "--trainer.logger.init_args.flush_timeout=2",
+            f"--trainer.logger.init_args.spool_dir={spool}",
+        )
+        log = (tmp_path / "fit.log").open("wb")
+        fit = subprocess.Popen(
+            [sys.executable, "-m", "medlit.fit", *args], cwd=tmp_path, stdout=log, stderr=log
+        )
+        client = MlflowClient(base)
+
+        def validated() -> bool:
+            with contextlib.suppress(Exception):
+                [run] = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+                return bool(client.get_metric_history(run.info.run_id, "val/dice_mean"))
+            return False
+
+        _wait_until(validated, 300, "the first validation")
+        server.terminate()
+        server.wait(timeout=30)
+        assert fit.wait(timeout=600) == 0, (tmp_path / "fit.log").read_text()[-3000:]
+    finally:
+        if fit is not None and fit.poll() is None:
+            fit.kill()
+        server.terminate()
+        server.wait(timeout=30)
+    output = (tmp_path / "fit.log").read_text()
+    assert "stayed unreachable" in output and "python -m medlit.tracking sync" in output
+    assert "dropped" not in output
+    # One spool folder per end of a stage (Lightning finalizes after fit and after test).
+    folders = sorted(p for p in spool.iterdir() if not p.name.startswith("."))
+    assert len(folders) == 2
+    calls = {f: (f / "calls.jsonl").read_text() for f in folders}
+    n_calls = sum(len(c.splitlines()) - 1 for c in calls.values())  # less the headers
+    sync = [sys.executable, "-m", "medlit.tracking", "sync", str(spool)]
+
+    down = subprocess.run(sync, capture_output=True, text=True, timeout=300)
+    assert down.returncode == 2 and "not delivered" in down.stderr, down.stderr[-2000:]
+    assert {f: (f / "calls.jsonl").read_text() for f in folders} == calls  # nothing lost
+
+    server = _start_server(store, port, tmp_path / "server")
+    try:
+        _wait_until(lambda: _answers(base), 120, "the restarted MLflow server")
+        up = subprocess.run(sync, capture_output=True, text=True, timeout=300)
+        assert up.returncode == 0, up.stderr[-2000:]
+        assert f"delivered {n_calls} spooled" in up.stdout
+        assert not any(spool.iterdir())
+        client = MlflowClient(base)
+        [run] = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+        assert run.info.status == "FINISHED"
+        train = client.get_metric_history(run.info.run_id, "train/loss_step")
+        assert sorted(m.step for m in train) == list(range(epochs * steps_per_epoch))
+        assert len(client.get_metric_history(run.info.run_id, "val/dice_mean")) == epochs
+        assert "test/dice_mean" in run.data.metrics
+        names = {f.path for f in client.list_artifacts(run.info.run_id)}
+        assert "test_per_case.csv" in names
+        assert any(n.startswith("best-") for n in names)  # the best checkpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
