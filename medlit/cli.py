@@ -155,4 +155,10 @@ class MedlitCLI(LightningCLI):
             isinstance(c, LearningRateMonitor) for c in user
         ):
             extra.append(LearningRateMonitor(logging_interval="epoch"))
+        if trainer_cfg.get("strategy") == "ddp" and getattr(
+            self.model, "ddp_find_unused_parameters", False
+        ):
+            # A task whose steps leave some parameters without gradients (a GAN's
+            # discriminator step never reaches the generator) needs DDP to look for them.
+            kwargs["strategy"] = "ddp_find_unused_parameters_true"
         return super().instantiate_trainer(callbacks=[*user, *extra], **kwargs)

@@ -1,5 +1,5 @@
-"""DDP evaluates exactly what one process does: for every task, a 2-process CPU (gloo)
-``medlit.evaluate`` of a checkpoint gives the single-process metrics and per-case tables,
+"""DDP trains every task, and evaluates exactly what one process does: for every task, a
+2-process CPU (gloo) fit writes a checkpoint, and a 2-process ``medlit.evaluate`` of it gives the single-process metrics and per-case tables,
 each rank evaluated a disjoint share of the cases, the shares together are all of them,
 and only rank 0 wrote artifacts. One task runs under torchrun, the others under
 Lightning's launcher."""
@@ -18,7 +18,6 @@ import pandas as pd
 import pytest
 
 from medlit.evaluate import main as evaluate
-from medlit.fit import main as fit
 from tests.data.isic.data import make_isic
 from tests.data.luna16.data import make_luna16
 from tests.test_fit import REPO, cli_args, tiny
@@ -128,8 +127,29 @@ def test_two_processes_evaluate_every_case_once_and_agree_with_one(
     task: str, tmp_path: Path, tracking_uri: str, brats_root: Path
 ) -> None:
     base = TASKS[task](tmp_path, tracking_uri, brats_root)
-    fit([*base, "--trainer.max_epochs=1", "--trainer.logger.init_args.experiment_name=train"])
-    [ckpt] = sorted(tmp_path.rglob("best-*.ckpt"))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # The checkpoint comes from a DDP fit (2 gloo processes): training works for the task.
+    trained = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medlit.fit",
+            *base,
+            "--trainer.max_epochs=1",
+            "--trainer.logger.init_args.experiment_name=train",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=900,
+    )
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    assert "MEMBER: 2/2" in trained.stderr
+    [ckpt] = sorted(tmp_path.rglob("checkpoints/best-*.ckpt"))
 
     def shares(name: str) -> list[str]:
         return [f"--trainer.callbacks+={SHARES}", f"--trainer.callbacks.folder={tmp_path / name}"]
@@ -151,7 +171,6 @@ def test_two_processes_evaluate_every_case_once_and_agree_with_one(
     launch = [sys.executable, "-m"]
     if task == "segmentation-brats":
         launch += ["torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "-m"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [*launch, "medlit.evaluate", *two],
         capture_output=True,

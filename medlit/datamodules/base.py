@@ -47,6 +47,32 @@ def one_item_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: v[None] if isinstance(v, torch.Tensor) else [v] for k, v in item.items()}
 
 
+class ShareSampler(DistributedSampler):
+    """Evaluation under DDP: rank k takes items k, k + N, k + 2N, ... (no shuffling, no
+    padding), so the shares are disjoint and together are every item once.
+
+    Written here because Lightning's default for evaluation (``DistributedSampler``) pads
+    the last round with repeated items, and its ``UnrepeatedDistributedSampler`` refuses a
+    rank with no item at all, which happens with fewer cases than ranks. Such a rank gets
+    one repeated item instead, so that every rank runs the evaluation (and its epoch-end
+    gathers); every gathered result is keyed by case id, so a repeat never counts twice.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        n = len(dataset)  # type: ignore[arg-type]
+        share = list(range(rank, n, num_replicas))
+        self.indices = share or ([rank % n] if n else [])
+        self.num_samples = len(self.indices)
+        self.total_size = n
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class BaseDataModule(LightningDataModule):
     """Holds the loader settings; subclasses fill ``self.datasets[split]`` in ``setup``.
 
@@ -96,26 +122,11 @@ class BaseDataModule(LightningDataModule):
 
     def _eval_sampler(self, split: str) -> DistributedSampler | None:
         """Under DDP, each rank evaluates a disjoint share of the cases, and the shares
-        together are every case exactly once.
-
-        Lightning's default for evaluation is a ``DistributedSampler`` that pads the last
-        round with repeated cases, so every rank runs the same number of steps; a repeated
-        case would count twice in any metric that is not keyed by case. Lightning's own
-        unrepeated sampler (the one it uses for ``predict``) has no padding. Evaluation
-        steps make no collective calls (metrics are gathered at epoch end), so ranks may
-        run different numbers of steps.
-        """
+        together are every case exactly once (see :class:`ShareSampler`)."""
         trainer = self.trainer
         if trainer is None or trainer.world_size <= 1:
             return None
-        from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-
-        return UnrepeatedDistributedSampler(
-            self.datasets[split],
-            num_replicas=trainer.world_size,
-            rank=trainer.global_rank,
-            shuffle=False,
-        )
+        return ShareSampler(self.datasets[split], trainer.world_size, trainer.global_rank)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

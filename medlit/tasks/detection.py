@@ -184,7 +184,7 @@ class DetectionTask(BaseTask):
         self.val_map = MeanAveragePrecision(
             iou_thresholds=[0.5], box_format="xyxy", sync_on_compute=False
         )
-        self._map_inputs: list[tuple[list, list]] = []
+        self._map_inputs: dict[str, tuple[list, list]] = {}  # per scan
 
     def configure_models(self) -> None:
         h = self.hparams
@@ -339,7 +339,7 @@ class DetectionTask(BaseTask):
                         "labels": torch.zeros(len(ref), dtype=torch.long),
                     }
                 )
-            self._map_inputs.append((preds, target))
+            self._map_inputs[item["case_id"]] = (preds, target)
         self._rows.append(
             {
                 "case_id": item["case_id"],
@@ -431,10 +431,10 @@ class DetectionTask(BaseTask):
 
     def on_validation_epoch_end(self) -> None:
         # Every rank's slices (a rank may have none when there are fewer scans than ranks).
-        inputs = [x for part in self.all_ranks(self._map_inputs) for x in part]
-        self._map_inputs = []
-        for preds, target in inputs:
-            self.val_map.update(preds, target)
+        inputs = {k: v for part in self.all_ranks(self._map_inputs) for k, v in part.items()}
+        self._map_inputs = {}
+        for uid in sorted(inputs):  # each scan once, whatever the world size
+            self.val_map.update(*inputs[uid])
         if inputs:
             # Slice-level mAP@0.5: a check of the 2D detector, not the challenge metric.
             self.log("val/map50", self.val_map.compute()["map"], sync_dist=True)

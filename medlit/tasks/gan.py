@@ -97,6 +97,10 @@ class GANTask(BaseTask):
         log_images: log sample grids / slices as PNG.
     """
 
+    # Under DDP: each of the two backward passes of a step reaches only one network, so
+    # ``strategy: ddp`` becomes ``ddp_find_unused_parameters_true`` (medlit.cli).
+    ddp_find_unused_parameters = True
+
     def __init__(
         self,
         mode: Literal["paired", "unconditional"] = "paired",
@@ -133,6 +137,7 @@ class GANTask(BaseTask):
         self._rows: list[dict[str, Any]] = []
         self._real_feats: Tensor | None = None
         self._real_images: list[Tensor] = []
+        self._real_ids: list[str] = []
         self._shown: dict[str, Any] | None = None
         if mode == "paired":
             self.monitor, self.mode = "val/psnr", "max"
@@ -301,6 +306,7 @@ class GANTask(BaseTask):
     def _collect_real(self, batch: dict[str, Any]) -> None:
         if self._real_feats is None:
             self._real_images.append(batch["image"].detach().cpu())
+            self._real_ids.extend(batch["case_id"])
 
     @torch.no_grad()
     def _sample(self, n: int, seed: int = 0) -> tuple[Tensor, Tensor | None]:
@@ -325,17 +331,18 @@ class GANTask(BaseTask):
 
     def _finish_unconditional(self, stage: str) -> None:
         if self.trainer.sanity_checking:  # a few batches: not the real image distribution
-            self._real_images = []
+            self._real_images, self._real_ids = [], []
             return
         if self._real_feats is None:
             # Under DDP each rank saw a disjoint share of the real images: the reference
             # statistics are those of all of them.
-            local = self._features(torch.cat(self._real_images)) if self._real_images else None
-            self._real_images = []
-            parts = [p for p in self.all_ranks(local) if p is not None]
-            if not parts:
+            feats = self._features(torch.cat(self._real_images)) if self._real_images else []
+            local = dict(zip(self._real_ids, feats, strict=True))
+            self._real_images, self._real_ids = [], []
+            by_id = {k: v for part in self.all_ranks(local) for k, v in part.items()}
+            if not by_id:
                 return
-            self._real_feats = torch.cat(parts)
+            self._real_feats = torch.stack([by_id[k] for k in sorted(by_id)])
         n = self.hparams["fd_samples"]
         fake, _ = self._sample(n)
         fake_feats = self._features(fake)
@@ -395,7 +402,7 @@ class GANTask(BaseTask):
         self._finish("val")
 
     def on_test_epoch_start(self) -> None:
-        self._real_feats, self._real_images = None, []  # test images, not validation's
+        self._real_feats, self._real_images, self._real_ids = None, [], []  # test images
 
     def on_test_epoch_end(self) -> None:
         self._finish("test")
