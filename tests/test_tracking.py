@@ -157,6 +157,28 @@ def _wait_until(predicate, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
+def _fit_against(
+    root: Path, base: str, tmp_path: Path, epochs: int, steps: int, *extra: str
+) -> subprocess.Popen:
+    """A tiny fit logging every step to the server at ``base``, retrying and probing fast,
+    its output in ``fit.log``."""
+    args = tiny(
+        root,
+        base,
+        f"--trainer.max_epochs={epochs}",
+        f"--data.samples_per_epoch={4 * steps}",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.logger.init_args.retry_delay=0.2",
+        "--trainer.logger.init_args.retries=2",
+        "--trainer.logger.init_args.outage_probe=1",
+        *extra,
+    )
+    log = (tmp_path / "fit.log").open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "medlit.fit", *args], cwd=tmp_path, stdout=log, stderr=log
+    )
+
+
 def _answers(base: str) -> bool:
     try:
         urllib.request.urlopen(f"{base}/health", timeout=2)
@@ -180,20 +202,7 @@ def test_metrics_logged_while_the_server_is_down_arrive_when_it_is_back(
     fit = None
     try:
         _wait_until(lambda: _answers(base), 120, "the MLflow server")
-        args = tiny(
-            brats_root,
-            base,
-            f"--trainer.max_epochs={epochs}",
-            f"--data.samples_per_epoch={4 * steps_per_epoch}",
-            "--trainer.log_every_n_steps=1",
-            "--trainer.logger.init_args.retry_delay=0.2",
-            "--trainer.logger.init_args.retries=2",
-            "--trainer.logger.init_args.outage_probe=1",
-        )
-        log = (tmp_path / "fit.log").open("wb")
-        fit = subprocess.Popen(
-            [sys.executable, "-m", "medlit.fit", *args], cwd=tmp_path, stdout=log, stderr=log
-        )
+        fit = _fit_against(brats_root, base, tmp_path, epochs, steps_per_epoch)
         client = MlflowClient(base)
 
         def validated(n: int) -> bool:
@@ -254,21 +263,14 @@ def test_calls_still_undelivered_at_the_end_are_spooled_and_synced_later(
     fit = None
     try:
         _wait_until(lambda: _answers(base), 120, "the MLflow server")
-        args = tiny(
+        fit = _fit_against(
             brats_root,
             base,
-            f"--trainer.max_epochs={epochs}",
-            f"--data.samples_per_epoch={4 * steps_per_epoch}",
-            "--trainer.log_every_n_steps=1",
-            "--trainer.logger.init_args.retry_delay=0.2",
-            "--trainer.logger.init_args.retries=2",
-            "--trainer.logger.init_args.outage_probe=1",
+            tmp_path,
+            epochs,
+            steps_per_epoch,
             "--trainer.logger.init_args.flush_timeout=2",
             f"--trainer.logger.init_args.spool_dir={spool}",
-        )
-        log = (tmp_path / "fit.log").open("wb")
-        fit = subprocess.Popen(
-            [sys.executable, "-m", "medlit.fit", *args], cwd=tmp_path, stdout=log, stderr=log
         )
         client = MlflowClient(base)
 
