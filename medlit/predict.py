@@ -35,6 +35,7 @@ from pathlib import Path
 from medlit.cli import MedlitCLI, run_main
 from medlit.errors import ConfigError
 from medlit.fit import _check_compatible, _normalise_args, load_checkpoint
+from medlit.tasks.gan import GANTask
 
 log = logging.getLogger("medlit")
 
@@ -78,15 +79,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     # Nothing is tracked: last, so that the config's logger settings are overridden.
     cli = MedlitCLI(args=[*config, *extra, *overrides, "--trainer.logger=false"])
     model, dm, trainer = cli.model, cli.datamodule, cli.trainer
-    if not hasattr(dm, "predict_from") or type(model).__name__ == "GANTask":
-        raise ConfigError(
-            f"{type(model).__name__} on {type(dm).__name__} has no prediction writer"
-            + (
-                "; a GAN writes its images with python -m medlit.generate"
-                if "GAN" in type(model).__name__
-                else ""
-            )
-        )
+    if isinstance(model, GANTask):
+        raise ConfigError("a GAN writes its images with python -m medlit.generate, not predict")
+    if not hasattr(dm, "predict_from"):
+        raise ConfigError(f"{type(dm).__name__} has no prediction writer (predict_from)")
     _check_compatible(model, dm)
     try:
         model.on_load_checkpoint(state)

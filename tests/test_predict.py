@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+import torch
 from PIL import Image
 
 from medlit.datasets.isic import CLASSES
@@ -273,3 +274,12 @@ def test_predict_command_refuses_a_gan_and_a_missing_checkpoint(tmp_path: Path) 
         f"medlit: error: --ckpt_path {tmp_path}/none.ckpt: no such checkpoint file" in proc.stderr
     )
     assert "Traceback" not in proc.stderr
+
+
+def test_a_gan_config_is_sent_to_medlit_generate(tmp_path: Path) -> None:
+    ckpt = tmp_path / "gan.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    args = [str(REPO / "experiments/demo/isic_gan.yaml"), "--ckpt_path", str(ckpt)]
+    with pytest.raises(ConfigError, match="python -m medlit.generate, not predict"):
+        predict([*args, "--input", str(tmp_path), "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
