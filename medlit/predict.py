@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         raise ConfigError("give the experiment's CONFIG file first")
     ckpt = Path(ours.ckpt_path).expanduser()
     state = load_checkpoint(ckpt)
-    config, overrides = _normalise_args(rest)[:2], _normalise_args(rest)[2:]
+    normalised = _normalise_args(rest)
+    config, overrides = normalised[:2], normalised[2:]
     extra = [
         f"--trainer.enable_progress_bar={str(not ours.no_progress).lower()}",
         *device_args(ours.device),
