@@ -8,6 +8,7 @@ store); artifacts go next to it under ``mlruns/``. Open the UI with::
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -267,7 +268,13 @@ class MLflowTracker(MLFlowLogger):
         lost = sorted({w for w, _, r in self._pending if r is None or not self.spool_dir})
         self.dropped += len(self._pending) - len(kept)
         if kept:
-            self.spooled = self._spool(kept)
+            try:
+                self.spooled = self._spool(kept)
+            except OSError as e:  # a full or read-only disk must not kill training either
+                self.dropped += len(kept)
+                lost.append(f"spool failed: {e}")
+                kept = []
+        if kept:
             log.warning(
                 "MLflow at %s stayed unreachable: %d tracking calls are kept in %s; deliver "
                 "them with: python -m medlit.tracking sync %s",
@@ -289,7 +296,7 @@ class MLflowTracker(MLFlowLogger):
         """Write undelivered calls (and their files) to a new spool folder, atomically."""
         assert self.spool_dir is not None
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{self._run_id or 'new-run'}"
+        name = f"{_stamp()}-{self._run_id or 'new-run'}"
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.spool_dir))
         lines = [
             {
@@ -312,9 +319,17 @@ class MLflowTracker(MLFlowLogger):
                 record["folder"] = f"files/{i}"
             lines.append(record)
         (tmp / "calls.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-        final = self.spool_dir / name
-        tmp.rename(final)
-        return final
+        # Lightning finalizes a logger after fit and again after test, often within the
+        # same second: the second folder gets the next free suffix instead of colliding.
+        for n in range(1, 1000):
+            final = self.spool_dir / (name if n == 1 else f"{name}-{n}")
+            try:
+                tmp.rename(final)
+                return final
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+        raise OSError(errno.EEXIST, f"no free spool folder name for {name}", str(tmp))
 
     @property
     def save_dir(self) -> str | None:
@@ -547,6 +562,10 @@ def _replay(client: Any, run_id: str, record: dict, folder: Path) -> None:
         client.set_terminated(run_id, record["status"])
     else:
         raise ValueError(f"unknown spooled call {op!r}")
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
 
 
 def sync_spool(path: str | Path, tracking_uri: str | None = None) -> int:

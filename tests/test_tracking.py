@@ -116,6 +116,8 @@ def test_a_store_that_stays_down_only_drops_records(
         raise MlflowException("tracking store unreachable")
 
     monkeypatch.setattr(MlflowClient, "log_batch", down)
+    # fit's and test's spools in the same second, as on a fast machine: no collision
+    monkeypatch.setattr("medlit.tracking._stamp", lambda: "20260101-000000")
     metrics = main(
         tiny(
             brats_root,
@@ -126,6 +128,12 @@ def test_a_store_that_stays_down_only_drops_records(
         )
     )
     assert 0 <= metrics["test/dice_mean"] <= 1
+    spool = Path(tracking_uri.removeprefix("sqlite:///")).parent / "spool"
+    folders = sorted(p.name for p in spool.iterdir())
+    assert len(folders) == 2 and not [f for f in folders if f.startswith(".")], folders
+    assert folders[1] == folders[0] + "-2"
+    kept = [json.loads(x) for f in folders for x in (spool / f / "calls.jsonl").open()]
+    assert {"log_metrics", "log_artifacts", "finalize"} <= {r.get("op") for r in kept}
 
 
 def test_flatten_config_for_params() -> None:
