@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
@@ -16,7 +17,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from medlit.callbacks import FiniteLossGuard, LastCheckpoint, ResumeState, Speedups
-from medlit.errors import MedlitError
+from medlit.errors import ConfigError, MedlitError
 from medlit.tracking import DEFAULT_TRACKING_URI, log_run_metadata
 from medlit.tuning.trial import TrialReporter
 from medlit.tuning.trial import context as sweep_trial
@@ -76,6 +77,58 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def unwritable(path: Path) -> str | None:
+    """Why files cannot be created under ``path`` (which need not exist yet), or None.
+
+    Tried for real (a temporary file in the nearest existing folder): permission bits say
+    nothing on a read-only mount, or to root. Nothing is left behind, no folder made."""
+    import tempfile
+
+    path = path.expanduser().absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return f"{existing} is not a folder" if existing else "no existing parent folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        return f"cannot create files in {existing} ({e.strerror or e})"
+    return None
+
+
+def output_dirs(config: Any) -> dict[str, Path]:
+    """The folders a run writes, by config key: checkpoints and logs, the tracking store,
+    the preprocessing cache, and the data root when demo data will be written there."""
+    import os
+
+    def get(node: Any, *keys: str) -> Any:
+        for k in keys:
+            if node is None:
+                return None
+            node = node.get(k) if hasattr(node, "get") else getattr(node, k, None)
+        return node
+
+    out: dict[str, Path] = {}
+    if root_dir := get(config, "trainer", "default_root_dir"):
+        out["trainer.default_root_dir"] = Path(root_dir)
+    loggers = get(config, "trainer", "logger")
+    for i, lg in enumerate(loggers if isinstance(loggers, list) else [loggers]):
+        uri = get(lg, "init_args", "tracking_uri")
+        if isinstance(uri, str) and uri.startswith("sqlite:///"):
+            key = "trainer.logger.init_args.tracking_uri" + (f"[{i}]" if i else "")
+            out[key] = Path(uri.removeprefix("sqlite:///")).parent
+    data = get(config, "data", "init_args")
+    if data is not None:
+        cache = get(data, "cache_dir")
+        if cache or "cache_dir" in (data.keys() if hasattr(data, "keys") else []):
+            key = "data.init_args.cache_dir" if cache else "data.init_args.cache_dir (default)"
+            out[key] = Path(cache or os.environ.get("MEDLIT_CACHE_DIR", "~/.cache/medlit"))
+        root = get(data, "root")
+        if get(data, "demo") and root and not (Path(root).exists() and any(Path(root).iterdir())):
+            out["data.init_args.root (demo data are written there)"] = Path(root)
+    return out
+
+
 class MedlitCLI(LightningCLI):
     """LightningCLI with medlit's defaults: MLflow tracking, best-checkpoint selection on
     the task's own metric, a NaN/Inf loss guard, and a fixed default seed."""
@@ -127,6 +180,31 @@ class MedlitCLI(LightningCLI):
             default=None,
             help="torch.compile mode: default, reduce-overhead or max-autotune",
         )
+
+    def instantiate_classes(self) -> None:
+        """As LightningCLI's, but medlit's own error from a constructor (an unknown model
+        name, inconsistent arguments) surfaces as itself: jsonargparse wraps it in a
+        ValueError about union subtypes that buries the message."""
+        try:
+            super().instantiate_classes()
+        except Exception as e:
+            cause: BaseException | None = e
+            seen = set()
+            while (
+                cause is not None and not isinstance(cause, MedlitError) and id(cause) not in seen
+            ):
+                seen.add(id(cause))
+                cause = cause.__cause__ or cause.__context__
+            if isinstance(cause, MedlitError):
+                raise cause from None
+            raise
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse, before anything is built, an output folder that cannot be written."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        for key, path in output_dirs(config).items():
+            if problem := unwritable(path):
+                raise ConfigError(f"{key}={path}: the run cannot write there: {problem}")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+log = logging.getLogger(__name__)
 
 
 class MedlitError(Exception):
@@ -35,3 +40,57 @@ class InvalidCaseError(MedlitError):
 
 class NonFiniteLossError(MedlitError):
     """The training loss became NaN or infinite; the run is stopped instead of training on."""
+
+
+class CacheWriteError(MedlitError):
+    """The preprocessing cache could not be written (disk full, read-only); nothing
+    half-written is left behind."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found in a dataset: an error stops training, a warning does not."""
+
+    severity: Literal["error", "warning"]
+    case: str
+    path: Path
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.severity.upper():<7} {self.case}: {self.path}: {self.problem}"
+
+
+class Report:
+    """What the data checks found.
+
+    The checks call ``error``/``warning`` for each problem and go on. A strict report
+    (the default, used while a run checks and caches its data) raises the first error as
+    ``InvalidCaseError`` at once and logs warnings; ``medlit.check`` collects every
+    problem instead and lists them all.
+    """
+
+    def __init__(self, strict: bool = True) -> None:
+        self.strict = strict
+        self.problems: list[Problem] = []
+
+    def error(self, case: str, path: str | Path, problem: str) -> None:
+        if self.strict:
+            raise InvalidCaseError(case, path, problem)
+        self.problems.append(Problem("error", str(case), Path(path), problem))
+
+    def warning(self, case: str, path: str | Path, problem: str) -> None:
+        if self.strict:
+            log.warning("case %s: %s: %s", case, path, problem)
+        self.problems.append(Problem("warning", str(case), Path(path), problem))
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    def count(self) -> int:
+        """Problems recorded so far (to tell whether a check added one)."""
+        return len(self.problems)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from medlit.datasets.nodules import slice_boxes
+from medlit.errors import ConfigError
 from medlit.fit import main
 from medlit.metrics.froc import FROC_POINTS
 from medlit.tasks.detection import merge_detections
@@ -172,7 +173,7 @@ def test_merge_joins_a_nodule_across_slices_and_keeps_neighbours_apart() -> None
 
 
 def test_unknown_model_yaml_is_a_config_error(_luna_pristine: Path, tracking_uri: str) -> None:
-    with pytest.raises(Exception, match="no such Ultralytics model YAML"):
+    with pytest.raises(ConfigError, match=r"model.model='yolov99q.yaml' is not a known name.*"):
         main([DETECTOR, *common(_luna_pristine, tracking_uri), "--model.model=yolov99q.yaml"])
 
 

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from medlit.datamodules.base import BaseDataModule, cache_root, one_item_batch
-from medlit.datamodules.splits import split_groups
+from medlit.datamodules.splits import split_file_problems, split_groups
 from medlit.datasets.brats import (
     BRATS_HELP,
     LAYOUTS,
@@ -25,6 +25,7 @@ from medlit.datasets.brats import (
     BraTSCase,
     Modality,
     Preprocessing,
+    check_case,
     detect_layout,
     discover_cases,
     label_targets,
@@ -35,7 +36,7 @@ from medlit.datasets.cache import CacheEntry, OnTheFly, VolumeCache
 from medlit.datasets.slices import CaseDataset, SliceDataset
 from medlit.datasets.synthetic import write_brats
 from medlit.datasets.volume_io import Geometry, write_volume
-from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError
+from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, Report
 
 log = logging.getLogger(__name__)
 
@@ -131,21 +132,80 @@ class BraTSDataModule(BaseDataModule):
         labels = tuple(h["label_values"]) if h["label_values"] else layout.labels
         return layout.year, et, labels
 
-    def _entries(self, cases: list[BraTSCase], require_seg: bool = True) -> list[CacheEntry]:
-        """Cache entries of ``cases``, checking and preprocessing those not cached yet."""
+    def _cache(self, require_seg: bool = True) -> tuple[VolumeCache, Preprocessing]:
         year, _, labels = self._layout_and_labels()
         prep = Preprocessing(self.modalities, labels, require_seg)
         cache = VolumeCache(
             cache_root(self.hparams["cache_dir"], f"brats-{year}", self.root), asdict(prep)
         )
+        return cache, prep
+
+    def _entries(self, cases: list[BraTSCase], require_seg: bool = True) -> list[CacheEntry]:
+        """Cache entries of ``cases``, checking and preprocessing those not cached yet."""
+        cache, prep = self._cache(require_seg)
         return [cache.get(c.case_id, c.sources, partial(preprocess_case, c, prep)) for c in cases]
 
-    def _discover(self) -> None:
+    def _write_demo(self) -> None:
         h = self.hparams
         self.write_demo_if_empty(
             lambda root: write_brats(root, h["demo_cases"], seed=h["seed"]),
             f"{h['demo_cases']} synthetic BraTS cases (2021 layout)",
         )
+
+    def check(self, report: Report, deep: bool = False) -> int:
+        """Every check of every case, each problem to ``report`` (``medlit.check``).
+
+        Labelled cases are checked as a run checks them when it caches them; cases
+        without a segmentation (prediction-only) are checked too, with a warning. A split
+        file is checked for ids the dataset lacks and ids in two splits. ``deep``
+        re-verifies the cached entries of intact cases against their sources (an entry
+        that differs is removed, so the next run rebuilds it). Returns the cases checked.
+        """
+        h = self.hparams
+        self._write_demo()
+        year, _, _ = self._layout_and_labels()
+        found = discover_cases(self.root, LAYOUTS[year], self.modalities)
+        labelled = [c for c in found if c.seg is not None]
+        if not labelled:
+            report.error(
+                "dataset", self.root, "no case has a segmentation; training needs labelled cases"
+            )
+        if h["split_file"]:
+            for case_id, problem in split_file_problems(
+                h["split_file"], [c.case_id for c in labelled]
+            ):
+                report.error(case_id, h["split_file"], problem)
+        cache, prep = self._cache(require_seg=True)
+        _, unlabelled_prep = self._cache(require_seg=False)
+        for case in found:
+            if case.seg is None:
+                report.warning(
+                    case.case_id,
+                    self.layout_file(case, "seg"),
+                    "no segmentation: the case is not used for training or evaluation",
+                )
+                check_case(case, unlabelled_prep, report)
+                continue
+            if check_case(case, prep, report) is None or not deep:
+                continue
+            entry = cache.cached(case.case_id)
+            if problem := cache.verify(
+                case.case_id, case.sources, partial(preprocess_case, case, prep)
+            ):
+                report.error(
+                    case.case_id,
+                    entry or cache.directory,
+                    f"cache entry: {problem}; removed, the next run rebuilds it",
+                )
+        return len(found)
+
+    def layout_file(self, case: BraTSCase, key: str) -> Path:
+        year, _, _ = self._layout_and_labels()
+        return LAYOUTS[year].file(case.folder, key)
+
+    def _discover(self) -> None:
+        h = self.hparams
+        self._write_demo()
         if not self.root.exists():
             raise DatasetNotFoundError(f"BraTS root {self.root} does not exist. {BRATS_HELP}")
         year, _, _ = self._layout_and_labels()

@@ -14,18 +14,19 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from medlit.datamodules.base import BaseDataModule, balanced_sampler, cache_root
-from medlit.datamodules.splits import split_groups
+from medlit.datamodules.splits import split_file_problems, split_groups
 from medlit.datasets.images import ImageDataset
 from medlit.datasets.isic import (
     CLASSES,
     ISICRecords,
+    check_image,
     check_records,
     read_records,
     write_mask,
     write_submission,
 )
 from medlit.datasets.synthetic_isic import write_isic
-from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError
+from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, Report
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,36 @@ class ISICDataModule(BaseDataModule):
         }
         self.records = records
         return records
+
+    def check(self, report: Report, deep: bool = False) -> int:
+        """Every check of the release, each problem to ``report`` (``medlit.check``): the
+        CSVs row by row, every image and mask decoded to its last byte (whatever the
+        run's record of verified files says, so ``deep`` adds nothing here: ISIC images
+        are not cached), the split file, and the config's target. Returns the images
+        checked."""
+        h = self.hparams
+        self.write_demo_if_empty(
+            lambda root: write_isic(root, h["demo_year"], h["demo_lesions"], seed=h["seed"]),
+            f"a synthetic ISIC {h['demo_year']} release",
+        )
+        records = read_records(self.root, h["year"], report)
+        if h["target"] == "mask" and not records.masks:
+            report.error(
+                "config", self.root, f"data.target=mask but the {records.year} release has no masks"
+            )
+        if h["target"] == "label" and not records.labels:
+            report.error(
+                "config",
+                self.root,
+                f"data.target=label but the {records.year} release has no labels",
+            )
+        if h["split_file"]:
+            groups = records.groups or {i: i for i in records.images}
+            for key, problem in split_file_problems(h["split_file"], sorted(set(groups.values()))):
+                report.error(key, h["split_file"], problem)
+        for image_id, path in records.images.items():
+            check_image(image_id, path, records.masks.get(image_id), report)
+        return len(records.images)
 
     def prepare_data(self) -> None:
         """Write demo data if asked; check every CSV row, image and mask before training."""

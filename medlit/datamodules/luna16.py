@@ -28,6 +28,7 @@ from medlit.datasets.luna16 import (
     Preprocessing,
     candidate_patch,
     check_data_size,
+    check_scan,
     data_file,
     discover_scans,
     keep_present,
@@ -45,8 +46,8 @@ from medlit.datasets.nodules import (
     first_item,
 )
 from medlit.datasets.synthetic_luna16 import write_luna16
-from medlit.datasets.volume_io import atomic_write
-from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError
+from medlit.datasets.volume_io import Geometry, atomic_write
+from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, Report
 
 if TYPE_CHECKING:
     from medlit.metrics.froc import FROCResult
@@ -177,6 +178,80 @@ class LUNA16DataModule(BaseDataModule):
 
     # ---- discovery, checks and caching ---------------------------------------------------
 
+    def _tables(self) -> dict[str, tuple[Path, tuple[str, ...], bool]]:
+        """The official CSVs: (path, columns, required) by name."""
+        h = self.hparams
+        return {
+            "annotations": (self.root / "annotations.csv", ANNOTATION_COLUMNS, True),
+            "excluded": (self.root / "annotations_excluded.csv", ANNOTATION_COLUMNS, False),
+            "candidates": (
+                self.root / h["candidates_file"],
+                CANDIDATE_COLUMNS,
+                h["target"] == "candidates",
+            ),
+        }
+
+    def check(self, report: Report, deep: bool = False) -> int:
+        """Every check of every scan and CSV row, each problem to ``report``
+        (``medlit.check``): scans as a run checks them when it caches them (data size vs
+        header, readable, 3D, finite, lung masks); the CSVs' schema and every row;
+        each annotation and candidate placed in its scan; a seriesuid in two subsets.
+        ``deep`` re-verifies the cached entries of intact scans against their sources (an
+        entry that differs is removed, so the next run rebuilds it). Returns the scans
+        checked."""
+        h = self.hparams
+        self.write_demo_if_empty(
+            lambda root: write_luna16(root, h["demo_scans"], seed=h["seed"]),
+            f"{h['demo_scans']} synthetic LUNA16 scans",
+        )
+        scans = discover_scans(self.root, report)
+        tables = {}
+        for name, (path, columns, required) in self._tables().items():
+            table = read_table(path, columns, required, report)
+            absent = ~table["seriesuid"].isin(set(scans))
+            if absent.any():
+                report.warning(
+                    path.name,
+                    path,
+                    f"{int(absent.sum())} of {len(table)} rows name scans that are not under "
+                    f"the root (e.g. {table['seriesuid'][absent].iloc[0]}): skipped",
+                )
+            dup = table.duplicated(["seriesuid", *columns[1:]], keep="first")
+            for i in np.flatnonzero(dup):
+                report.warning(
+                    table["seriesuid"].iloc[i],
+                    path,
+                    f"line {int(table['line'].iloc[i])}: repeats an earlier row",
+                )
+            tables[name] = (path, table[~absent])
+        spacing = tuple(h["spacing"]) if h["spacing"] is not None else None
+        prep = Preprocessing(spacing)
+        cache = VolumeCache(cache_root(h["cache_dir"], "luna16", self.root), asdict(prep))
+        with_candidates = set(tables["candidates"][1]["seriesuid"])
+        for uid, scan in scans.items():
+            checked = check_scan(scan, report)
+            if checked is None:
+                continue
+            image = checked[0]
+            meta = {
+                "geometry": Geometry.of(image).to_dict(),
+                "shape": list(reversed(image.GetSize())),
+            }
+            for name, (path, table) in tables.items():
+                rows = table[table["seriesuid"] == uid]
+                locate(rows, meta, path, "diameter_mm" if name != "candidates" else None, report)
+            if h["target"] == "candidates" and uid not in with_candidates:
+                report.warning(uid, scan.mhd, f"no row in {h['candidates_file']}: no candidates")
+            if deep:
+                entry = cache.cached(uid)
+                if problem := cache.verify(uid, scan.sources, partial(preprocess_scan, scan, prep)):
+                    report.error(
+                        uid,
+                        entry or cache.directory,
+                        f"cache entry: {problem}; removed, the next run rebuilds it",
+                    )
+        return len(scans)
+
     def _load(self) -> None:
         """Discover scans, read and check the CSVs, check and cache the scans of every
         split, and place every annotation/candidate in its scan (idempotent)."""
@@ -205,16 +280,7 @@ class LUNA16DataModule(BaseDataModule):
             u: cache.get(u, self.scans[u].sources, partial(preprocess_scan, self.scans[u], prep))
             for u in wanted
         }
-        files = {
-            "annotations": (self.root / "annotations.csv", ANNOTATION_COLUMNS, True),
-            "excluded": (self.root / "annotations_excluded.csv", ANNOTATION_COLUMNS, False),
-            "candidates": (
-                self.root / h["candidates_file"],
-                CANDIDATE_COLUMNS,
-                h["target"] == "candidates",
-            ),
-        }
-        for name, (path, columns, required) in files.items():
+        for name, (path, columns, required) in self._tables().items():
             table = keep_present(read_table(path, columns, required), list(self.scans), path)
             # Only scans of the chosen splits are placed (and checked against their grid).
             table = (
@@ -360,7 +426,7 @@ class LUNA16DataModule(BaseDataModule):
                     f"NDims {dims} with {channels} channel(s); the detector takes single-"
                     "channel 3D CT",
                 )
-            check_data_size(mhd.stem, mhd, header)
+            check_data_size(mhd.stem, mhd, header, Report())
             if mhd.stem in scans:
                 raise InvalidCaseError(
                     mhd.stem, mhd, f"the same seriesuid as {scans[mhd.stem].mhd}"

@@ -17,29 +17,46 @@ from medlit.errors import ConfigError
 SPLITS = ("train", "val", "test")
 
 
-def read_split_file(path: str | Path, known: Sequence[str]) -> dict[str, list[str]]:
-    """Read ``{train: [...], val: [...], test: [...]}`` (YAML or JSON) and check it."""
+def split_file_problems(path: str | Path, known: Sequence[str]) -> list[tuple[str, str]]:
+    """Every problem of a split file, as ``(id, problem)``: not a mapping of
+    train/val/test lists, an id in two splits, an id the dataset does not have."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"split file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+        return [("split_file", "split file does not exist")]
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        return [("split_file", f"not valid YAML/JSON ({e})")]
     if not isinstance(data, dict) or not set(data) <= set(SPLITS) or "train" not in data:
-        raise ConfigError(
-            f"split file {path}: expected a mapping with keys {SPLITS} "
-            f"(train required), found {sorted(data) if isinstance(data, dict) else type(data).__name__}"
-        )
-    splits = {s: [str(x) for x in data.get(s) or []] for s in SPLITS}
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        return [
+            ("split_file", f"expected a mapping with keys {SPLITS} (train required), found {found}")
+        ]
+    problems = []
     seen: dict[str, str] = {}
-    for split, ids in splits.items():
-        for i in ids:
+    known_set = set(known)
+    for split in SPLITS:
+        ids = data.get(split) or []
+        if not isinstance(ids, list):
+            problems.append((split, f"{split} is not a list of ids"))
+            continue
+        for i in map(str, ids):
             if i in seen:
-                raise ConfigError(f"split file {path}: {i} is in both {seen[i]} and {split}")
-            seen[i] = split
-    if missing := sorted(set(seen) - set(known)):
-        raise ConfigError(
-            f"split file {path}: {len(missing)} ids are not in the dataset, e.g. {missing[:3]}"
-        )
-    return splits
+                problems.append((i, f"{i} is in both {seen[i]} and {split}"))
+            elif i not in known_set:
+                problems.append((i, f"{split} names {i}, which is not in the dataset"))
+            seen.setdefault(i, split)
+    return problems
+
+
+def read_split_file(path: str | Path, known: Sequence[str]) -> dict[str, list[str]]:
+    """Read ``{train: [...], val: [...], test: [...]}`` (YAML or JSON) and check it."""
+    if problems := split_file_problems(path, known):
+        shown = "; ".join(p for _, p in problems[:3])
+        more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
+        raise ConfigError(f"split file {path}: {shown}{more}")
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return {s: [str(x) for x in data.get(s) or []] for s in SPLITS}
 
 
 def make_splits(

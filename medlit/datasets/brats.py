@@ -19,8 +19,8 @@ from typing import Literal
 
 import numpy as np
 
-from medlit.datasets.volume_io import Geometry, count_nonfinite, gzip_stream_problem, read_volume
-from medlit.errors import DatasetNotFoundError, InvalidCaseError
+from medlit.datasets.volume_io import Geometry, count_nonfinite, nifti_problem, read_volume
+from medlit.errors import DatasetNotFoundError, InvalidCaseError, Report
 
 Modality = Literal["t1", "t1ce", "t2", "flair"]
 MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
@@ -126,15 +126,21 @@ def discover_cases(root: Path, layout: Layout, modalities: tuple[str, ...]) -> l
     return cases
 
 
-def _check_and_read(case: BraTSCase, path: Path) -> tuple[np.ndarray, Geometry]:
+def _check_and_read(
+    case: BraTSCase, path: Path, report: Report
+) -> tuple[np.ndarray, Geometry] | None:
+    """Read one file of a case, or report why it cannot be read (and return None)."""
     if not path.exists():
-        raise InvalidCaseError(case.case_id, path, "file is missing")
-    if path.suffix == ".gz" and (problem := gzip_stream_problem(path)):
-        raise InvalidCaseError(case.case_id, path, problem)
+        report.error(case.case_id, path, "file is missing")
+        return None
+    if problem := nifti_problem(path):
+        report.error(case.case_id, path, problem)
+        return None
     try:
         return read_volume(path)
     except RuntimeError as e:  # SimpleITK reports unreadable files as RuntimeError
-        raise InvalidCaseError(case.case_id, path, f"unreadable image ({e})") from e
+        report.error(case.case_id, path, f"unreadable image ({e})")
+        return None
 
 
 @dataclass
@@ -147,60 +153,90 @@ class Preprocessing:
     version: int = 1  # bump when the code below changes what it stores
 
 
-def preprocess_case(case: BraTSCase, p: Preprocessing) -> tuple[dict[str, np.ndarray], dict]:
-    """Check one case, crop it to the brain, z-score each modality over the brain.
+Read = list[tuple[Path, np.ndarray, Geometry]]
 
-    Checks: every modality (and the segmentation, when ``require_seg``) present, intact
-    gzip streams, equal shapes and geometry, finite intensities, label values within
-    ``p.labels``. Returns ``image`` (C, z, y, x) float16 and, when labelled, ``seg``
-    (z, y, x) uint8 in the release's own label values.
+
+def check_case(case: BraTSCase, p: Preprocessing, report: Report) -> Read | None:
+    """Every check of one case; each problem goes to ``report``.
+
+    Errors: a missing modality (or segmentation, when ``p.require_seg``), a truncated or
+    corrupt file (gzip stream, header vs data size), an unreadable image, shapes or
+    geometry (spacing, origin, direction) that differ between the files, NaN/Inf
+    intensities, label values outside ``p.labels``, all modalities zero. Warnings: an
+    empty tumour mask, a modality that is zero everywhere. Returns the files read, as
+    ``(path, array, geometry)`` with the segmentation last, or None after an error.
     """
+    start = report.count()
     if p.require_seg and case.seg is None:
-        raise InvalidCaseError(
+        report.error(
             case.case_id, case.folder, "segmentation is missing (needed for training/evaluation)"
         )
     paths = [*case.images.values(), *([case.seg] if case.seg else [])]
-    read = [(path, *_check_and_read(case, path)) for path in paths]
-    # The reference is the file most others agree with, so the odd file out is the one
-    # named, whichever modality it is.
-    ref_path, ref_array, ref_geom = max(
-        read,
-        key=lambda r: sum(o[1].shape == r[1].shape and r[2].mismatch(o[2]) is None for o in read),
-    )
-    volumes = []
-    for path, array, geom in read:
-        if array.shape != ref_array.shape:
-            raise InvalidCaseError(
-                case.case_id,
-                path,
-                f"shape (z,y,x) {array.shape} differs from {ref_array.shape} of {ref_path.name}",
-            )
-        if problem := ref_geom.mismatch(geom):
-            raise InvalidCaseError(case.case_id, path, f"{problem} of {ref_path.name}")
-        if path != case.seg and (n := count_nonfinite(path, array)):
-            raise InvalidCaseError(case.case_id, path, f"{n} voxels are NaN or infinite")
-        volumes.append(array)
-    ref_shape = ref_array.shape
+    read = [(path, *r) for path in paths if (r := _check_and_read(case, path, report))]
+    if read:
+        # The reference is the file most others agree with, so the odd file out is the
+        # one named, whichever modality it is.
+        ref_path, ref_array, ref_geom = max(
+            read,
+            key=lambda r: sum(
+                o[1].shape == r[1].shape and r[2].mismatch(o[2]) is None for o in read
+            ),
+        )
+        for path, array, geom in read:
+            if array.shape != ref_array.shape:
+                report.error(
+                    case.case_id,
+                    path,
+                    f"shape (z,y,x) {array.shape} differs from {ref_array.shape} of "
+                    f"{ref_path.name}",
+                )
+            elif problem := ref_geom.mismatch(geom):
+                report.error(case.case_id, path, f"{problem} of {ref_path.name}")
+            if path == case.seg:
+                found = set(np.unique(array).tolist())
+                if bad := sorted(found - set(p.labels)):
+                    report.error(
+                        case.case_id,
+                        path,
+                        f"label values {bad} are not in the configured set {sorted(p.labels)} "
+                        "(BraTS 2018-2021 use 1, 2, 4; 2023 uses 1, 2, 3)",
+                    )
+                elif found <= {0}:
+                    report.warning(case.case_id, path, "segmentation is empty (no tumour voxels)")
+            else:
+                if n := count_nonfinite(path, array):
+                    report.error(case.case_id, path, f"{n} voxels are NaN or infinite")
+                elif not array.any():
+                    report.warning(case.case_id, path, "image is zero everywhere")
+        images = [a for path, a, _ in read if path != case.seg]
+        if images and len(images) == len(case.images) and not any(a.any() for a in images):
+            report.error(case.case_id, ref_path, "all modalities are zero everywhere")
+    if any(q.severity == "error" for q in report.problems[start:]):
+        return None
+    return read
 
-    seg = None
-    if case.seg is not None:
-        seg_values = volumes.pop()
-        found = set(np.unique(seg_values).tolist())
-        if bad := sorted(found - set(p.labels)):
-            raise InvalidCaseError(
-                case.case_id,
-                case.seg,
-                f"label values {bad} are not in the configured set {sorted(p.labels)} "
-                "(BraTS 2018-2021 use 1, 2, 4; 2023 uses 1, 2, 3)",
-            )
-        seg = seg_values.astype(np.uint8)
+
+def preprocess_case(
+    case: BraTSCase, p: Preprocessing, report: Report | None = None
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Check one case (``check_case``), crop it to the brain, z-score each modality over
+    the brain.
+
+    Returns ``image`` (C, z, y, x) float16 and, when labelled, ``seg`` (z, y, x) uint8 in
+    the release's own label values. A problem raises ``InvalidCaseError`` (a strict report).
+    """
+    read = check_case(case, p, report or Report())
+    if read is None:  # only a collecting report gets here
+        raise InvalidCaseError(case.case_id, case.folder, "the case has errors (listed)")
+    ref_path, _, ref_geom = read[0]
+    ref_shape = read[0][1].shape
+    volumes = [array for _, array, _ in read]
+    seg = volumes.pop().astype(np.uint8) if case.seg is not None else None
 
     image = np.stack(volumes).astype(np.float32)
     brain = np.any(image != 0, axis=0)
     if seg is not None:
         brain |= seg > 0
-    if not brain.any():
-        raise InvalidCaseError(case.case_id, ref_path, "all modalities are zero everywhere")
     bbox = [(int(i.min()), int(i.max()) + 1) for i in np.nonzero(brain)]
     crop = tuple(slice(a, b) for a, b in bbox)
     image, brain = image[(slice(None), *crop)], brain[crop]

@@ -12,7 +12,13 @@ Layout under ``directory``::
   ``sources/<case>.json``: no hashing, no decoding.
 * Entries are written to a private temporary folder and renamed into place; rename is
   atomic, so two processes building the same case at once both end with one intact
-  entry (the loser discards its copy), and a failed build leaves nothing behind.
+  entry (the loser discards its copy), and a failed build (an invalid case, a full
+  disk) leaves nothing behind. A build killed mid-way (SIGKILL, power loss) leaves only
+  its temporary folder, named with its process id: it is never read, and the next
+  build of the case removes it once that process is gone.
+* ``verify`` (``medlit.check --deep``) re-hashes the sources of an entry, re-builds it
+  and compares every array and the metadata, so damage to the cache itself or a source
+  changed behind an unchanged size and mtime is found.
 
 No library does this for us: MONAI's PersistentDataset pickles tensors keyed by the
 file *name* (a changed file is silently served stale) and cannot memory-map.
@@ -20,6 +26,7 @@ file *name* (a changed file is silently served stale) and cannot memory-map.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -32,6 +39,8 @@ from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
+
+from medlit.errors import CacheWriteError
 
 BuildFn = Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]]
 
@@ -69,10 +78,32 @@ def _stats(paths: Sequence[Path]) -> dict[str, list[int]]:
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove_dead_builds(group: Path, case: str) -> None:
+    """Temporary folders of ``case`` left by builds whose process is gone (killed mid-way)."""
+    for tmp in group.glob(f".tmp-{case}-*"):
+        pid = tmp.name[len(f".tmp-{case}-") :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class VolumeCache:
@@ -117,22 +148,15 @@ class VolumeCache:
         final = group / f"{case}-{content_hash[:16]}"
         built = not (final / "meta.json").exists()
         if built:
-            group.mkdir(parents=True, exist_ok=True)
-            (group / "params.json").write_text(json.dumps(self.params, sort_keys=True, default=str))
             arrays, meta = build()
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{case}-", dir=group))
             try:
-                for name, array in arrays.items():
-                    np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-                try:
-                    os.rename(tmp, final)
-                except OSError:
-                    if not (final / "meta.json").exists():
-                        raise
-                    # Another process finished the same entry first: keep theirs.
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                self._write(group, case, final, arrays, meta)
+            except OSError as e:
+                raise CacheWriteError(
+                    f"case {case}: cannot write its cache entry under {group} "
+                    f"({e.strerror or e}); nothing was kept. Free space there, or set "
+                    "data.cache_dir (or MEDLIT_CACHE_DIR) to a disk with room"
+                ) from e
             # Entries of this case built from older versions of its files are stale now.
             for stale in group.glob(f"{case}-*"):
                 if stale != final and stale.name.rsplit("-", 1)[0] == case:
@@ -145,6 +169,81 @@ class VolumeCache:
         entry = self.load(final)
         entry.built = built
         return entry
+
+    def _write(
+        self, group: Path, case: str, final: Path, arrays: dict[str, np.ndarray], meta: dict
+    ) -> None:
+        group.mkdir(parents=True, exist_ok=True)
+        _atomic_write_json(group / "params.json", self.params)
+        _remove_dead_builds(group, case)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{case}-{os.getpid()}-", dir=group))
+        try:
+            for name, array in arrays.items():
+                np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
+            # meta.json last: an entry without it is never read (see ``get``).
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            try:
+                os.rename(tmp, final)
+            except OSError as e:
+                if (
+                    e.errno not in (errno.EEXIST, errno.ENOTEMPTY)
+                    or not (final / "meta.json").exists()
+                ):
+                    raise
+                # Another process finished the same entry first: keep theirs.
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def cached(self, case: str) -> Path | None:
+        """The entry of ``case`` that a run would read now (its sources unchanged by size and
+        mtime), or None."""
+        index = self.directory / "sources" / f"{case}.json"
+        try:
+            known = json.loads(index.read_text())
+            sources = [Path(p) for p in known["stats"]]
+            if known["stats"] != _stats(sources):
+                return None
+            entry = self.directory / self.params_hash / f"{case}-{known['hash'][:16]}"
+        except (OSError, ValueError, KeyError):
+            return None
+        return entry if (entry / "meta.json").exists() else None
+
+    def verify(self, case: str, sources: Sequence[Path], build: BuildFn) -> str | None:
+        """Re-check the cached entry of ``case`` against its sources: their content hash,
+        then every array and the metadata rebuilt from them. Returns what differs (and
+        removes the entry, so the next run rebuilds it), or None when it is intact or
+        not cached."""
+        entry = self.cached(case)
+        if entry is None:
+            return None
+        problem = None
+        content = _hash_files([Path(s) for s in sources])
+        if not entry.name.endswith(content[:16]):
+            problem = "its source files changed since it was cached (same size and mtime)"
+        else:
+            try:
+                meta = json.loads((entry / "meta.json").read_text())
+                stored = {p.stem: np.load(p) for p in sorted(entry.glob("*.npy"))}
+            except (OSError, ValueError, EOFError) as e:  # truncated .npy, bad JSON
+                problem = f"unreadable ({type(e).__name__}: {e})"
+            else:
+                arrays, fresh = build()
+                if sorted(arrays) != sorted(stored):
+                    problem = f"holds arrays {sorted(stored)}, expected {sorted(arrays)}"
+                elif bad := [
+                    k
+                    for k in arrays
+                    if arrays[k].shape != stored[k].shape
+                    or arrays[k].dtype != stored[k].dtype
+                    or not np.array_equal(arrays[k], stored[k], equal_nan=True)
+                ]:
+                    problem = f"arrays {bad} differ from the ones rebuilt from the sources"
+                elif json.loads(json.dumps(fresh)) != meta:
+                    problem = "its metadata differs from the one rebuilt from the sources"
+        if problem:
+            shutil.rmtree(entry, ignore_errors=True)
+            (self.directory / "sources" / f"{case}.json").unlink(missing_ok=True)
+        return problem
 
     @staticmethod
     def load(path: Path) -> CacheEntry:

@@ -24,10 +24,11 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from medlit.datasets.images import png_problem
 from medlit.datasets.volume_io import atomic_write
-from medlit.errors import DatasetNotFoundError, InvalidCaseError
+from medlit.errors import DatasetNotFoundError, Report
 
 Year = Literal["2018_task1", "2018_task3", "2019", "2020"]
 
@@ -81,38 +82,63 @@ def _find(root: Path, name: str) -> Path | None:
     return next(iter(sorted(root.rglob(name))), None)
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+def _read_csv(path: Path, required: tuple[str, ...], report: Report) -> pd.DataFrame | None:
+    """Read a CSV, report a missing column or a duplicated id (first column of ``required``);
+    None when it cannot be read or lacks a column."""
     try:
         table = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise InvalidCaseError(path.name, path, f"unreadable CSV ({e})") from e
+        report.error(path.name, path, f"unreadable CSV ({e})")
+        return None
     if missing := [c for c in required if c not in table.columns]:
-        raise InvalidCaseError(
+        report.error(
             path.name, path, f"columns {missing} are missing (found {list(table.columns)})"
         )
+        return None
     key = required[0]
-    if dup := sorted(table[key][table[key].duplicated()].astype(str).unique()):
-        raise InvalidCaseError(dup[0], path, f"{len(dup)} duplicate {key} rows, e.g. {dup[:3]}")
-    return table
+    dup = table[key].duplicated(keep="first")
+    for i in np.flatnonzero(dup):
+        first = int(np.flatnonzero(table[key] == table[key].iloc[i])[0])
+        report.error(
+            str(table[key].iloc[i]),
+            path,
+            f"line {i + 2}: duplicate {key} (first on line {first + 2}); ids must be unique",
+        )
+    return table[~dup].reset_index(drop=True)
 
 
-def read_records(root: Path, year: str | None = None) -> ISICRecords:
-    """Index the release under ``root``: ids, files, labels/masks and groups; checks the CSVs."""
+def read_records(root: Path, year: str | None = None, report: Report | None = None) -> ISICRecords:
+    """Index the release under ``root``: ids, files, labels/masks and groups.
+
+    Checks (each problem goes to ``report``; strict by default, so the first error
+    raises): CSV schema, duplicate ids, one-hot rows that are not exactly one 1, 2019's
+    test-time UNK in training rows, 2020 targets other than 0/1, rows (or masks) without
+    an image; images without a row (or mask) are warnings.
+    """
+    report = report or Report()
     year = year or detect_year(root)
     if not root.is_dir():
         raise DatasetNotFoundError(f"ISIC root {root} does not exist. {ISIC_HELP}")
-    jpgs = {p.stem: p for p in root.rglob("*.jpg")}
+    jpgs: dict[str, Path] = {}
+    for p in sorted(root.rglob("*.jpg")):
+        if p.stem in jpgs:
+            report.error(p.stem, p, f"duplicate image id: also {jpgs[p.stem]}")
+            continue
+        jpgs[p.stem] = p
+    official = {i: p for i, p in jpgs.items() if re.fullmatch(r"ISIC_\d{7}", i)}
     if year == "2018_task1":
         masks = {
             p.stem.removesuffix("_segmentation"): p for p in root.rglob("ISIC_*_segmentation.png")
         }
         for image_id, mask in sorted(masks.items()):
             if image_id not in jpgs:
-                raise InvalidCaseError(
-                    image_id, mask, f"mask has no image {image_id}.jpg under {root}"
-                )
-        images = {i: p for i, p in jpgs.items() if re.fullmatch(r"ISIC_\d{7}", i)}
-        return ISICRecords(year, {i: images[i] for i in sorted(masks)}, masks=masks)
+                report.error(image_id, mask, f"mask has no image {image_id}.jpg under {root}")
+        for image_id in sorted(set(official) - set(masks)):
+            report.warning(
+                image_id, official[image_id], "image has no ISIC_<id>_segmentation.png: unused"
+            )
+        ok = sorted(i for i in masks if i in jpgs)
+        return ISICRecords(year, {i: jpgs[i] for i in ok}, masks={i: masks[i] for i in ok})
 
     truth_path = _find(root, TRUTH_CSV[year])
     if truth_path is None:
@@ -120,51 +146,69 @@ def read_records(root: Path, year: str | None = None) -> ISICRecords:
     classes = CLASSES[year]
     records = ISICRecords(year, {}, classes=classes)
     if year == "2020":
-        table = _read_csv(truth_path, ("image_name", "patient_id", "target"))
-        bad = table[~table["target"].isin([0, 1])]
-        if len(bad):
-            raise InvalidCaseError(
-                str(bad["image_name"].iloc[0]),
+        table = _read_csv(truth_path, ("image_name", "patient_id", "target"), report)
+        if table is None:
+            return records
+        target = pd.to_numeric(table["target"], errors="coerce")
+        for i in np.flatnonzero(~target.isin([0, 1])):
+            report.error(
+                str(table["image_name"].iloc[i]),
                 truth_path,
-                f"target {bad['target'].iloc[0]!r} is not 0 or 1",
+                f"line {i + 2}: target {table['target'].iloc[i]!r} is not 0 or 1",
             )
+        table = table[target.isin([0, 1])]
         ids = table["image_name"].astype(str)
         records.labels = dict(zip(ids, table["target"].astype(int), strict=True))
         records.groups = dict(zip(ids, table["patient_id"].astype(str), strict=True))
         records.group_kind = "patient_id"
     else:
         columns = ("image", *classes, *(["UNK"] if year == "2019" else []))
-        table = _read_csv(truth_path, columns)
-        onehot = table[list(columns[1:])].to_numpy(dtype=float)
+        table = _read_csv(truth_path, columns, report)
+        if table is None:
+            return records
+        if extra := [c for c in table.columns if c not in columns]:
+            report.warning(
+                truth_path.name, truth_path, f"columns {extra} are not in the official header"
+            )
+        onehot = table[list(columns[1:])].apply(pd.to_numeric, errors="coerce").to_numpy(float)
         sums = onehot.sum(1)
-        if (
-            bad := np.flatnonzero(~np.isclose(sums, 1.0) | ~np.isin(onehot, (0.0, 1.0)).all(1))
-        ).size:
-            i = bad[0]
-            raise InvalidCaseError(
+        bad = ~np.isclose(sums, 1.0) | ~np.isin(onehot, (0.0, 1.0)).all(1)
+        for i in np.flatnonzero(bad):
+            report.error(
                 str(table["image"].iloc[i]),
                 truth_path,
-                f"one-hot row sums to {sums[i]:g} (expected exactly one 1)",
+                f"line {i + 2}: one-hot row {onehot[i].tolist()} sums to {sums[i]:g} "
+                "(expected exactly one 1 and 0 elsewhere)",
             )
-        if year == "2019" and (unk := table.index[table["UNK"] == 1]).size:
-            raise InvalidCaseError(
-                str(table["image"].iloc[unk[0]]),
-                truth_path,
-                "UNK is a test-time class; training rows must not use it",
-            )
+        if year == "2019":
+            unk = ~bad & (onehot[:, -1] == 1)
+            for i in np.flatnonzero(unk):
+                report.error(
+                    str(table["image"].iloc[i]),
+                    truth_path,
+                    f"line {i + 2}: UNK is a test-time class; training rows must not use it",
+                )
+            bad |= unk
+        table, onehot = table[~bad], onehot[~bad]
         ids = table["image"].astype(str)
         records.labels = dict(zip(ids, onehot[:, : len(classes)].argmax(1).tolist(), strict=True))
-        records.groups, records.group_kind = _lesion_groups(root, year, list(ids))
-    for image_id in records.labels:
+        records.groups, records.group_kind = _lesion_groups(root, year, list(ids), report)
+    for image_id in list(records.labels):
         if image_id not in jpgs:
-            raise InvalidCaseError(
-                image_id, truth_path, f"row has no image {image_id}.jpg under {root}"
-            )
+            report.error(image_id, truth_path, f"row has no image {image_id}.jpg under {root}")
+            del records.labels[image_id]
+            continue
         records.images[image_id] = jpgs[image_id]
+    for image_id in sorted(set(official) - set(records.labels)):
+        report.warning(
+            image_id, official[image_id], f"image has no row in {truth_path.name}: unused"
+        )
     return records
 
 
-def _lesion_groups(root: Path, year: str, ids: list[str]) -> tuple[dict[str, str], str]:
+def _lesion_groups(
+    root: Path, year: str, ids: list[str], report: Report
+) -> tuple[dict[str, str], str]:
     """image -> lesion_id from the release's metadata; images without one form their own group."""
     sources = {
         "2018_task3": [
@@ -175,7 +219,9 @@ def _lesion_groups(root: Path, year: str, ids: list[str]) -> tuple[dict[str, str
     }[year]
     for name, key in sources:
         if (path := _find(root, name)) is not None:
-            meta = _read_csv(path, (key, "lesion_id"))
+            meta = _read_csv(path, (key, "lesion_id"), report)
+            if meta is None:
+                break
             lesion = dict(zip(meta[key].astype(str), meta["lesion_id"], strict=True))
             return {
                 i: str(lesion[i]) if pd.notna(lesion.get(i)) else f"image:{i}" for i in ids
@@ -183,31 +229,51 @@ def _lesion_groups(root: Path, year: str, ids: list[str]) -> tuple[dict[str, str
     return {i: f"image:{i}" for i in ids}, "image"
 
 
-def check_image(image_id: str, path: Path, mask: Path | None = None) -> None:
-    """Decode the image (and mask) fully; the mask must be single-channel 0/255 of the same size."""
+def check_image(
+    image_id: str, path: Path, mask: Path | None = None, report: Report | None = None
+) -> None:
+    """Decode the image (and mask) to the last byte; the mask must be single-channel 0/255
+    of the same size. Problems go to ``report`` (strict by default: the first raises)."""
+    report = report or Report()
+    size = None
+    if path.suffix.lower() == ".png" and (problem := png_problem(path)):
+        report.error(image_id, path, problem)
+        path_ok = False
+    else:
+        path_ok = True
     try:
         with Image.open(path) as im:
             im.load()
             size = im.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise InvalidCaseError(image_id, path, f"image does not decode ({e})") from e
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for damaged files
+        if path_ok:
+            report.error(image_id, path, f"image does not decode ({type(e).__name__}: {e})")
     if mask is None:
+        return
+    if problem := png_problem(mask):
+        report.error(image_id, mask, problem)
         return
     try:
         with Image.open(mask) as m:
             m.load()
-            if m.mode not in ("L", "1", "P"):
-                raise InvalidCaseError(image_id, mask, f"mask mode {m.mode} is not single-channel")
+            mode, msize = m.mode, m.size
             values = np.unique(np.asarray(m.convert("L")))
-            msize = m.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise InvalidCaseError(image_id, mask, f"mask does not decode ({e})") from e
-    if msize != size:
-        raise InvalidCaseError(image_id, mask, f"mask size {msize} differs from image size {size}")
+    except Exception as e:  # noqa: BLE001 - as above
+        report.error(image_id, mask, f"mask does not decode ({type(e).__name__}: {e})")
+        return
+    if mode not in ("L", "1", "P"):
+        report.error(image_id, mask, f"mask mode {mode} is not single-channel")
+    if size is not None and msize != size:
+        report.error(image_id, mask, f"mask size {msize} differs from image size {size}")
     if not set(values.tolist()) <= {0, 255}:
-        raise InvalidCaseError(
-            image_id, mask, f"mask values {values.tolist()[:6]} are not binary 0/255"
+        report.error(
+            image_id,
+            mask,
+            f"mask values {values.tolist()[:6]}{'...' if len(values) > 6 else ''} are not "
+            "binary 0/255",
         )
+    elif mode in ("L", "1", "P") and not (values == 255).any():
+        report.warning(image_id, mask, "mask is empty (no lesion pixel)")
 
 
 def check_records(records: ISICRecords, cache_dir: Path) -> int:

@@ -25,7 +25,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from medlit.datasets.volume_io import Geometry
-from medlit.errors import DatasetNotFoundError, InvalidCaseError
+from medlit.errors import DatasetNotFoundError, InvalidCaseError, Report
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,55 @@ def read_header(mhd: Path) -> dict[str, str]:
     except OSError as e:
         raise InvalidCaseError(mhd.stem, mhd, f"unreadable MetaImage header ({e})") from e
     header = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):
         key, sep, value = line.partition("=")
         if sep:
             header[key.strip()] = value.strip()
     return header
+
+
+_BOOLEAN_KEYS = (
+    "BinaryData",
+    "BinaryDataByteOrderMSB",
+    "ElementByteOrderMSB",
+    "CompressedData",
+)
+_VECTOR_KEYS = ("ElementSpacing", "Offset", "Position", "Origin", "CenterOfRotation")
+_MATRIX_KEYS = ("TransformMatrix", "Rotation", "Orientation")
+
+
+def header_problem(header: dict[str, str]) -> str | None:
+    """What makes a MetaImage header unsafe to read, or None.
+
+    SimpleITK's reader is lenient: a boolean it cannot parse counts as False and a key it
+    does not know is ignored, so a damaged byte in a header can swap the byte order or
+    the number of dimensions and still load, with wrong voxels. Here every value the
+    reader uses must be well formed, and consistent with ``NDims``.
+    """
+    try:
+        ndims = int(header["NDims"])
+        dims = [int(v) for v in header["DimSize"].split()]
+    except (KeyError, ValueError) as e:
+        return f"NDims/DimSize missing or not integers ({e})"
+    if not 1 <= ndims <= 4 or len(dims) != ndims or min(dims) < 1:
+        return f"DimSize {header['DimSize']!r} does not hold NDims = {ndims} positive sizes"
+    if header.get("ElementType") not in _ELEMENT_BYTES:
+        return f"ElementType {header.get('ElementType')!r} is not one of {sorted(_ELEMENT_BYTES)}"
+    for key in _BOOLEAN_KEYS:
+        if key in header and header[key].lower() not in ("true", "false"):
+            return f"{key} = {header[key]!r} is neither True nor False"
+    for key, n in [*((k, ndims) for k in _VECTOR_KEYS), *((k, ndims**2) for k in _MATRIX_KEYS)]:
+        if key in header:
+            try:
+                values = [float(v) for v in header[key].split()]
+            except ValueError:
+                values = []
+            if len(values) != n or not np.isfinite(values).all():
+                return f"{key} = {header[key]!r} is not {n} finite numbers"
+    for key in ("ElementNumberOfChannels", "HeaderSize", "CompressedDataSize"):
+        if key in header and not header[key].lstrip("-").isdigit():
+            return f"{key} = {header[key]!r} is not an integer"
+    return None
 
 
 def data_file(mhd: Path, header: dict[str, str]) -> Path:
@@ -103,39 +147,52 @@ def data_file(mhd: Path, header: dict[str, str]) -> Path:
     return mhd.parent / name
 
 
-def check_data_size(uid: str, mhd: Path, header: dict[str, str]) -> None:
+def check_data_size(uid: str, mhd: Path, header: dict[str, str], report: Report) -> bool:
     """Refuse a ``.raw`` whose size differs from what the header says (a truncated download).
 
     SimpleITK would read a short file without complaint and return partly wrong voxels.
     Compressed data (``CompressedData = True``, e.g. the lung masks' ``.zraw``) has no
-    size to compare with and is left to the reader.
+    size to compare with and is left to the reader. Returns whether the sizes agree.
     """
     data = data_file(mhd, header)
     if not data.is_file():
-        raise InvalidCaseError(uid, data, f"data file named by {mhd.name} does not exist")
+        report.error(uid, data, f"data file named by {mhd.name} does not exist")
+        return False
+    if problem := header_problem(header):
+        report.error(uid, mhd, f"damaged MetaImage header: {problem}")
+        return False
     if header.get("CompressedData", "False").lower() == "true":
-        return
+        return True
     try:
         dims = [int(v) for v in header["DimSize"].split()]
         nbytes = _ELEMENT_BYTES[header["ElementType"]]
+        channels = int(header.get("ElementNumberOfChannels", "1"))
+        offset = int(header.get("HeaderSize", "0"))
+        if not dims or min(dims) < 1 or channels < 1 or offset < 0:
+            raise ValueError(f"DimSize {header['DimSize']!r}")
     except (KeyError, ValueError) as e:
-        raise InvalidCaseError(uid, mhd, f"header lacks a valid DimSize/ElementType ({e})") from e
-    channels = int(header.get("ElementNumberOfChannels", "1"))
-    expected = int(np.prod(dims)) * nbytes * channels + int(header.get("HeaderSize", "0"))
+        report.error(uid, mhd, f"header lacks a valid DimSize/ElementType ({e})")
+        return False
+    expected = int(np.prod(dims, dtype=np.int64)) * nbytes * channels + offset
     size = data.stat().st_size
     if size != expected:
         what = "shorter" if size < expected else "longer"
-        raise InvalidCaseError(
+        report.error(
             uid,
             data,
             f"{size} bytes, {what} than the {expected} that {mhd.name} declares "
             f"(DimSize {'x'.join(map(str, dims))} of {header['ElementType']}); "
             "truncated or mismatched download",
         )
+        return False
+    return True
 
 
-def discover_scans(root: Path) -> dict[str, LunaScan]:
-    """Every scan under ``subset0..9`` (any subset may be absent), keyed by seriesuid."""
+def discover_scans(root: Path, report: Report | None = None) -> dict[str, LunaScan]:
+    """Every scan under ``subset0..9`` (any subset may be absent), keyed by seriesuid.
+
+    A seriesuid in two subsets, or a header that names no data file, is an error."""
+    report = report or Report()
     if not root.is_dir():
         raise DatasetNotFoundError(f"LUNA16 root {root} does not exist. {LUNA16_HELP}")
     lungs_dir = root / "seg-lungs-LUNA16"
@@ -144,19 +201,16 @@ def discover_scans(root: Path) -> dict[str, LunaScan]:
         for mhd in sorted((root / f"subset{k}").glob("*.mhd")):
             uid = mhd.stem
             if uid in scans:
-                raise InvalidCaseError(
-                    uid, mhd, f"the same seriesuid is also in subset{scans[uid].subset}"
-                )
-            lungs = lungs_dir / f"{uid}.mhd"
-            lungs_data = data_file(lungs, read_header(lungs)) if lungs.is_file() else None
-            scans[uid] = LunaScan(
-                uid,
-                k,
-                mhd,
-                data_file(mhd, read_header(mhd)),
-                lungs if lungs_data else None,
-                lungs_data,
-            )
+                report.error(uid, mhd, f"the same seriesuid is also in subset{scans[uid].subset}")
+                continue
+            try:
+                data = data_file(mhd, read_header(mhd))
+                lungs = lungs_dir / f"{uid}.mhd"
+                lungs_data = data_file(lungs, read_header(lungs)) if lungs.is_file() else None
+            except InvalidCaseError as e:
+                report.error(uid, e.path, e.problem)
+                continue
+            scans[uid] = LunaScan(uid, k, mhd, data, lungs if lungs_data else None, lungs_data)
     if not scans:
         raise DatasetNotFoundError(f"no subset0..subset9/*.mhd scans under {root}. {LUNA16_HELP}")
     return scans
@@ -165,58 +219,82 @@ def discover_scans(root: Path) -> dict[str, LunaScan]:
 # ---- CSV files ---------------------------------------------------------------------------
 
 
-def read_table(path: Path, columns: Sequence[str], required: bool = True) -> pd.DataFrame:
+def _empty_table(columns: Sequence[str]) -> pd.DataFrame:
+    table = pd.DataFrame({c: pd.Series(dtype=float) for c in columns}).astype({"seriesuid": str})
+    table["line"] = pd.Series(dtype=int)
+    return table
+
+
+def read_table(
+    path: Path, columns: Sequence[str], required: bool = True, report: Report | None = None
+) -> pd.DataFrame:
     """Read an official LUNA16 CSV, checking its schema and every row.
 
     Errors name the file and the 1-based line: missing or unexpected columns, an empty
-    seriesuid, a coordinate or diameter that is not a finite number, a class not 0/1.
-    An optional file that does not exist yields an empty table.
+    seriesuid, a coordinate or diameter that is not a finite number, a negative
+    diameter, a class not 0/1. An optional file that does not exist yields an empty
+    table; so does a file with a wrong header, and bad rows are left out, once reported
+    to a collecting ``report`` (a strict one raises at the first).
     """
+    report = report or Report()
     if not path.is_file():
         if required:
             raise DatasetNotFoundError(f"{path} does not exist. {LUNA16_HELP}")
-        return pd.DataFrame({c: pd.Series(dtype=float) for c in columns}).astype({"seriesuid": str})
+        return _empty_table(columns)
     try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise InvalidCaseError(path.name, path, f"unreadable CSV ({e})") from e
+        report.error(path.name, path, f"unreadable CSV ({e})")
+        return _empty_table(columns)
     found = [c.strip() for c in raw.columns]
     if found != list(columns):
         missing = [c for c in columns if c not in found]
         extra = [c for c in found if c not in columns]
-        raise InvalidCaseError(
+        report.error(
             path.name,
             path,
             f"header {found} is not the official {list(columns)}"
             + (f"; missing {missing}" if missing else "")
             + (f"; unexpected {extra}" if extra else ""),
         )
+        return _empty_table(columns)
     raw.columns = found
     table = pd.DataFrame({"seriesuid": raw["seriesuid"].str.strip()})
-    if (bad := table["seriesuid"] == "").any():
-        line = int(np.flatnonzero(bad)[0]) + 2
-        raise InvalidCaseError(path.name, path, f"line {line}: empty seriesuid")
+    good = np.ones(len(table), bool)
+    for i in np.flatnonzero(table["seriesuid"] == ""):
+        report.error(path.name, path, f"line {i + 2}: empty seriesuid")
+        good[i] = False
     for c in columns[1:]:
         values = pd.to_numeric(raw[c], errors="coerce")
-        bad = ~np.isfinite(values.to_numpy(dtype=float))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise InvalidCaseError(
+        for i in np.flatnonzero(~np.isfinite(values.to_numpy(dtype=float))):
+            report.error(
                 table["seriesuid"].iloc[i],
                 path,
                 f"line {i + 2}: {c} = {raw[c].iloc[i]!r} is not a finite number",
             )
+            good[i] = False
         table[c] = values.astype(float)
-    if "class" in table and not table["class"].isin([0, 1]).all():
-        i = int(np.flatnonzero(~table["class"].isin([0, 1]))[0])
-        raise InvalidCaseError(
-            table["seriesuid"].iloc[i],
-            path,
-            f"line {i + 2}: class {raw['class'].iloc[i]!r} is not 0 or 1",
-        )
+    if "class" in table:
+        for i in np.flatnonzero(good & ~table["class"].isin([0, 1]).to_numpy()):
+            report.error(
+                table["seriesuid"].iloc[i],
+                path,
+                f"line {i + 2}: class {raw['class'].iloc[i]!r} is not 0 or 1",
+            )
+            good[i] = False
+    if "diameter_mm" in table:
+        # -1 marks "size unknown" in annotations_excluded.csv; other negatives are errors.
+        for i in np.flatnonzero(good & (table["diameter_mm"] < 0) & (table["diameter_mm"] != -1)):
+            report.error(
+                table["seriesuid"].iloc[i],
+                path,
+                f"line {i + 2}: diameter_mm = {raw['diameter_mm'].iloc[i]!r} is negative",
+            )
+            good[i] = False
+    table["line"] = np.arange(len(table)) + 2
+    table = table[good].reset_index(drop=True)
     if "class" in table:
         table["class"] = table["class"].astype(int)
-    table["line"] = np.arange(len(table)) + 2
     return table
 
 
@@ -264,22 +342,28 @@ def geometry_of(meta: dict) -> Geometry:
     return Geometry(tuple(g["origin"]), tuple(g["spacing"]), tuple(g["direction"]))
 
 
-def locate(table: pd.DataFrame, meta: dict, path: Path, size_column: str | None) -> np.ndarray:
+def locate(
+    table: pd.DataFrame,
+    meta: dict,
+    path: Path,
+    size_column: str | None,
+    report: Report | None = None,
+) -> np.ndarray:
     """Rows of one scan as voxel positions in its cached grid: (N, 4) = z, y, x, radius mm.
 
     A point outside the scan is an error naming the CSV file and line: it means the
     coordinates are in another convention (voxels, or another scan's frame).
     """
+    report = report or Report()
     if table.empty:
         return np.zeros((0, 4))
     geometry = geometry_of(meta)
     index = world_to_index(geometry, table[["coordX", "coordY", "coordZ"]].to_numpy())
     shape = np.asarray(meta["shape"])
     outside = ((index < -0.5) | (index > shape - 0.5)).any(1)
-    if outside.any():
-        i = int(np.flatnonzero(outside)[0])
+    for i in np.flatnonzero(outside):
         row = table.iloc[i]
-        raise InvalidCaseError(
+        report.error(
             row["seriesuid"],
             path,
             f"line {int(row['line'])}: world point ({row['coordX']:.1f}, {row['coordY']:.1f}, "
@@ -328,40 +412,84 @@ def _resample(image: sitk.Image, spacing: Sequence[float], interpolator: int, fi
     )
 
 
-def preprocess_scan(scan: LunaScan, prep: Preprocessing) -> tuple[dict[str, np.ndarray], dict]:
-    """Check and decode one scan (and its lung mask), optionally resample, for the cache.
+def _read_mhd(uid: str, mhd: Path, report: Report) -> sitk.Image | None:
+    """Read a MetaImage after checking its data file's size against the header."""
+    if not check_data_size(uid, mhd, read_header(mhd), report):
+        return None
+    try:
+        return sitk.ReadImage(str(mhd))
+    except RuntimeError as e:
+        report.error(uid, mhd, f"SimpleITK cannot read it ({e})")
+        return None
+
+
+def check_scan(scan: LunaScan, report: Report) -> tuple[sitk.Image, sitk.Image | None] | None:
+    """Every check of one scan; each problem goes to ``report``.
+
+    Errors: a data file whose size differs from its header's (truncated download, or a
+    header that lies), an unreadable file, not a single-channel 3D image, NaN/Inf
+    voxels; a lung mask that is unreadable, of another size or geometry, or holds no
+    lung label (3 or 4). Returns the scan and its lung mask (or None), or None after
+    an error.
+    """
+    uid = scan.seriesuid
+    start = report.count()
+    image = _read_mhd(uid, scan.mhd, report)
+    if image is not None:
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+            report.error(
+                uid,
+                scan.mhd,
+                f"not a single-channel 3D image ({image.GetDimension()}D, "
+                f"{image.GetNumberOfComponentsPerPixel()} channels)",
+            )
+        else:
+            array = sitk.GetArrayViewFromImage(image)
+            if np.issubdtype(array.dtype, np.floating) and (
+                bad := int((~np.isfinite(array)).sum())
+            ):
+                report.error(uid, scan.data, f"{bad} NaN/Inf voxels; CT values must be finite HU")
+    lungs = None
+    if scan.lungs is not None and (lungs := _read_mhd(uid, scan.lungs, report)) is not None:
+        if image is not None and lungs.GetSize() != image.GetSize():
+            report.error(
+                uid, scan.lungs, f"size {lungs.GetSize()} differs from the scan's {image.GetSize()}"
+            )
+        elif image is not None and (problem := Geometry.of(image).mismatch(Geometry.of(lungs))):
+            report.error(uid, scan.lungs, f"lung mask {problem}")
+        else:
+            values = np.unique(sitk.GetArrayViewFromImage(lungs))
+            if not np.isin(values, (3, 4)).any():
+                report.warning(
+                    uid,
+                    scan.lungs,
+                    f"lung mask holds no lung label 3 or 4 (values {values.tolist()[:6]})",
+                )
+    if image is None or any(q.severity == "error" for q in report.problems[start:]):
+        return None
+    return image, lungs
+
+
+def preprocess_scan(
+    scan: LunaScan, prep: Preprocessing, report: Report | None = None
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Check (``check_scan``) and decode one scan (and its lung mask), optionally
+    resample, for the cache.
 
     Returns ``image`` (z, y, x) int16 HU and, when a mask exists, ``lungs`` (z, y, x)
     uint8 (1 = lung); ``meta`` holds the cached grid's geometry and the source's.
     """
     uid = scan.seriesuid
-    header = read_header(scan.mhd)
-    check_data_size(uid, scan.mhd, header)
-    try:
-        image = sitk.ReadImage(str(scan.mhd))
-    except RuntimeError as e:
-        raise InvalidCaseError(uid, scan.mhd, f"SimpleITK cannot read it ({e})") from e
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise InvalidCaseError(uid, scan.mhd, "not a single-channel 3D image")
+    checked = check_scan(scan, report or Report())
+    if checked is None:  # only a collecting report gets here
+        raise InvalidCaseError(uid, scan.mhd, "the scan has errors (listed)")
+    image, lungs = checked
     source, source_size = Geometry.of(image), image.GetSize()
-    array = sitk.GetArrayViewFromImage(image)
-    if np.issubdtype(array.dtype, np.floating) and (bad := int((~np.isfinite(array)).sum())):
-        raise InvalidCaseError(uid, scan.data, f"{bad} NaN/Inf voxels; CT values must be finite HU")
     image = sitk.Cast(sitk.Clamp(image, lowerBound=AIR_HU, upperBound=3071), sitk.sitkInt16)
     if prep.spacing is not None:
         image = _resample(image, prep.spacing, sitk.sitkLinear, AIR_HU)
     arrays = {"image": sitk.GetArrayFromImage(image)}
-    if scan.lungs is not None:
-        try:
-            lungs = sitk.ReadImage(str(scan.lungs))
-        except RuntimeError as e:
-            raise InvalidCaseError(uid, scan.lungs, f"SimpleITK cannot read it ({e})") from e
-        if lungs.GetSize() != source_size:
-            raise InvalidCaseError(
-                uid, scan.lungs, f"size {lungs.GetSize()} differs from the scan's {source_size}"
-            )
-        if problem := source.mismatch(Geometry.of(lungs)):
-            raise InvalidCaseError(uid, scan.lungs, f"lung mask {problem}")
+    if lungs is not None:
         lungs = sitk.Cast(sitk.BinaryThreshold(lungs, 3, 4, 1, 0), sitk.sitkUInt8)
         if prep.spacing is not None:
             lungs = _resample(lungs, prep.spacing, sitk.sitkNearestNeighbor, 0)

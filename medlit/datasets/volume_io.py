@@ -7,6 +7,7 @@ Arrays are always (z, y, x) as SimpleITK returns them; ``Geometry`` keeps Simple
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import shutil
 import tempfile
@@ -138,19 +139,59 @@ def count_nonfinite(path: str | Path, array: np.ndarray) -> int:
     return int(data.size - np.count_nonzero(np.isfinite(data)))
 
 
-def gzip_stream_problem(path: str | Path, chunk: int = 1 << 22) -> str | None:
-    """Decompress a whole gzip file and return what is wrong with it, or None if intact.
+def nifti_problem(path: str | Path, chunk: int = 1 << 22) -> str | None:
+    """Read a ``.nii``/``.nii.gz`` file to its end and return what is wrong with it, or None.
 
-    SimpleITK (and a reader that stops once it has the voxels it needs) accepts a
-    truncated ``.nii.gz`` without complaint, so the stream is read to its end here:
-    Python's gzip module checks the end-of-stream marker, the CRC32 and the length.
+    Two kinds of damage load without complaint in SimpleITK and nibabel, with wrong voxels:
+
+    * a truncated or corrupt gzip stream (a reader stops once it has the voxels it
+      needs), caught by Python's gzip module, which checks the end-of-stream marker,
+      the CRC32 and the length;
+    * a header whose dimensions or data type do not match the voxel data that follows
+      it (a short download of an uncompressed file, or a header that lies about the
+      size): the bytes after ``vox_offset`` must be exactly shape x bytes per voxel.
     """
+    name = str(path)
+    opener = gzip.open if name.endswith(".gz") else open
+    head = b""
+    total = 0
     try:
-        with gzip.open(path, "rb") as f:
-            while f.read(chunk):
-                pass
+        with opener(path, "rb") as f:
+            head = f.read(544)
+            total = len(head)
+            while block := f.read(chunk):
+                total += len(block)
     except EOFError:
         return "truncated gzip stream (the file ends before the end-of-stream marker)"
     except (gzip.BadGzipFile, zlib.error, OSError) as e:
         return f"corrupt gzip stream ({e})"
+    try:
+        header = _nifti_header(head)
+        shape = header.get_data_shape()
+        itemsize = header.get_data_dtype().itemsize
+        offset = int(header["vox_offset"])
+    except Exception as e:  # noqa: BLE001 - any failure to parse is a damaged header
+        return f"unreadable NIfTI header ({type(e).__name__}: {e})"
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * itemsize
+    if total != expected:
+        what = "shorter" if total < expected else "longer"
+        return (
+            f"{total} bytes of NIfTI data, {what} than the {expected} its header declares "
+            f"(shape {'x'.join(map(str, shape))} of {header.get_data_dtype()} after byte "
+            f"{offset}); truncated download or a header that does not match its data"
+        )
     return None
+
+
+def _nifti_header(head: bytes) -> nib.Nifti1Header:
+    """The NIfTI-1 or NIfTI-2 header at the start of ``head`` (either byte order)."""
+    for klass, size in ((nib.Nifti1Header, 348), (nib.Nifti2Header, 540)):
+        for order in ("<", ">"):
+            if (
+                len(head) >= 4
+                and int.from_bytes(head[:4], "little" if order == "<" else "big") == size
+            ):
+                return klass.from_fileobj(io.BytesIO(head[:size]), check=True)
+    raise ValueError(
+        f"first 4 bytes {head[:4].hex()} are not a NIfTI-1 (348) or NIfTI-2 (540) size"
+    )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -43,3 +45,48 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> None:
         )
     module.load_state_dict(fitting, strict=False)
     log.info("loaded %d/%d tensors from %s", len(fitting), len(own), path)
+
+
+def unknown_name(key: str, name: str, choices: Iterable[str], hint: str = "") -> ConfigError:
+    """A ``ConfigError`` for a model name no library knows, with the nearest known names."""
+    close = difflib.get_close_matches(name, sorted(set(choices)), n=3, cutoff=0.6)
+    suggestion = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    return ConfigError(f"{key}={name!r} is not a known name{suggestion}{hint}")
+
+
+def smp_names(arch: str, encoder: str) -> ConfigError | None:
+    """The error for an SMP architecture or encoder name that does not exist, or None."""
+    import segmentation_models_pytorch as smp
+    import timm
+
+    archs = list(smp.MODEL_ARCHITECTURES_MAPPING)
+    if arch.lower() not in archs:
+        return unknown_name("model.arch", arch, archs, f" (SMP architectures: {', '.join(archs)})")
+    encoders = list(smp.encoders.get_encoder_names())
+    if encoder.startswith("tu-"):
+        if not timm.is_model(encoder[3:]):
+            return unknown_name(
+                "model.encoder", encoder, [f"tu-{m}" for m in timm.list_models()], " (timm)"
+            )
+    elif encoder not in encoders:
+        timm_too = [f"tu-{encoder}"] if timm.is_model(encoder) else []
+        return unknown_name(
+            "model.encoder",
+            encoder,
+            [*encoders, *timm_too],
+            " (SMP's own encoders, or any timm model written 'tu-<timm name>')",
+        )
+    return None
+
+
+def yolo_names() -> list[str]:
+    """Ultralytics model YAML names, with the scale letters its YAMLs define (yolov8n.yaml)."""
+    import re
+
+    import ultralytics
+
+    names = []
+    for path in (Path(ultralytics.__file__).parent / "cfg" / "models").rglob("*.yaml"):
+        names.append(path.name)
+        names += [re.sub(r"^(yolov?\d+)", rf"\g<1>{s}", path.name) for s in "nsmlx"]
+    return names

@@ -15,7 +15,7 @@ from torch import Tensor
 from medlit.datasets.volume_io import atomic_write
 from medlit.errors import ConfigError
 from medlit.metrics.classification import balanced_accuracy, confusion, per_class_auc
-from medlit.models import load_weights
+from medlit.models import load_weights, unknown_name
 from medlit.tasks.base import BaseTask
 from medlit.tracking import log_file
 from medlit.visualize import save_confusion, save_gradcam
@@ -81,7 +81,11 @@ class ClassificationTask(BaseTask):
                 drop_rate=h["drop_rate"],
             )
         except RuntimeError as e:  # timm: "Unknown model (...)"
-            raise ConfigError(f"model.model={h['model']!r}: {e}; see timm.list_models()") from e
+            if timm.is_model(h["model"]):
+                raise ConfigError(f"model.model={h['model']!r}: {e}") from e
+            raise unknown_name(
+                "model.model", h["model"], timm.list_models(), " (timm; see timm.list_models())"
+            ) from e
         if h["weights"]:
             load_weights(self.model, h["weights"])
         if h["freeze_backbone"]:

@@ -28,7 +28,7 @@ from medlit.datasets.nodules import slice_boxes, spacing_zyx
 from medlit.datasets.slices import stack_slices
 from medlit.errors import ConfigError
 from medlit.metrics.froc import FROCResult, froc
-from medlit.models import load_weights
+from medlit.models import load_weights, unknown_name, yolo_names
 from medlit.tasks.base import BaseTask
 from medlit.tracking import log_file
 from medlit.visualize import save_detections
@@ -194,9 +194,12 @@ class DetectionTask(BaseTask):
                 h["model"], ch=h["in_channels"], nc=h["num_classes"], verbose=False
             )
         except FileNotFoundError as e:
-            raise ConfigError(
-                f"model.model={h['model']!r}: no such Ultralytics model YAML ({e}); use e.g. "
-                "yolov8n.yaml, yolo11s.yaml or a path to your own YAML"
+            raise unknown_name(
+                "model.model",
+                h["model"],
+                yolo_names(),
+                " (an Ultralytics model YAML such as yolov8n.yaml or yolo11s.yaml, or the "
+                "path to your own)",
             ) from e
         # The loss reads its gains from ``model.args``, as in Ultralytics' own trainer.
         self.model.args = get_cfg(

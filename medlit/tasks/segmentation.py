@@ -15,7 +15,7 @@ from torch import Tensor
 
 from medlit.errors import ConfigError
 from medlit.metrics.segmentation import region_metrics, volume_diagonal
-from medlit.models import load_weights
+from medlit.models import load_weights, smp_names
 from medlit.tasks.base import BaseTask, predict_slices
 from medlit.tracking import log_file, log_folder
 from medlit.visualize import save_overlays
@@ -25,6 +25,8 @@ def create_network(
     arch: str, encoder: str, in_channels: int, classes: int, **kwargs: Any
 ) -> torch.nn.Module:
     """``smp.create_model`` without network access (no hub weights), with a clear error."""
+    if error := smp_names(arch, encoder):
+        raise error
     try:
         return smp.create_model(
             arch,

@@ -61,7 +61,7 @@ def test_onehot_rows_must_sum_to_one(tmp_path: Path) -> None:
     table.loc[2, list(CLASSES["2018_task3"])] = 0.0
     table.loc[2, "MEL"], table.loc[2, "NV"] = 1.0, 1.0
     table.to_csv(_truth(tmp_path), index=False)
-    with pytest.raises(InvalidCaseError, match="one-hot row sums to 2") as e:
+    with pytest.raises(InvalidCaseError, match=r"line \d+: one-hot row .* sums to 2") as e:
         read_records(tmp_path)
     assert e.value.case == ids[2]
 
@@ -70,7 +70,7 @@ def test_duplicate_ids_are_refused(tmp_path: Path) -> None:
     make_isic(tmp_path, "2018_task3", lesions=4)
     table = pd.read_csv(_truth(tmp_path))
     pd.concat([table, table.iloc[[0]]]).to_csv(_truth(tmp_path), index=False)
-    with pytest.raises(InvalidCaseError, match="duplicate image rows"):
+    with pytest.raises(InvalidCaseError, match=r"line 15: duplicate image \(first on line 2\)"):
         read_records(tmp_path)
 
 

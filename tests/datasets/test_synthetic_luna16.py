@@ -21,6 +21,7 @@ from medlit.datasets.luna16 import (
 )
 from medlit.datasets.synthetic import MARKER, is_synthetic
 from medlit.datasets.synthetic_luna16 import FLIPPED, IDENTITY, write_luna16
+from medlit.errors import Report
 
 SMALL = ((24, 32), (64, 64), (64, 64))  # (min, max) voxels in z, y, x
 N_SCANS = 6
@@ -67,7 +68,7 @@ def test_official_layout(root: Path):
         header = read_header(scan.mhd)
         assert header["ElementDataFile"] == f"{uid}.raw"
         assert header["ElementType"] == "MET_SHORT"
-        check_data_size(uid, scan.mhd, header)
+        assert check_data_size(uid, scan.mhd, header, Report())
         image, hu, lungs = read(root, uid)
         assert image.GetPixelID() == sitk.sitkInt16
         mask = sitk.ReadImage(str(scan.lungs))
