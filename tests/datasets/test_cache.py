@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 import time
 from pathlib import Path
 
@@ -18,9 +19,9 @@ from medlit.datasets.volume_io import read_volume, write_volume
 
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every volume decode (and gzip stream check) of the BraTS reader, by file name."""
+    """Every volume decode (and file integrity check) of the BraTS reader, by file name."""
     calls: list[str] = []
-    real_read, real_gzip = brats.read_volume, brats.gzip_stream_problem
+    real_read, real_gzip = brats.read_volume, brats.nifti_problem
 
     def read(path):
         calls.append(Path(path).name)
@@ -31,7 +32,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return real_gzip(path)
 
     monkeypatch.setattr(brats, "read_volume", read)
-    monkeypatch.setattr(brats, "gzip_stream_problem", gz)
+    monkeypatch.setattr(brats, "nifti_problem", gz)
     return calls
 
 
@@ -113,3 +114,122 @@ def test_two_processes_building_at_once_leave_one_intact_cache(
     for entry in dm._entries(dm.cases["train"]):
         assert np.isfinite(entry.arrays["image"].astype(np.float32)).all()
         assert entry.arrays["seg"].shape == entry.arrays["image"].shape[1:]
+
+
+def _entries(cache: Path) -> list[Path]:
+    """Every folder a run could read as an entry, and every leftover of a build."""
+    return sorted(p for p in cache.glob("brats-*/*/*") if p.is_dir())
+
+
+def test_disk_full_while_writing_leaves_nothing_a_later_run_would_read(
+    brats_root: Path, _private_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import medlit.datasets.cache as cache_module
+    from medlit.errors import CacheWriteError
+
+    real_save = np.save
+    calls = {"n": 0}
+
+    def save(path, array):  # the third array: half written, then the disk is full
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with open(path, "wb") as f:
+                f.write(b"\x93NUMPY" + bytes(100))
+            raise OSError(28, "No space left on device")
+        return real_save(path, array)
+
+    monkeypatch.setattr(cache_module.np, "save", save)
+    with pytest.raises(
+        CacheWriteError,
+        match=r"case BraTS2021_\d+: cannot write its cache entry under .*\(No space left on device\); nothing was kept",
+    ):
+        _prepare(brats_root)
+    # The first case is complete; nothing of the second (neither entry nor temporary).
+    built = _entries(_private_cache)
+    assert len(built) == 1 and not built[0].name.startswith(".")
+    assert (built[0] / "meta.json").exists()
+    monkeypatch.setattr(cache_module.np, "save", real_save)
+    dm = _prepare(brats_root)  # a later run builds the rest and reads intact entries only
+    entries = dm._entries(dm.cases["train"])
+    for entry in entries:
+        arrays, _ = brats.preprocess_case(
+            next(c for c in dm.cases["train"] if c.case_id == entry.meta["case_id"]),
+            dm._cache()[1],
+        )
+        np.testing.assert_array_equal(entry.arrays["image"], arrays["image"])
+    assert not [p for p in _entries(_private_cache) if p.name.startswith(".")]
+
+
+_KILLED_BUILD = """
+import os, sys, time
+import numpy as np
+import medlit.datasets.cache as cache
+from medlit.datamodules import BraTSDataModule
+
+real = np.save
+def save(path, array):
+    real(path, array)
+    if str(path).endswith("image.npy"):  # the first array is written: wait to be killed
+        open(sys.argv[2], "w").close()
+        time.sleep(600)
+cache.np.save = save
+BraTSDataModule(root=sys.argv[1], val_fraction=0.25, test_fraction=0.25).prepare_data()
+"""
+
+
+def test_a_build_killed_mid_way_is_detected_and_redone(
+    brats_root: Path, _private_cache: Path, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_BUILD, str(brats_root), str(ready)])
+    try:
+        deadline = time.time() + 120
+        while not ready.exists():
+            assert proc.poll() is None and time.time() < deadline, "the build did not start"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    [leftover] = _entries(_private_cache)
+    assert leftover.name.startswith(".tmp-") and f"-{proc.pid}-" in leftover.name
+    assert not (leftover / "meta.json").exists()  # never read: not an entry
+    dm = _prepare(brats_root)
+    folders = _entries(_private_cache)
+    assert not [p for p in folders if p.name.startswith(".")], folders  # removed
+    assert len(folders) == sum(len(dm.cases[s]) for s in ("train", "val", "test"))
+
+
+def test_deep_check_finds_a_damaged_cache_entry_and_removes_it(
+    brats_root: Path, _private_cache: Path, tracking_uri: str, capsys: pytest.CaptureFixture
+) -> None:
+    from medlit.check import main as check_main
+    from tests.test_fit import tiny
+
+    dm = _prepare(brats_root)
+    entries = dm._entries(dm.cases["train"])
+    damaged = entries[1].path / "image.npy"
+    data = bytearray(damaged.read_bytes())
+    data[-7] ^= 0x40  # one voxel of the cached array
+    damaged.write_bytes(bytes(data))
+    truncated = entries[2].path / "seg.npy"
+    truncated.write_bytes(truncated.read_bytes()[:-50])
+    argv = tiny(brats_root, tracking_uri)
+    assert check_main(argv) == 0  # the sources are intact; only --deep reads the cache
+    assert check_main([*argv, "--deep"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(
+        rf"ERROR +{entries[1].meta['case_id']}: {entries[1].path}: cache entry: arrays "
+        r"\['image'\] differ from the ones rebuilt from the sources; removed",
+        out,
+    ), out
+    assert re.search(
+        rf"ERROR +{entries[2].meta['case_id']}: {entries[2].path}: cache entry: unreadable", out
+    ), out
+    assert not entries[1].path.exists() and not entries[2].path.exists()
+    assert check_main([*argv, "--deep"]) == 0  # the next run rebuilt nothing wrong
+    rebuilt = _prepare(brats_root)._entries(dm.cases["train"])
+    assert all(e.path.exists() for e in rebuilt)
