@@ -59,12 +59,17 @@ def cli_args(root: Path, tracking_uri: str, *extra: str) -> list[str]:
     ]
 
 
-def run_demo(config: str, root: Path, tracking_uri: str) -> dict[str, float]:
-    """A README demo, unchanged but for where its data and runs go."""
+def run_demo(config: str, root: Path, tracking_uri: str, epochs: int) -> dict[str, float]:
+    """A README demo, unchanged but for where its data and runs go and its length:
+    ``epochs`` of its schedule (the cosine schedule then decays over those epochs), so the
+    suite stays within its time budget. The full demos are measured by hand, with the
+    numbers in the README; the targets here are those the issues set, checked on the
+    shorter run."""
     return main(
         [
             config,
             f"--data.root={root}",
+            f"--trainer.max_epochs={epochs}",
             "--trainer.enable_progress_bar=false",
             f"--trainer.logger.init_args.tracking_uri={tracking_uri}",
         ]
@@ -262,8 +267,8 @@ def test_command_line_error_is_one_clear_line(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_experiment_reaches_the_target_dice(tmp_path: Path, tracking_uri: str) -> None:
-    """The README's demo, unchanged but for where it writes: WT Dice >= 0.80 on held-out cases."""
-    metrics = run_demo(DEMO, tmp_path / "BraTS2021", tracking_uri)
+    """The README's demo, 4 of its 8 epochs: WT Dice >= 0.80 on held-out cases."""
+    metrics = run_demo(DEMO, tmp_path / "BraTS2021", tracking_uri, epochs=4)
     assert metrics["test/dice_WT"] >= 0.80, metrics
     [run] = _runs(tracking_uri)
     assert run.data.tags["data"] == "synthetic"
