@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 
 def volume_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
@@ -63,16 +64,25 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], empty_valu
         return 0.0
     if not p.any() or not r.any():
         return float(empty_value)
-    # Distances only depend on voxels within the union's bounding box (+1 so that the
-    # erosion sees the same neighbourhood), so the transforms run on that crop: exact,
-    # and tens of times faster on a 240×240×155 volume with a small lesion.
-    nz = np.nonzero(p | r)
-    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in nz)
-    p, r = p[box], r[box]
-    sp, sr = _surface(p), _surface(r)
-    d_ref = ndimage.distance_transform_edt(~sp, sampling=spacing)[sr]
-    d_pred = ndimage.distance_transform_edt(~sr, sampling=spacing)[sp]
+    sp, sr = _surface_points(p, spacing), _surface_points(r, spacing)
+    # Each surface voxel's distance to the nearest voxel of the other surface: a k-d tree
+    # over the surface points gives exactly the distances of a Euclidean distance
+    # transform, at a cost that grows with the surfaces, not with the volume (a few
+    # false-positive voxels far apart no longer make the transform cover the whole scan).
+    d_ref = cKDTree(sp).query(sr)[0]
+    d_pred = cKDTree(sr).query(sp)[0]
     return float(np.percentile(np.concatenate([d_ref, d_pred]), 95))
+
+
+def _surface_points(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Surface voxels of a non-empty mask as points in mm, (N, ndim).
+
+    The erosion runs on the mask's bounding box plus one voxel, so it sees the same
+    neighbourhood as on the whole volume (the volume's own border stays a border)."""
+    nz = np.nonzero(mask)
+    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in nz)
+    offset = np.array([b.start for b in box])
+    return (np.argwhere(_surface(mask[box])) + offset) * np.asarray(spacing, dtype=float)
 
 
 SEGMENTATION_METRICS = ("dice", "hd95", "jaccard", "threshold_jaccard")
