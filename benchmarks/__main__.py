@@ -1,0 +1,114 @@
+"""``python -m benchmarks [--tiny] [--repeats N] [--only NAME,...] [--output PATH]``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import data
+from benchmarks.common import FULL, REPO, TINY, Context, environment
+from benchmarks.report import render
+
+# name -> module; each module's run(ctx, log) returns a Section. Order = table order.
+COMPARISONS = ("pipeline", "overhead", "inference", "metrics", "luna16")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument(
+        "--tiny",
+        "--quick",
+        action="store_true",
+        help="tiny sizes, one repeat: checks that everything runs (the numbers mean nothing)",
+    )
+    parser.add_argument("--repeats", type=int, help="interleaved repeats (default 3; tiny 1)")
+    parser.add_argument(
+        "--only", help=f"comma-separated comparisons to run, of: {', '.join(COMPARISONS)}"
+    )
+    parser.add_argument(
+        "--output", type=Path, default=REPO / "docs" / "benchmarks.md", help="the Markdown report"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads of every side (default 1: on a shared machine, more "
+        "threads than idle cores make step times erratic)",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep the generated data and caches here and reuse them (default: a temporary "
+        "folder, removed at the end)",
+    )
+    args = parser.parse_args(argv)
+    args.only = args.only.split(",") if args.only else list(COMPARISONS)
+    if unknown := [n for n in args.only if n not in COMPARISONS]:
+        parser.error(f"--only: unknown comparisons {unknown}; choose from {list(COMPARISONS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse(argv)
+    sizes = TINY if args.tiny else FULL
+    repeats = args.repeats or (1 if args.tiny else 3)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="medlit-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    ctx = Context(workdir.resolve(), sizes, repeats, args.threads)
+    # The same for every side, here and in the processes the pipeline comparison starts;
+    # restored at the end (the smoke test calls main() inside pytest).
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    torch.set_num_threads(args.threads)
+    # medlit and Lightning log at INFO; the benchmark's own progress lines are enough here.
+    logging.basicConfig(level=logging.WARNING)
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - start:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    load_start = os.getloadavg()
+    try:
+        log(f"{sizes.name} sizes, {repeats} repeats, working in {workdir}")
+        data.prepare(ctx, log)
+        sections = []
+        for name in (n for n in COMPARISONS if n in args.only):
+            log(f"{name} ...")
+            module = importlib.import_module(f"benchmarks.{name}")
+            sections.append(module.run(ctx, log))
+        seconds = time.perf_counter() - start
+        command = "python -m benchmarks" + (" --tiny" if args.tiny else "")
+        if args.repeats:
+            command += f" --repeats {args.repeats}"
+        if args.threads != 1:
+            command += f" --threads {args.threads}"
+        if args.only != list(COMPARISONS):
+            command += f" --only {','.join(args.only)}"
+        report = render(
+            sections, environment(), ctx, seconds, (load_start, os.getloadavg()), command
+        )
+    finally:
+        torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(report)
+    log(f"wrote {args.output}")
+    return args.output
+
+
+if __name__ == "__main__":
+    main()
