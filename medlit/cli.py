@@ -119,9 +119,9 @@ def output_dirs(config: Any) -> dict[str, Path]:
             out[key] = Path(uri.removeprefix("sqlite:///")).parent
     data = get(config, "data", "init_args")
     if data is not None:
-        cache = get(data, "cache_dir")
-        if cache or "cache_dir" in (data.keys() if hasattr(data, "keys") else []):
-            key = "data.init_args.cache_dir" if cache else "data.init_args.cache_dir (default)"
+        if "cache_dir" in data:  # every medlit data module has one; None is the default
+            cache = get(data, "cache_dir")
+            key = "data.init_args.cache_dir" + ("" if cache else " (default)")
             out[key] = Path(cache or os.environ.get("MEDLIT_CACHE_DIR", "~/.cache/medlit"))
         root = get(data, "root")
         if get(data, "demo") and root and not (Path(root).exists() and any(Path(root).iterdir())):

@@ -181,7 +181,7 @@ class BraTSDataModule(BaseDataModule):
             if case.seg is None:
                 report.warning(
                     case.case_id,
-                    self.layout_file(case, "seg"),
+                    LAYOUTS[year].file(case.folder, "seg"),
                     "no segmentation: the case is not used for training or evaluation",
                 )
                 check_case(case, unlabelled_prep, report)
@@ -198,10 +198,6 @@ class BraTSDataModule(BaseDataModule):
                     f"cache entry: {problem}; removed, the next run rebuilds it",
                 )
         return len(found)
-
-    def layout_file(self, case: BraTSCase, key: str) -> Path:
-        year, _, _ = self._layout_and_labels()
-        return LAYOUTS[year].file(case.folder, key)
 
     def _discover(self) -> None:
         h = self.hparams

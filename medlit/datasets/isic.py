@@ -238,15 +238,12 @@ def check_image(
     size = None
     if path.suffix.lower() == ".png" and (problem := png_problem(path)):
         report.error(image_id, path, problem)
-        path_ok = False
     else:
-        path_ok = True
-    try:
-        with Image.open(path) as im:
-            im.load()
-            size = im.size
-    except Exception as e:  # noqa: BLE001 - Pillow raises many types for damaged files
-        if path_ok:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                size = im.size
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types for damaged files
             report.error(image_id, path, f"image does not decode ({type(e).__name__}: {e})")
     if mask is None:
         return
