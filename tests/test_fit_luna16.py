@@ -181,9 +181,10 @@ def test_unknown_model_yaml_is_a_config_error(_luna_pristine: Path, tracking_uri
 def test_demo_detector_reaches_cpm_half_and_its_submission_scores_the_same(
     tmp_path: Path, tracking_uri: str
 ) -> None:
-    """The README's LUNA16 demo, 8 of its 12 epochs: CPM >= 0.5 on the held-out synthetic fold."""
+    """The README's LUNA16 demo, 10 of its 12 epochs: CPM >= 0.5 on the held-out synthetic fold
+    (8 epochs gave 0.533: too close to the target for runs that are not bit-identical)."""
     torch.set_num_threads(2)
-    metrics = run_demo(DETECTOR, tmp_path / "LUNA16", tracking_uri, epochs=8)
+    metrics = run_demo(DETECTOR, tmp_path / "LUNA16", tracking_uri, epochs=10)
     assert metrics["test/cpm"] >= 0.5, metrics
     [run] = _runs(tracking_uri)
     out = score_file(run.info.run_id, tracking_uri, tmp_path / "LUNA16", tmp_path / "art")
