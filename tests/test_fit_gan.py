@@ -153,9 +153,10 @@ def test_demo_pix2pix_beats_the_trivial_baseline(tmp_path: Path, tracking_uri: s
 
 @pytest.mark.slow
 def test_demo_gan_improves_without_collapsing(tmp_path: Path, tracking_uri: str) -> None:
-    """The README's GAN demo, 56 of its 80 epochs: the Fréchet distance falls several-fold
-    over training and the samples stay diverse (a collapsed generator's diversity is ~0)."""
-    run_demo(ISIC_GAN, tmp_path / "ISIC2018_Task3", tracking_uri, epochs=56)
+    """The README's GAN demo, all 80 epochs: the Fréchet distance falls several-fold over
+    training and the samples stay diverse (a collapsed generator's diversity is ~0). 56
+    epochs ended at diversity 3.46 against the 3.41 required: too close to shorten it."""
+    run_demo(ISIC_GAN, tmp_path / "ISIC2018_Task3", tracking_uri, epochs=80)
     [run] = _runs(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     fd = [m.value for m in client.get_metric_history(run.info.run_id, "val/fd_resnet18_random")]
