@@ -120,12 +120,11 @@ def _rewrite(path: Path, change: Callable[[np.ndarray, sitk.Image], sitk.Image])
 
 
 def _like(array: np.ndarray, ref: sitk.Image) -> sitk.Image:
+    """``array`` with ``ref``'s spacing, origin and direction (its size may differ)."""
     image = sitk.GetImageFromArray(array)
-    image.CopyInformation(ref) if image.GetSize() == ref.GetSize() else None
-    if image.GetSize() != ref.GetSize():
-        image.SetSpacing(ref.GetSpacing())
-        image.SetOrigin(ref.GetOrigin())
-        image.SetDirection(ref.GetDirection())
+    image.SetSpacing(ref.GetSpacing())
+    image.SetOrigin(ref.GetOrigin())
+    image.SetDirection(ref.GetDirection())
     return image
 
 
