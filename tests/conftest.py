@@ -1,13 +1,39 @@
-"""Shared fixtures: tiny generated datasets, a private cache and tracking store per test."""
+"""Shared fixtures: tiny generated datasets, a private cache and tracking store per test,
+and what the session builds once and shares (tests/helpers/shared.py): trained models, one
+MLflow UI server, one PostgreSQL database.
+
+The suite runs on 2 pytest-xdist workers (``addopts``). Each worker, and every process it
+starts, uses one torch thread: two workers with torch's default threads on 2 cores run
+several times slower, not twice as fast. The slow tests are started first, so that no
+long test is left for the end of the run."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.data.brats.data import make_brats
+from tests.helpers.shared import Trained, free_port, once, session_folder
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first (a stable sort: the order within each group is kept)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True)
@@ -33,6 +59,94 @@ def brats_root(_brats_pristine: Path, tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow SQLite store with its tables created and nothing in them, made once per
+    session: creating the tables (MLflow's schema migrations) costs about a second of CPU
+    per store, and most tests track into a store of their own."""
+
+    def build(folder: Path) -> dict:
+        import mlflow
+
+        mlflow.MlflowClient(f"sqlite:///{folder}/mlflow.db").search_experiments()
+        return {"db": str(folder / "mlflow.db")}
+
+    return Path(once(tmp_path_factory, "empty_store", build)["db"])
+
+
 @pytest.fixture
-def tracking_uri(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+def tracking_uri(tmp_path: Path, empty_store: Path) -> str:
+    """The test's own tracking store: a copy of ``empty_store``."""
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir(parents=True)
+    shutil.copyfile(empty_store, db)
+    return f"sqlite:///{db}"
+
+
+@pytest.fixture(scope="session")
+def shared_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The session's shared SQLite tracking store, which ``mlflow_ui`` serves: runs that
+    several tests read go there, each under an experiment of its own."""
+    folder = session_folder(tmp_path_factory) / "shared" / "mlruns"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder}/mlflow.db"
+
+
+@pytest.fixture(scope="session")
+def brats_unet(tmp_path_factory: pytest.TempPathFactory, shared_store: str) -> Trained:
+    """The tiny BraTS U-Net (test_fit's ``tiny``), trained for 2 epochs once per session,
+    its held-out predictions written to ``folder/predictions``; its run is the only one of
+    experiment ``trained-brats-unet`` in the shared store."""
+    from tests.test_fit import tiny
+
+    def build(folder: Path) -> dict:
+        root = folder / "BraTS2021"
+        make_brats(root, "2021", cases=8, seed=3)
+        args = tiny(
+            root,
+            shared_store,
+            "--trainer.max_epochs=2",
+            "--model.lr=0.003",
+            f"--model.predictions_dir={folder / 'predictions'}",
+            "--trainer.logger.init_args.experiment_name=trained-brats-unet",
+        )
+        return Trained.fit(folder, root, args, shared_store)
+
+    return Trained.load(once(tmp_path_factory, "brats_unet", build))
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def mlflow_ui(shared_store: str, brats_unet: Trained, tmp_path_factory) -> Iterator[str]:
+    """The README's ``mlflow ui --backend-store-uri sqlite:///...`` on the shared store,
+    one per session (the tests that use it share an xdist group): its base URL. The store
+    exists before the server starts (the trained run created it), so the two never race
+    to create its tables."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", shared_store),
+            *("--host", "127.0.0.1", "--port", str(port)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path_factory.mktemp("mlflow_ui"),
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while not _answers(f"{base}/health"):
+            if time.time() > deadline or server.poll() is not None:
+                raise AssertionError("mlflow ui did not come up")
+            time.sleep(0.5)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

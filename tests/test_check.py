@@ -511,7 +511,12 @@ def test_a_clean_dataset_passes(datasets, capsys: pytest.CaptureFixture) -> None
     ],
 )
 def test_config_errors_fail_at_start_up_naming_the_key(
-    datasets, tmp_path: Path, extra: list[str], message: str, capsys: pytest.CaptureFixture
+    datasets,
+    tmp_path: Path,
+    empty_store: Path,
+    extra: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     ds = datasets("brats")
     file = tmp_path / "a-file"
@@ -522,7 +527,9 @@ def test_config_errors_fail_at_start_up_naming_the_key(
         assert status == 2
     captured = capsys.readouterr()
     assert re.search(message, captured.err), captured.err
-    assert not (tmp_path / "mlruns").exists()  # nothing was created
+    # Nothing was created: the test's store is still the empty one it started as.
+    [db] = (tmp_path / "mlruns").iterdir()
+    assert db.read_bytes() == empty_store.read_bytes()
 
 
 class _no_raise:
