@@ -1,7 +1,9 @@
 """DDP trains every task, and evaluates exactly what one process does: for every task, a
-2-process CPU (gloo) fit writes a checkpoint, and a 2-process ``medlit.evaluate`` of it gives the single-process metrics and per-case tables,
-each rank evaluated a disjoint share of the cases, the shares together are all of them,
-and only rank 0 wrote artifacts. One task runs under torchrun, the others under
+2-process CPU (gloo) fit of one epoch writes a checkpoint, and its validation (of those
+same weights) gives the metrics and per-case tables of ``medlit.evaluate`` of that
+checkpoint in one process; each rank evaluated a disjoint share of the cases, the shares
+together are all of them, and only rank 0 wrote artifacts. ``medlit.evaluate`` on 2
+processes is checked the same way for BraTS, under torchrun; the fits run under
 Lightning's launcher."""
 
 from __future__ import annotations
@@ -121,97 +123,102 @@ def _artifacts(uri: str, run_id: str, path: str | None = None) -> dict[str, Path
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("task", list(TASKS))
-def test_two_processes_evaluate_every_case_once_and_agree_with_one(
-    task: str, tmp_path: Path, tracking_uri: str, brats_root: Path
-) -> None:
-    base = TASKS[task](tmp_path, tracking_uri, brats_root)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    # The checkpoint comes from a DDP fit (2 gloo processes): training works for the task.
-    trained = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medlit.fit",
-            *base,
-            "--trainer.max_epochs=1",
-            "--trainer.logger.init_args.experiment_name=train",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=2",
-            "--trainer.strategy=ddp",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=900,
-    )
-    assert trained.returncode == 0, trained.stderr[-4000:]
-    assert "MEMBER: 2/2" in trained.stderr
-    [ckpt] = sorted(tmp_path.rglob("checkpoints/best-*.ckpt"))
-
-    def shares(name: str) -> list[str]:
-        return [f"--trainer.callbacks+={SHARES}", f"--trainer.callbacks.folder={tmp_path / name}"]
-
-    one = [*base, "--ckpt_path", str(ckpt), "--trainer.logger.init_args.experiment_name=one"]
-    single = evaluate([*one, *shares("one")])
-    two = [
-        *base,
-        "--ckpt_path",
-        str(ckpt),
-        "--trainer.logger.init_args.experiment_name=two",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=2",
-        "--trainer.strategy=ddp",
-        *shares("two"),
-    ]
-    # BraTS runs under torchrun (the README's multi-node launcher, on one node), which
-    # starts every rank itself; the other tasks under Lightning's own launcher.
+def _launch(
+    module: str, args: list[str], tmp_path: Path, torchrun: bool = False
+) -> subprocess.CompletedProcess:
+    """``python -m module args`` on 2 CPU processes (gloo): Lightning's own launcher
+    starts rank 1, or torchrun (the README's multi-node launcher, on one node) starts
+    every rank itself."""
     launch = [sys.executable, "-m"]
-    if task == "segmentation-brats":
+    if torchrun:
         launch += ["torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "-m"]
+    ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
     proc = subprocess.run(
-        [*launch, "medlit.evaluate", *two],
+        [*launch, module, *args, *ddp],
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
         timeout=900,
     )
-    (tmp_path / "ddp.log").write_text(proc.stderr)
+    (tmp_path / f"{module}.log").write_text(proc.stderr)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):  # both ranks joined
+        assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in proc.stderr
+    return proc
 
-    # The cases: one process saw them all; two saw disjoint shares whose union is all.
-    [everything] = [json.loads(p.read_text()) for p in sorted((tmp_path / "one").glob("*.json"))]
-    ranks = [json.loads(p.read_text()) for p in sorted((tmp_path / "two").glob("*.json"))]
+
+def _shares(folder: Path) -> list[str]:
+    return [f"--trainer.callbacks+={SHARES}", f"--trainer.callbacks.folder={folder}"]
+
+
+def _agree(uri: str, one: str, two: str, folder: Path) -> None:
+    """Runs ``one`` (one process) and ``two`` (two processes) validated the same weights:
+    two saw disjoint shares whose union is what one saw, and their ``val/*`` metrics and
+    per-case tables are equal."""
+    [everything] = [json.loads(p.read_text()) for p in sorted((folder / one).glob("*.json"))]
+    ranks = [json.loads(p.read_text()) for p in sorted((folder / two).glob("*.json"))]
     assert len(ranks) == 2 and all(ranks), ranks
     assert len(everything) == len(set(everything)) >= 3
     assert not set(ranks[0]) & set(ranks[1]), ranks
     assert sorted(ranks[0] + ranks[1]) == sorted(everything)
 
-    # The metrics: those of one process, from the tracking store of each run.
-    runs = {name: _run_of(tracking_uri, name) for name in ("one", "two")}
+    runs = {name: _run_of(uri, name) for name in (one, two)}
     val = {
         name: {k: v for k, v in run.data.metrics.items() if k.startswith("val/")}
         for name, run in runs.items()
     }
-    assert val["one"] and set(val["one"]) == set(val["two"])
-    assert {k: pytest.approx(v) for k, v in single.items()} == val["one"]
-    assert val["two"] == {k: pytest.approx(v, rel=1e-5, abs=1e-6) for k, v in val["one"].items()}
+    assert val[one] and set(val[one]) == set(val[two])
+    assert val[two] == {k: pytest.approx(v, rel=1e-5, abs=1e-6) for k, v in val[one].items()}
+    # The tables, written once (by rank 0) with every case: equal to one process's.
+    files = {name: _artifacts(uri, run.info.run_id) for name, run in runs.items()}
+    tables = [n for n in files[one] if n.endswith(".csv")]
+    assert set(tables) <= set(files[two]), (tables, sorted(files[two]))  # GANs: none
+    for name in tables:
+        a, b = (pd.read_csv(files[k][name]) for k in (one, two))
+        key = a.columns[0]
+        pd.testing.assert_frame_equal(
+            a.sort_values(key).reset_index(drop=True),
+            b.sort_values(key).reset_index(drop=True),
+            rtol=1e-5,
+        )
 
-    # Artifacts: the same files, written once (by rank 0), with the same tables.
-    files = {name: _artifacts(tracking_uri, run.info.run_id) for name, run in runs.items()}
-    assert set(files["one"]) == set(files["two"])
-    for name in files["one"]:
-        if name.endswith(".csv"):
-            a, b = (pd.read_csv(files[k][name]) for k in ("one", "two"))
-            key = a.columns[0]
-            pd.testing.assert_frame_equal(
-                a.sort_values(key).reset_index(drop=True),
-                b.sort_values(key).reset_index(drop=True),
-                rtol=1e-5,
-            )
-    assert proc.stdout.count("val results") == 1  # the summary: rank 0 only
-    for rank in (0, 1):
-        assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in proc.stderr
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", list(TASKS))
+def test_two_processes_train_and_evaluate_every_case_once_as_one_does(
+    task: str, tmp_path: Path, tracking_uri: str, brats_root: Path
+) -> None:
+    """A 2-process fit of one epoch trains the task under DDP; its validation, of the
+    weights its checkpoint holds, is a 2-process evaluation, compared with
+    ``medlit.evaluate`` of that checkpoint in one process. For BraTS, ``medlit.evaluate``
+    itself also runs on 2 processes, under torchrun."""
+    base = TASKS[task](tmp_path, tracking_uri, brats_root)
+    name = "--trainer.logger.init_args.experiment_name="
+    fit = _launch(
+        "medlit.fit",
+        [*base, "--trainer.max_epochs=1", f"{name}fit", *_shares(tmp_path / "fit")],
+        tmp_path,
+    )
+    assert fit.stdout.count("Test results") == 1  # the summary: rank 0 only
+    [ckpt] = sorted(tmp_path.rglob("checkpoints/best-*.ckpt"))
+    with_ckpt = [*base, "--ckpt_path", str(ckpt)]
+    single = evaluate([*with_ckpt, f"{name}one", *_shares(tmp_path / "one")])
+    assert {k: pytest.approx(v) for k, v in single.items()} == {
+        k: v for k, v in _run_of(tracking_uri, "one").data.metrics.items() if k.startswith("val/")
+    }
+    _agree(tracking_uri, "one", "fit", tmp_path)
+    if task == "segmentation-brats":
+        two = _launch(
+            "medlit.evaluate",
+            [*with_ckpt, f"{name}two", *_shares(tmp_path / "two")],
+            tmp_path,
+            torchrun=True,
+        )
+        assert two.stdout.count("val results") == 1
+        _agree(tracking_uri, "one", "two", tmp_path)
+        files = {
+            n: set(_artifacts(tracking_uri, _run_of(tracking_uri, n).info.run_id))
+            for n in ("one", "two")
+        }
+        assert files["one"] == files["two"]
