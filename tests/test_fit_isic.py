@@ -15,7 +15,8 @@ from medlit.datasets.volume_io import read_volume
 from medlit.errors import ConfigError, DatasetNotFoundError
 from medlit.fit import main
 from tests.data.isic.data import make_isic
-from tests.test_fit import REPO, _artifacts, _runs, cli_args, run_demo, tiny
+from tests.helpers.shared import Trained
+from tests.test_fit import REPO, _artifacts, _runs, cli_args
 
 CLASSIFIER = str(REPO / "experiments/demo/isic_classifier.yaml")
 SEGMENTER = str(REPO / "experiments/demo/isic_unet.yaml")
@@ -109,16 +110,13 @@ def test_lesion_segmentation_scores_and_writes_masks(tmp_path: Path, tracking_ur
     assert {f"test_predictions/{m.name}" for m in masks} <= set(files)
 
 
-def test_brats_predictions_keep_the_input_geometry(
-    brats_root: Path, tracking_uri: str, tmp_path: Path
-) -> None:
-    out = tmp_path / "pred"
-    main(tiny(brats_root, tracking_uri, "--trainer.max_epochs=1", f"--model.predictions_dir={out}"))
-    written = sorted(out.glob("*.nii.gz"))
+def test_brats_predictions_keep_the_input_geometry(brats_unet: Trained) -> None:
+    """``model.predictions_dir``: the test stage writes each held-out case's labels."""
+    written = sorted((brats_unet.folder / "predictions").glob("*.nii.gz"))
     assert len(written) == 2
     pred, geom = read_volume(written[0])
     ref, ref_geom = read_volume(
-        brats_root
+        brats_unet.root
         / written[0].name.removesuffix(".nii.gz")
         / written[0].name.replace(".nii.gz", "_t1.nii.gz")
     )
@@ -145,12 +143,3 @@ def test_real_isic_experiments_point_to_the_demo(
                     f"--trainer.logger.init_args.tracking_uri={tracking_uri}",
                 ]
             )
-
-
-@pytest.mark.slow
-def test_isic_demos_learn(tmp_path: Path, tracking_uri: str) -> None:
-    """The README's ISIC demos, 10 of the classifier's 12 epochs and 6 of the U-Net's 10."""
-    cls = run_demo(CLASSIFIER, tmp_path / "t3", tracking_uri, epochs=10)
-    assert cls["test/balanced_accuracy"] >= 3 / 7  # chance is 1/7
-    seg = run_demo(SEGMENTER, tmp_path / "t1", tracking_uri, epochs=6)
-    assert seg["test/threshold_jaccard_lesion"] >= 0.75

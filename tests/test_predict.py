@@ -25,6 +25,7 @@ from medlit.predict import main as predict
 from tests.data.brats.data import make_brats
 from tests.data.isic.data import make_isic
 from tests.data.luna16.data import make_luna16
+from tests.helpers.shared import Trained
 from tests.test_fit import REPO, cli_args, tiny
 
 MISSING = "--data.root=/nonexistent/training-data"  # prediction never reads the training root
@@ -53,18 +54,18 @@ def with_direction(case: Path, out: Path) -> Path:
 
 @pytest.mark.slow
 def test_brats_predictions_keep_the_grid_and_match_the_test_stage(
-    brats_root: Path, tracking_uri: str, tmp_path: Path
+    brats_unet: Trained, tracking_uri: str, tmp_path: Path
 ) -> None:
-    tested = tmp_path / "tested"
-    base = tiny(brats_root, tracking_uri)
-    ckpt = trained(tmp_path, [*base, f"--model.predictions_dir={tested}"])
-    # New data: the test cases without their labels, one of them on a rotated grid.
+    """The session's trained U-Net; its test stage wrote the held-out cases' labels."""
+    tested, ckpt = brats_unet.folder / "predictions", brats_unet.ckpt
+    base = tiny(brats_unet.root, tracking_uri)
+    # New data: the test cases without their labels, one of them on a rotated grid. The
+    # config names a training root that does not exist: prediction never reads it.
     cases = sorted(p.name.removesuffix(".nii.gz") for p in tested.glob("*.nii.gz"))
     new = tmp_path / "new"
     for case in cases:
-        shutil.copytree(brats_root / case, new / case, ignore=shutil.ignore_patterns("*_seg*"))
-    rotated = with_direction(brats_root / cases[0], tmp_path / "rotated" / cases[0])
-    shutil.rmtree(brats_root)  # the training data are gone
+        shutil.copytree(brats_unet.root / case, new / case, ignore=shutil.ignore_patterns("*_seg*"))
+    rotated = with_direction(brats_unet.root / cases[0], tmp_path / "rotated" / cases[0])
 
     out = tmp_path / "out"
     config = [base[0], *base[1:], MISSING]

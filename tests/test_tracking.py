@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,10 @@ from mlflow.tracking import MlflowClient
 
 from medlit.fit import main
 from medlit.tracking import flatten
+from tests.helpers.shared import Trained, free_port
 from tests.test_fit import tiny
 
 NO_WAIT = "--trainer.logger.init_args.retry_delay=0"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> dict:
@@ -38,53 +32,23 @@ def _post(url: str, body: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_run_is_served_by_the_mlflow_ui_server(
-    brats_root: Path, tracking_uri: str, tmp_path: Path
-) -> None:
-    """What the README's ``mlflow ui --backend-store-uri sqlite:///...`` shows."""
-    main(tiny(brats_root, tracking_uri, "--trainer.max_epochs=1"))
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "ui",
-            "--backend-store-uri",
-            tracking_uri,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=tmp_path,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise AssertionError("mlflow ui did not come up") from None
-                time.sleep(0.5)
-        experiments = _post(f"{base}/api/2.0/mlflow/experiments/search", {"max_results": 10})
-        ids = [e["experiment_id"] for e in experiments["experiments"] if e["name"] == "test"]
-        runs = _post(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": ids})["runs"]
-        assert len(runs) == 1
-        metrics = {m["key"] for m in runs[0]["data"]["metrics"]}
-        assert {"val/dice_WT", "test/dice_WT", "test/hd95_ET", "train/loss_epoch"} <= metrics
-        tags = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}
-        assert tags["data"] == "synthetic"
-        with urllib.request.urlopen(f"{base}/", timeout=10) as page:  # the UI itself
-            assert page.status == 200 and b"<html" in page.read().lower()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+@pytest.mark.xdist_group("mlflow_ui")
+def test_run_is_served_by_the_mlflow_ui_server(brats_unet: Trained, mlflow_ui: str) -> None:
+    """What the README's ``mlflow ui --backend-store-uri sqlite:///...`` shows: the
+    session's UI server, on the store the trained U-Net logged to."""
+    base = mlflow_ui
+    experiments = _post(f"{base}/api/2.0/mlflow/experiments/search", {"max_results": 100})
+    ids = [
+        e["experiment_id"] for e in experiments["experiments"] if e["name"] == brats_unet.experiment
+    ]
+    runs = _post(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": ids})["runs"]
+    assert len(runs) == 1
+    metrics = {m["key"] for m in runs[0]["data"]["metrics"]}
+    assert {"val/dice_WT", "test/dice_WT", "test/hd95_ET", "train/loss_epoch"} <= metrics
+    tags = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}
+    assert tags["data"] == "synthetic"
+    with urllib.request.urlopen(f"{base}/", timeout=10) as page:  # the UI itself
+        assert page.status == 200 and b"<html" in page.read().lower()
 
 
 def test_tracking_errors_are_retried_and_never_stop_training(
@@ -201,7 +165,7 @@ def test_metrics_logged_while_the_server_is_down_arrive_when_it_is_back(
 ) -> None:
     """A real ``mlflow server`` is stopped mid-training and started again: training goes
     on, and every metric step of every epoch reaches the server."""
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     store = f"sqlite:///{tmp_path}/server/mlflow.db"
     (tmp_path / "server").mkdir()
@@ -261,7 +225,7 @@ def test_calls_still_undelivered_at_the_end_are_spooled_and_synced_later(
     finishes, its undelivered calls go to a spool folder, a sync while the server is down
     keeps them all, and a sync once it is back delivers every metric step, the artifacts,
     the best checkpoint and the final status."""
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     store = f"sqlite:///{tmp_path}/server/mlflow.db"
     (tmp_path / "server").mkdir()
