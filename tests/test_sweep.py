@@ -424,17 +424,46 @@ def test_a_ddp_trial_reports_from_rank_zero_and_every_rank_stops_when_pruned(
     assert "MEMBER: 2/2" in log  # rank 1 ran, and stopped with rank 0
 
 
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str | None]:
+    """A fresh database on the PostgreSQL server that ``.ci/run`` starts, one per session;
+    None where no server runs and CI's ``MEDLIT_REQUIRE_SERVICES`` is not set."""
+    psycopg = required_module("psycopg")
+    try:
+        admin = psycopg.connect(POSTGRES, connect_timeout=5, autocommit=True)
+    except psycopg.OperationalError as e:
+        if REQUIRE_SERVICES:
+            pytest.fail(f"PostgreSQL at {redact(POSTGRES)} is required here: {e}")
+        yield None
+        return
+    name = f"medlit_sweep_{uuid.uuid4().hex[:8]}"
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    try:
+        yield POSTGRES.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
 @pytest.fixture(scope="module")
-def two_worker_sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Two worker processes started together on one journal file and one SQLite
-    tracking store: 5 trials between them."""
+def two_worker_sweep(
+    tmp_path_factory: pytest.TempPathFactory, shared_store: str, postgres_url: str | None
+) -> dict[str, Any]:
+    """Two worker processes started together on one storage, PostgreSQL where it runs
+    (else a journal file; two workers on a journal file also share the killed-worker
+    test's study), and one SQLite tracking store (the session's shared one, which
+    ``mlflow_ui`` serves): 5 trials between them. Its three tests share an xdist group,
+    so it runs once."""
     from tests.data.brats.data import make_brats
 
     tmp = tmp_path_factory.mktemp("two_workers")
     root = tmp / "BraTS2021"
     make_brats(root, "2021", cases=8, seed=3)
-    uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
-    sweep = write_sweep(tmp, root, uri, name="pair", n_trials=5)
+    uri = shared_store
+    storage = {"storage": postgres_url} if postgres_url else {}
+    sweep = write_sweep(tmp, root, uri, name="pair", n_trials=5, **storage)
     env_cache = os.environ.get("MEDLIT_CACHE_DIR")
     os.environ["MEDLIT_CACHE_DIR"] = str(tmp / "cache")
     try:
@@ -447,6 +476,7 @@ def two_worker_sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("mlflow_ui")
 def test_two_workers_share_the_trials_without_losing_or_repeating_one(
     two_worker_sweep: dict[str, Any],
 ) -> None:
@@ -469,7 +499,10 @@ def test_two_workers_share_the_trials_without_losing_or_repeating_one(
 
 
 @pytest.mark.slow
-def test_mlflow_ui_shows_the_study_and_its_trials(two_worker_sweep: dict[str, Any]) -> None:
+@pytest.mark.xdist_group("mlflow_ui")
+def test_mlflow_ui_shows_the_study_and_its_trials(
+    two_worker_sweep: dict[str, Any], mlflow_ui: str
+) -> None:
     """The MLflow UI, in headless Chromium: the parent run, expanded, shows every trial."""
     playwright = required_module("playwright.sync_api")
     chromium = Path("/usr/bin/chromium")
@@ -479,62 +512,40 @@ def test_mlflow_ui_shows_the_study_and_its_trials(two_worker_sweep: dict[str, An
         pytest.skip("no /usr/bin/chromium (Debian: apt-get install chromium)")
     uri = two_worker_sweep["uri"]
     parent, children = runs_of(uri)
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            "--backend-store-uri",
-            uri,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, timeout=120)
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        shot = ARTIFACTS / "mlflow_ui_sweep.png"
-        with playwright.sync_playwright() as pw:
-            browser = pw.chromium.launch(
-                executable_path=str(chromium),
-                headless=True,
-                args=[
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-quic",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                ],
-            )
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"http://127.0.0.1:{port}/#/experiments/{parent.info.experiment_id}/runs")
-            page.get_by_text(parent.info.run_name, exact=True).wait_for(timeout=60_000)
-            expand = page.locator("[role=row] button").filter(has_not_text="Pin")
-            for i in range(expand.count()):
-                if not expand.nth(i).get_attribute("aria-label"):
-                    expand.nth(i).click()  # the parent run's "+" (show child runs)
-                    break
-            for run in children:
-                page.get_by_text(run.info.run_name, exact=True).wait_for(timeout=30_000)
-            rows = page.get_by_role("row").all_inner_texts()
-            page.screenshot(path=str(shot))
-            browser.close()
-        text = "\n".join(rows)
-        assert parent.info.run_name in text
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "mlflow_ui_sweep.png"
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(chromium),
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(f"{mlflow_ui}/#/experiments/{parent.info.experiment_id}/runs")
+        page.get_by_text(parent.info.run_name, exact=True).wait_for(timeout=60_000)
+        expand = page.locator("[role=row] button").filter(has_not_text="Pin")
+        for i in range(expand.count()):
+            if not expand.nth(i).get_attribute("aria-label"):
+                expand.nth(i).click()  # the parent run's "+" (show child runs)
+                break
         for run in children:
-            assert run.info.run_name in text
-        assert shot.stat().st_size > 10_000
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+            page.get_by_text(run.info.run_name, exact=True).wait_for(timeout=30_000)
+        rows = page.get_by_role("row").all_inner_texts()
+        page.screenshot(path=str(shot))
+        browser.close()
+    text = "\n".join(rows)
+    assert parent.info.run_name in text
+    for run in children:
+        assert run.info.run_name in text
+    assert shot.stat().st_size > 10_000
 
 
 @pytest.mark.slow
@@ -591,44 +602,20 @@ def test_a_killed_worker_s_trial_fails_is_retried_and_the_study_completes(
     assert sum(r.data.tags["optuna.state"] == "COMPLETE" for r in children) == 4
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh database on the PostgreSQL server that ``.ci/run`` starts."""
-    psycopg = required_module("psycopg")
-    try:
-        admin = psycopg.connect(POSTGRES, connect_timeout=5, autocommit=True)
-    except psycopg.OperationalError as e:
-        if REQUIRE_SERVICES:
-            pytest.fail(f"PostgreSQL at {redact(POSTGRES)} is required here: {e}")
-        pytest.skip(f"no PostgreSQL at {redact(POSTGRES)} ({e}); .ci/run starts one")
-    name = f"medlit_sweep_{uuid.uuid4().hex[:8]}"
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    try:
-        yield POSTGRES.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
-
-
 @pytest.mark.slow
+@pytest.mark.xdist_group("mlflow_ui")
 def test_two_workers_on_a_postgresql_storage(
-    tmp_path: Path, brats_root: Path, tracking_uri: str, postgres_url: str
+    two_worker_sweep: dict[str, Any], postgres_url: str | None
 ) -> None:
-    sweep = write_sweep(tmp_path, brats_root, tracking_uri, name="pg", n_trials=4)
-    workers = [
-        start_worker(sweep, f"--storage={postgres_url}", f"--worker_index={i}") for i in range(2)
-    ]
-    logs = [finish(w) for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], logs
-    study = optuna.load_study(study_name="pg", storage=postgres_url)
+    """The shared sweep ran on PostgreSQL (the multi-host storage), its URL redacted."""
+    if postgres_url is None:
+        pytest.skip(f"no PostgreSQL at {redact(POSTGRES)}; .ci/run starts one")
+    assert yaml.safe_load(two_worker_sweep["sweep"].read_text())["storage"] == postgres_url
+    study = optuna.load_study(study_name="pair", storage=postgres_url)
     trials = [t for t in study.trials if not t.system_attrs.get(SURPLUS)]
-    assert [t.number for t in trials] == list(range(4))
+    assert [t.number for t in trials] == list(range(5))
     assert all(t.state == TrialState.COMPLETE for t in trials)
-    parent, children = runs_of(tracking_uri)
-    assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == list(range(4))
-    assert len(worker_pids(children)) == 2
+    parent, _ = runs_of(two_worker_sweep["uri"])
     assert parent.data.tags["optuna.storage"].startswith("postgresql://medlit:***@")
 
 
@@ -669,21 +656,6 @@ def required_module(name: str) -> Any:
 
         return importlib.import_module(name)
     return pytest.importorskip(name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
 
 
 def trial_processes(trial_id: int) -> list[int]:
