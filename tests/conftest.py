@@ -115,6 +115,27 @@ def brats_unet(tmp_path_factory: pytest.TempPathFactory, shared_store: str) -> T
     return Trained.load(once(tmp_path_factory, "brats_unet", build))
 
 
+@pytest.fixture(scope="session")
+def luna16_yolo(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """The tiny LUNA16 detector (test_fit_luna16's, 10 scans of 64×64×24-32), trained for
+    1 epoch once per session, tracked in a store of its own."""
+    from tests.data.luna16.data import make_luna16
+    from tests.test_fit_luna16 import tiny_detector
+
+    def build(folder: Path) -> dict:
+        root = folder / "LUNA16"
+        make_luna16(root, scans=10, seed=0)
+        uri = f"sqlite:///{folder}/mlruns/mlflow.db"
+        args = [
+            *tiny_detector(root, uri),
+            "--trainer.max_epochs=1",
+            "--trainer.logger.init_args.experiment_name=trained-luna16-yolo",
+        ]
+        return Trained.fit(folder, root, args, uri)
+
+    return Trained.load(once(tmp_path_factory, "luna16_yolo", build))
+
+
 def _answers(url: str) -> bool:
     try:
         urllib.request.urlopen(url, timeout=2)

@@ -24,9 +24,9 @@ from medlit.fit import main as fit
 from medlit.predict import main as predict
 from tests.data.brats.data import make_brats
 from tests.data.isic.data import make_isic
-from tests.data.luna16.data import make_luna16
 from tests.helpers.shared import Trained
 from tests.test_fit import REPO, cli_args, tiny
+from tests.test_fit_luna16 import tiny_detector
 
 MISSING = "--data.root=/nonexistent/training-data"  # prediction never reads the training root
 
@@ -210,26 +210,15 @@ def test_isic_lesion_masks_come_at_each_image_size(tmp_path: Path, tracking_uri:
 
 @pytest.mark.slow
 def test_luna16_detector_writes_the_submission_in_world_coordinates(
-    tmp_path: Path, tracking_uri: str
+    luna16_yolo: Trained, tmp_path: Path, tracking_uri: str
 ) -> None:
-    root = tmp_path / "LUNA16"
-    make_luna16(root, scans=10, seed=0)
-    config = [
-        str(REPO / "experiments/demo/luna16_yolo.yaml"),
-        *cli_args(root, tracking_uri),
-        "--data.spacing=null",
-        "--data.patch_size=64",
-        "--data.batch_size=4",
-        "--data.samples_per_epoch=8",
-        "--model.conf_threshold=0.001",
-    ]
-    ckpt = trained(tmp_path, config)
+    """The session's trained detector, on copies of three of its scans."""
+    config, ckpt = tiny_detector(luna16_yolo.root, tracking_uri), luna16_yolo.ckpt
     scans = tmp_path / "scans"
-    for mhd in sorted(root.glob("subset[0-2]/*.mhd")):
+    for mhd in sorted(luna16_yolo.root.glob("subset[0-2]/*.mhd")):
         (scans / mhd.parent.name).mkdir(parents=True, exist_ok=True)
         for f in (mhd, mhd.with_suffix(".raw")):
             shutil.copy(f, scans / mhd.parent.name / f.name)
-    shutil.rmtree(root)
     out = tmp_path / "out"
     args = [*config, MISSING, "--ckpt_path", str(ckpt), "--output", str(out)]
     [csv] = predict([*args, "--input", str(scans)])
