@@ -23,6 +23,11 @@ import pytest
 from tests.data.brats.data import make_brats
 from tests.helpers.shared import Trained, free_port, once, session_folder
 
+# MLflow 3's server starts a job runner (about nine processes that each import MLflow, for
+# its GenAI jobs) unless told not to: ~30 s of CPU per server start, for nothing the tests
+# use. Every server the tests start inherits this.
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = "1"
