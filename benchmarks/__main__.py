@@ -1,4 +1,7 @@
-"""``python -m benchmarks [--tiny] [--repeats N] [--only NAME,...] [--output PATH]``."""
+"""``python -m benchmarks [--tiny] [--repeats N] [--only NAME,...] [--output PATH]``.
+
+``--only quality`` runs every README demo unchanged instead (about an hour on 2 CPU cores)
+and writes ``docs/quality.md``; it is not part of the default run."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +24,8 @@ from benchmarks.report import render
 
 # name -> module; each module's run(ctx, log) returns a Section. Order = table order.
 COMPARISONS = ("pipeline", "overhead", "inference", "metrics", "luna16")
+# Selected by name only: the README demos at full size (benchmarks/quality.py).
+QUALITY = "quality"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -32,10 +38,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, help="interleaved repeats (default 3; tiny 1)")
     parser.add_argument(
-        "--only", help=f"comma-separated comparisons to run, of: {', '.join(COMPARISONS)}"
+        "--only",
+        help=f"comma-separated comparisons to run, of: {', '.join(COMPARISONS)}; or "
+        f"{QUALITY!r}: every README demo unchanged, reported in --quality-output",
     )
     parser.add_argument(
         "--output", type=Path, default=REPO / "docs" / "benchmarks.md", help="the Markdown report"
+    )
+    parser.add_argument(
+        "--quality-output",
+        type=Path,
+        default=REPO / "docs" / "quality.md",
+        help="the demos' quality report (with --only quality)",
     )
     parser.add_argument(
         "--threads",
@@ -52,18 +66,58 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.only = args.only.split(",") if args.only else list(COMPARISONS)
-    if unknown := [n for n in args.only if n not in COMPARISONS]:
-        parser.error(f"--only: unknown comparisons {unknown}; choose from {list(COMPARISONS)}")
+    if unknown := [n for n in args.only if n not in (*COMPARISONS, QUALITY)]:
+        parser.error(
+            f"--only: unknown comparisons {unknown}; choose from {[*COMPARISONS, QUALITY]}"
+        )
     return args
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """Run what ``argv`` selects; returns the report written last."""
     args = parse(argv)
-    sizes = TINY if args.tiny else FULL
-    repeats = args.repeats or (1 if args.tiny else 3)
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - start:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+    written = []
+    if comparisons := [n for n in COMPARISONS if n in args.only]:
+        written.append(compare(args, comparisons, log))
+    if QUALITY in args.only:
+        written.append(quality(args, log))
+    return written[-1]
+
+
+def _workdir(args: argparse.Namespace) -> Path:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="medlit-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    ctx = Context(workdir.resolve(), sizes, repeats, args.threads)
+    return workdir.resolve()
+
+
+def quality(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
+    """Every README demo at full size, each in a process of its own."""
+    from benchmarks import quality as q
+
+    workdir = _workdir(args)
+    try:
+        q.run(
+            workdir / "quality", args.quality_output, log, f"python -m benchmarks --only {QUALITY}"
+        )
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    log(f"wrote {args.quality_output}")
+    return args.quality_output
+
+
+def compare(args: argparse.Namespace, names: list[str], log: Callable[[str], None]) -> Path:
+    """The comparisons ``names``, side by side with the alternatives."""
+    start = time.perf_counter()
+    sizes = TINY if args.tiny else FULL
+    repeats = args.repeats or (1 if args.tiny else 3)
+    workdir = _workdir(args)
+    ctx = Context(workdir, sizes, repeats, args.threads)
     # The same for every side, here and in the processes the pipeline comparison starts;
     # restored at the end (the smoke test calls main() inside pytest).
     threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
@@ -71,17 +125,12 @@ def main(argv: list[str] | None = None) -> Path:
     torch.set_num_threads(args.threads)
     # medlit and Lightning log at INFO; the benchmark's own progress lines are enough here.
     logging.basicConfig(level=logging.WARNING)
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - start:6.0f} s] {message}", file=sys.stderr, flush=True)
-
-    start = time.perf_counter()
     load_start = os.getloadavg()
     try:
         log(f"{sizes.name} sizes, {repeats} repeats, working in {workdir}")
         data.prepare(ctx, log)
         sections = []
-        for name in (n for n in COMPARISONS if n in args.only):
+        for name in names:
             log(f"{name} ...")
             module = importlib.import_module(f"benchmarks.{name}")
             sections.append(module.run(ctx, log))
@@ -91,8 +140,8 @@ def main(argv: list[str] | None = None) -> Path:
             command += f" --repeats {args.repeats}"
         if args.threads != 1:
             command += f" --threads {args.threads}"
-        if args.only != list(COMPARISONS):
-            command += f" --only {','.join(args.only)}"
+        if names != list(COMPARISONS):
+            command += f" --only {','.join(names)}"
         report = render(
             sections, environment(), ctx, seconds, (load_start, os.getloadavg()), command
         )

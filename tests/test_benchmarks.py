@@ -37,3 +37,35 @@ def test_the_suite_runs_on_tiny_sizes_and_reports_every_comparison(tmp_path: Pat
         assert cells[5] in ("yes", "**no**"), row
     assert "GPU rows were not measured" in report
     assert "HD95 definitions and measured differences" in report
+
+
+def test_quality_targets_margins_and_report() -> None:
+    """``--only quality``'s pieces without its hour of training: a criterion's margin in
+    units of the span to the trivial baseline, both directions, and the report's rows."""
+    from benchmarks import quality as q
+
+    [dice] = q.DEMOS[0].criteria
+    good = dice.check(q.Outcome({"test/dice_WT": 0.9}))
+    assert good.met and good.margin == pytest.approx(0.125)  # (0.9 - 0.8) / (0.8 - 0)
+    assert not dice.check(q.Outcome({"test/dice_WT": 0.79})).met
+    gan = next(d for d in q.DEMOS if d.name == "ISIC GAN")
+    fd, diversity = gan.criteria
+    curves = {
+        "val/fd_resnet18_random": [100.0, 40.0, 20.0, 25.0, 30.0],
+        "val/diversity": [1.0, 3.0, 3.2, 3.1],
+        "val/diversity_real": [4.0],
+    }
+    done = q.Outcome({}, curves)
+    assert fd.check(done).value == pytest.approx(0.2) and fd.check(done).met  # lower wins
+    assert fd.check(done).margin == pytest.approx(0.1 / 0.7)
+    assert diversity.check(done).value == pytest.approx(3.0 / 4.0)
+    with pytest.raises(KeyError, match="val/diversity was not logged"):
+        diversity.check(q.Outcome({}, {}))
+    results = [
+        q.Result(q.DEMOS[0], [good], 61.0, (0.5, 1.5)),
+        q.Result(q.SWEEP, [], 5.0, (1.0, 1.0), "exit 2: no such study"),
+    ]
+    report = q.render(results, 66.0, "python -m benchmarks --only quality")
+    [row] = [line for line in report.splitlines() if line.startswith("| BraTS U-Net |")]
+    assert "| test WT Dice | 0.9 | ≥ 0.80 (0.8) | 0 | yes | 1.0 min | 0.5 → 1.5 |" in row
+    assert "| BraTS sweep |" in report and "**no**" in report and "no such study" in report
