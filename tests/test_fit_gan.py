@@ -7,14 +7,13 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pytest
 import SimpleITK as sitk
 
 from medlit.datasets.isic import read_records
 from medlit.fit import main
 from medlit.generate import main as generate
 from tests.data.isic.data import make_isic
-from tests.test_fit import REPO, _artifacts, _runs, cli_args, run_demo
+from tests.test_fit import REPO, _artifacts, _runs, cli_args
 
 PIX2PIX = str(REPO / "experiments/demo/brats_pix2pix.yaml")
 ISIC_GAN = str(REPO / "experiments/demo/isic_gan.yaml")
@@ -142,26 +141,3 @@ def test_conditional_gan_logs_samples_and_generates_an_isic_release(
     records = read_records(out)  # readable as a release: mixable into a training set
     assert records.year == "2018_task3" and len(records.images) == 14
     assert sorted(records.labels.values()) == sorted(list(range(7)) * 2)
-
-
-@pytest.mark.slow
-def test_demo_pix2pix_beats_the_trivial_baseline(tmp_path: Path, tracking_uri: str) -> None:
-    metrics = run_demo(PIX2PIX, tmp_path / "BraTS2021", tracking_uri, epochs=4)  # of 6
-    assert metrics["test/psnr"] > metrics["test/baseline_psnr"], metrics
-    assert metrics["test/ssim"] > metrics["test/baseline_ssim"], metrics
-
-
-@pytest.mark.slow
-def test_demo_gan_improves_without_collapsing(tmp_path: Path, tracking_uri: str) -> None:
-    """The README's GAN demo, all 80 epochs: the Fréchet distance falls several-fold over
-    training and the samples stay diverse (a collapsed generator's diversity is ~0). 56
-    epochs ended at diversity 3.46 against the 3.41 required: too close to shorten it."""
-    run_demo(ISIC_GAN, tmp_path / "ISIC2018_Task3", tracking_uri, epochs=80)
-    [run] = _runs(tracking_uri)
-    client = mlflow.MlflowClient(tracking_uri)
-    fd = [m.value for m in client.get_metric_history(run.info.run_id, "val/fd_resnet18_random")]
-    diversity = [m.value for m in client.get_metric_history(run.info.run_id, "val/diversity")]
-    real = client.get_metric_history(run.info.run_id, "val/diversity_real")[-1].value
-    assert min(fd[-3:]) < 0.3 * fd[0], fd
-    assert min(diversity[-3:]) > 0.7 * real, (diversity, real)
-    assert "test_samples.png" in _artifacts(tracking_uri, run.info.run_id)
