@@ -9,6 +9,7 @@ long test is left for the end of the run."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -39,6 +40,22 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Slow tests first (a stable sort: the order within each group is kept)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Drop the session's PostgreSQL database (test_sweep's ``postgres_url``) in the
+    process that outlives every worker: a worker that finishes early must not drop it
+    under another that still reads it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    # The session's temp-path factory: pytest keeps it on the config (no public handle).
+    record = session_folder(session.config._tmp_path_factory) / "shared" / "postgres.json"
+    if not record.exists() or not (db := json.loads(record.read_text())).get("url"):
+        return
+    import psycopg
+
+    with psycopg.connect(db["admin"], connect_timeout=5, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {db['name']} WITH (FORCE)")
 
 
 @pytest.fixture(autouse=True)
@@ -152,7 +169,8 @@ def _answers(url: str) -> bool:
 @pytest.fixture(scope="session")
 def mlflow_ui(shared_store: str, brats_unet: Trained, tmp_path_factory) -> Iterator[str]:
     """The README's ``mlflow ui --backend-store-uri sqlite:///...`` on the shared store,
-    one per session (the tests that use it share an xdist group): its base URL. The store
+    one per worker that runs a UI test (xdist's ``loadgroup`` cannot pin tests to one
+    worker under pytest 9.2, whose node ids are read-only): its base URL. The store
     exists before the server starts (the trained run created it), so the two never race
     to create its tables."""
     port = free_port()

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from medlit.sweep import load
 from medlit.tuning import space as sp
 from medlit.tuning.storage import JournalHeartbeatStorage, make_storage, redact
 from medlit.tuning.worker import RETRY_OF, SURPLUS, resolve
+from tests.helpers.shared import once
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "experiments/demo/brats_unet.yaml"
@@ -424,59 +424,54 @@ def test_a_ddp_trial_reports_from_rank_zero_and_every_rank_stops_when_pruned(
     assert "MEMBER: 2/2" in log  # rank 1 ran, and stopped with rank 0
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str | None]:
-    """A fresh database on the PostgreSQL server that ``.ci/run`` starts, one per session;
-    None where no server runs and CI's ``MEDLIT_REQUIRE_SERVICES`` is not set."""
+def create_database(folder: Path) -> dict[str, str | None]:
+    """A fresh database on the PostgreSQL server that ``.ci/run`` starts (for ``once``);
+    its URL is None where no server runs and CI's ``MEDLIT_REQUIRE_SERVICES`` is unset."""
     psycopg = required_module("psycopg")
     try:
         admin = psycopg.connect(POSTGRES, connect_timeout=5, autocommit=True)
     except psycopg.OperationalError as e:
         if REQUIRE_SERVICES:
             pytest.fail(f"PostgreSQL at {redact(POSTGRES)} is required here: {e}")
-        yield None
-        return
+        return {"url": None}
     name = f"medlit_sweep_{uuid.uuid4().hex[:8]}"
-    with admin.cursor() as cur:
+    with admin, admin.cursor() as cur:
         cur.execute(f"CREATE DATABASE {name}")
-    try:
-        yield POSTGRES.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
+    return {"url": POSTGRES.rsplit("/", 1)[0] + "/" + name, "admin": POSTGRES, "name": name}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> str | None:
+    """One database per session, shared by the xdist workers; conftest's
+    ``pytest_sessionfinish`` drops it once every worker is done."""
+    return once(tmp_path_factory, "postgres", create_database)["url"]
+
+
+@pytest.fixture(scope="session")
 def two_worker_sweep(
     tmp_path_factory: pytest.TempPathFactory, shared_store: str, postgres_url: str | None
 ) -> dict[str, Any]:
     """Two worker processes started together on one storage, PostgreSQL where it runs
     (else a journal file; two workers on a journal file also share the killed-worker
     test's study), and one SQLite tracking store (the session's shared one, which
-    ``mlflow_ui`` serves): 5 trials between them. Its three tests share an xdist group,
-    so it runs once."""
+    ``mlflow_ui`` serves): 5 trials between them, run once per session for its three
+    tests (across xdist workers too)."""
     from tests.data.brats.data import make_brats
 
-    tmp = tmp_path_factory.mktemp("two_workers")
-    root = tmp / "BraTS2021"
-    make_brats(root, "2021", cases=8, seed=3)
-    uri = shared_store
-    storage = {"storage": postgres_url} if postgres_url else {}
-    sweep = write_sweep(tmp, root, uri, name="pair", n_trials=5, **storage)
-    env_cache = os.environ.get("MEDLIT_CACHE_DIR")
-    os.environ["MEDLIT_CACHE_DIR"] = str(tmp / "cache")
-    try:
+    def build(tmp: Path) -> dict[str, Any]:
+        root = tmp / "BraTS2021"
+        make_brats(root, "2021", cases=8, seed=3)
+        storage = {"storage": postgres_url} if postgres_url else {}
+        sweep = write_sweep(tmp, root, shared_store, name="pair", n_trials=5, **storage)
         workers = [start_worker(sweep, f"--worker_index={i}") for i in range(2)]
         logs = [finish(w) for w in workers]
-    finally:
-        if env_cache is not None:
-            os.environ["MEDLIT_CACHE_DIR"] = env_cache
-    return {"sweep": sweep, "uri": uri, "codes": [w.returncode for w in workers], "logs": logs}
+        return {"sweep": str(sweep), "codes": [w.returncode for w in workers], "logs": logs}
+
+    done = once(tmp_path_factory, "two_worker_sweep", build)
+    return {**done, "sweep": Path(done["sweep"]), "uri": shared_store}
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("mlflow_ui")
 def test_two_workers_share_the_trials_without_losing_or_repeating_one(
     two_worker_sweep: dict[str, Any],
 ) -> None:
@@ -499,7 +494,6 @@ def test_two_workers_share_the_trials_without_losing_or_repeating_one(
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("mlflow_ui")
 def test_mlflow_ui_shows_the_study_and_its_trials(
     two_worker_sweep: dict[str, Any], mlflow_ui: str
 ) -> None:
@@ -603,7 +597,6 @@ def test_a_killed_worker_s_trial_fails_is_retried_and_the_study_completes(
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("mlflow_ui")
 def test_two_workers_on_a_postgresql_storage(
     two_worker_sweep: dict[str, Any], postgres_url: str | None
 ) -> None:

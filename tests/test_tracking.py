@@ -32,7 +32,6 @@ def _post(url: str, body: dict) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("mlflow_ui")
 def test_run_is_served_by_the_mlflow_ui_server(brats_unet: Trained, mlflow_ui: str) -> None:
     """What the README's ``mlflow ui --backend-store-uri sqlite:///...`` shows: the
     session's UI server, on the store the trained U-Net logged to."""
