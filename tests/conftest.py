@@ -1,6 +1,6 @@
 """Shared fixtures: tiny generated datasets, a private cache and tracking store per test,
-and what the session builds once and shares (tests/helpers/shared.py): trained models, one
-MLflow UI server, one PostgreSQL database.
+and what the session builds once and shares across its workers (tests/helpers/shared.py):
+trained models, a tracking store, the two-worker sweep, one PostgreSQL database.
 
 The suite runs on 2 pytest-xdist workers (``addopts``). Each worker, and every process it
 starts, uses one torch thread: two workers with torch's default threads on 2 cores run
@@ -106,12 +106,17 @@ def tracking_uri(tmp_path: Path, empty_store: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def shared_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+def shared_store(tmp_path_factory: pytest.TempPathFactory, empty_store: Path) -> str:
     """The session's shared SQLite tracking store, which ``mlflow_ui`` serves: runs that
-    several tests read go there, each under an experiment of its own."""
-    folder = session_folder(tmp_path_factory) / "shared" / "mlruns"
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder}/mlflow.db"
+    several tests read go there, each under an experiment of its own. A copy of
+    ``empty_store`` made under the shared lock, so that two workers' first writers never
+    race to create its tables."""
+
+    def build(folder: Path) -> dict:
+        shutil.copyfile(empty_store, folder / "mlflow.db")
+        return {"uri": f"sqlite:///{folder}/mlflow.db"}
+
+    return once(tmp_path_factory, "mlruns", build)["uri"]
 
 
 @pytest.fixture(scope="session")
@@ -167,12 +172,10 @@ def _answers(url: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def mlflow_ui(shared_store: str, brats_unet: Trained, tmp_path_factory) -> Iterator[str]:
+def mlflow_ui(shared_store: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The README's ``mlflow ui --backend-store-uri sqlite:///...`` on the shared store,
     one per worker that runs a UI test (xdist's ``loadgroup`` cannot pin tests to one
-    worker under pytest 9.2, whose node ids are read-only): its base URL. The store
-    exists before the server starts (the trained run created it), so the two never race
-    to create its tables."""
+    worker under pytest 9.2, whose node ids are read-only): its base URL."""
     port = free_port()
     server = subprocess.Popen(
         [
