@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import MLFlowLogger
 
 from medlit.errors import NonFiniteLossError
 
@@ -112,9 +113,8 @@ class ResumeState(Callback):
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        from medlit.tracking import MLflowTracker
-
-        tracker = next((lg for lg in trainer.loggers if isinstance(lg, MLflowTracker)), None)
+        # Lightning's MLflow logger (medlit's tracker is one): the run to continue.
+        tracker = next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
         if tracker is not None:
             checkpoint["medlit"] = {"mlflow_run_id": tracker.run_id}
 

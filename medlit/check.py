@@ -23,9 +23,8 @@ import logging
 import sys
 import time
 
-from medlit.cli import MedlitCLI, run_main
-from medlit.errors import ConfigError, Report
-from medlit.fit import _check_compatible, _normalise_args
+from medlit.cli import build
+from medlit.errors import ConfigError, Report, run_main
 
 log = logging.getLogger("medlit")
 
@@ -36,9 +35,7 @@ def check(argv: list[str]) -> Report:
     deep = "--deep" in argv
     args = [a for a in argv if a != "--deep"]
     # Nothing is tracked: the run's logger is not built (no store is created).
-    cli = MedlitCLI(args=[*_normalise_args(args), "--trainer.logger=false"])
-    model, datamodule = cli.model, cli.datamodule
-    _check_compatible(model, datamodule)
+    datamodule = build(args, track=False).datamodule
     if not hasattr(datamodule, "check"):
         raise ConfigError(f"{type(datamodule).__name__} has no data checks")
     report = Report(strict=False)

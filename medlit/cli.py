@@ -7,8 +7,13 @@ jsonargparse for free.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
+import hashlib
+import importlib
+import inspect
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +22,11 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from medlit.callbacks import FiniteLossGuard, LastCheckpoint, ResumeState, Speedups
+from medlit.datamodules.base import BaseDataModule
 from medlit.errors import ConfigError, MedlitError
-from medlit.tracking import DEFAULT_TRACKING_URI, log_run_metadata
+from medlit.tracking import DEFAULT_TRACKING_URI, flatten, log_run_metadata
 from medlit.tuning.trial import TrialReporter
 from medlit.tuning.trial import context as sweep_trial
-
-
-def run_main(main: Callable[[], object]) -> int:
-    """Exit status of an entry point: 0, or 2 with ``medlit: error: ...`` on stderr for
-    medlit's own errors (bad data, bad config), which need no traceback."""
-    try:
-        main()
-    except MedlitError as e:
-        print(f"medlit: error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
 
 class TrackConfig(SaveConfigCallback):
@@ -65,16 +60,71 @@ RESUME_FREE = (
 )
 
 
-def config_hash(config: dict[str, Any]) -> str:
-    """Identity of an experiment's config for ``--ckpt_path=last``: the resolved config
-    without :data:`RESUME_FREE` keys."""
-    import hashlib
-    import json
+# Config keys renamed since the first config hash (new flattened key -> old), and keys
+# added since: a run started before either change was tagged with the hash of the config
+# as it then resolved, which :func:`config_hashes` recomputes so that ``--ckpt_path=last``
+# still finds it.
+LEGACY_RENAMED: dict[str, str] = {}
+LEGACY_ADDED: frozenset[str] = frozenset()
 
-    from medlit.tracking import flatten
 
+def _digest(flat: dict[str, Any]) -> str:
+    blob = json.dumps(flat, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def signature_defaults(flat: dict[str, Any]) -> dict[str, Any]:
+    """The default of every constructor argument of a flattened config: the trainer's, and
+    each ``class_path``'s (model, data, logger, ...) under its ``init_args``."""
+    out = {
+        f"trainer.{name}": p.default
+        for name, p in inspect.signature(Trainer.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    for key, value in flat.items():
+        if not key.endswith("class_path") or not isinstance(value, str) or "." not in value:
+            continue
+        module, _, name = value.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+            params = inspect.signature(cls).parameters
+        except (ImportError, AttributeError, TypeError, ValueError):
+            continue
+        prefix = key.removesuffix("class_path") + "init_args."
+        for arg, p in params.items():
+            if p.default is not inspect.Parameter.empty:
+                out[prefix + arg] = p.default
+    return out
+
+
+def config_hashes(config: dict[str, Any]) -> list[str]:
+    """The identities of an experiment's config for ``--ckpt_path=last``, current first.
+
+    The current one covers what defines the experiment: the resolved config without the
+    :data:`RESUME_FREE` keys and without every argument left at its default, so that an
+    argument added to a constructor later (at its default) leaves the hash unchanged.
+    The second is the hash runs were tagged with before (every resolved key, defaults
+    too), computed on this config as it would then have resolved."""
     flat = {k: v for k, v in flatten(config).items() if k not in RESUME_FREE}
-    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    defaults = signature_defaults(flat)
+    current = {k: v for k, v in flat.items() if not (k in defaults and _same(v, defaults[k]))}
+    legacy = dict(flat)
+    for new, old in LEGACY_RENAMED.items():
+        if new in legacy:
+            value = legacy.pop(new)
+            legacy[old] = value if legacy.get(old) is None else legacy[old]
+    legacy = {k: v for k, v in legacy.items() if k not in LEGACY_ADDED}
+    return [_digest(current), _digest(legacy)]
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """The current identity of an experiment's config (the run's ``medlit.config_hash``
+    tag); see :func:`config_hashes`."""
+    return config_hashes(config)[0]
 
 
 def unwritable(path: Path) -> str | None:
@@ -99,7 +149,6 @@ def unwritable(path: Path) -> str | None:
 def output_dirs(config: Any) -> dict[str, Path]:
     """The folders a run writes, by config key: checkpoints and logs, the tracking store,
     the preprocessing cache, and the data root when demo data will be written there."""
-    import os
 
     def get(node: Any, *keys: str) -> Any:
         for k in keys:
@@ -240,3 +289,74 @@ class MedlitCLI(LightningCLI):
             # discriminator step never reaches the generator) needs DDP to look for them.
             kwargs["strategy"] = "ddp_find_unused_parameters_true"
         return super().instantiate_trainer(callbacks=[*user, *extra], **kwargs)
+
+
+def normalise_args(argv: Sequence[str]) -> list[str]:
+    """``CONFIG [overrides]`` -> ``--config CONFIG [overrides]`` (LightningCLI's spelling)."""
+    argv = list(argv)
+    if argv and not argv[0].startswith("-"):
+        return ["--config", argv[0], *argv[1:]]
+    return argv
+
+
+def check_compatible(model: LightningModule, datamodule: LightningDataModule) -> None:
+    """The task takes as many input channels as the data module yields, or a
+    ``ConfigError`` that says which value to set."""
+    if not isinstance(datamodule, BaseDataModule):
+        return
+    channels = datamodule.num_channels
+    expected = model.hparams.get("in_channels")
+    if channels is not None and expected is not None and channels != expected:
+        raise ConfigError(
+            f"model.in_channels={expected} but the data module yields {channels} channels "
+            f"({type(datamodule).__name__}.num_channels); set "
+            f"--model.in_channels={channels}"
+        )
+
+
+@dataclass
+class Experiment:
+    """One experiment, parsed and built: the checked task, data module and trainer."""
+
+    cli: MedlitCLI
+    model: LightningModule
+    datamodule: LightningDataModule
+    trainer: Trainer
+
+    @property
+    def config(self) -> Any:
+        """The resolved config (jsonargparse namespace)."""
+        return self.cli.config
+
+    @property
+    def fingerprints(self) -> list[str]:
+        """:func:`config_hashes` of the resolved config."""
+        return config_hashes(self.config.as_dict())
+
+
+def build(argv: Sequence[str], *, defaults: Sequence[str] = (), track: bool = True) -> Experiment:
+    """The builder every entry point uses: ``CONFIG [--key=value ...]`` parsed and built
+    exactly as ``medlit.fit`` builds it, and the task checked against the data module.
+
+    Args:
+        argv: the config file first (or ``--config FILE``), then overrides.
+        defaults: overrides of the entry point's own (``medlit.predict --device`` as
+            trainer settings), applied after the config file and before the user's
+            overrides, so that the user's win.
+        track: False: no logger is built, so nothing is tracked and no store is made.
+    """
+    args = normalise_args(argv)
+    head, rest = (args[:2], args[2:]) if args[:1] == ["--config"] else ([], args)
+    # Last, so that no config's logger settings bring a logger back.
+    tail = [] if track else ["--trainer.logger=false"]
+    cli = MedlitCLI(args=[*head, *defaults, *rest, *tail])
+    check_compatible(cli.model, cli.datamodule)
+    return Experiment(cli, cli.model, cli.datamodule, cli.trainer)
+
+
+def prepare(datamodule: LightningDataModule) -> None:
+    """Check and cache every case before anything runs. Under torchrun/SLURM every rank
+    runs the entry point: only each node's first process prepares (as Lightning does);
+    the others wait for it at Lightning's own ``prepare_data`` barrier."""
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        datamodule.prepare_data()

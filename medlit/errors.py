@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -94,3 +96,14 @@ class Report:
     def count(self) -> int:
         """Problems recorded so far (to tell whether a check added one)."""
         return len(self.problems)
+
+
+def run_main(main: Callable[[], object]) -> int:
+    """Exit status of an entry point: 0, or 2 with ``medlit: error: ...`` on stderr for
+    medlit's own errors (bad data, bad config), which need no traceback."""
+    try:
+        main()
+    except MedlitError as e:
+        print(f"medlit: error: {e}", file=sys.stderr)
+        return 2
+    return 0

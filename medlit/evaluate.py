@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
-from medlit.cli import MedlitCLI, run_main
-from medlit.fit import _check_compatible, _normalise_args, load_checkpoint, summary
+from medlit.checkpoints import load_checkpoint
+from medlit.cli import build, prepare
+from medlit.errors import run_main
+from medlit.fit import summary
 from medlit.tracking import MLflowTracker
 
 log = logging.getLogger("medlit")
@@ -33,11 +34,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ours, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     ckpt = Path(ours.ckpt_path).expanduser()
     load_checkpoint(ckpt)  # refused here, naming the file, if it is not safe to load
-    cli = MedlitCLI(args=_normalise_args(rest))
-    model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
-    _check_compatible(model, datamodule)
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # check and cache, as medlit.fit does
-        datamodule.prepare_data()
+    experiment = build(rest)
+    model, datamodule, trainer = experiment.model, experiment.datamodule, experiment.trainer
+    prepare(datamodule)  # check and cache, as medlit.fit does
     run = trainer.validate if ours.split == "val" else trainer.test
     results = run(
         model, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False, weights_only=True

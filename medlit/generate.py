@@ -26,12 +26,11 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from medlit.cli import MedlitCLI, run_main
+from medlit.cli import build
 from medlit.datasets.isic import CLASSES, TRUTH_CSV
 from medlit.datasets.synthetic import MARKER
 from medlit.datasets.volume_io import Geometry, atomic_write, write_volume
-from medlit.errors import ConfigError
-from medlit.fit import _normalise_args
+from medlit.errors import ConfigError, run_main
 from medlit.tasks.gan import GANTask
 
 log = logging.getLogger("medlit")
@@ -83,8 +82,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--num_images", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     ours, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    cli = MedlitCLI(args=[*_normalise_args(rest), "--trainer.logger=false"])
-    model, dm = cli.model, cli.datamodule
+    experiment = build(rest, track=False)
+    model, dm = experiment.model, experiment.datamodule
     if not isinstance(model, GANTask):
         raise ConfigError(f"medlit.generate needs a GANTask config, not {type(model).__name__}")
     ckpt = Path(ours.ckpt_path).expanduser()

@@ -32,9 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-from medlit.cli import MedlitCLI, run_main
-from medlit.errors import ConfigError
-from medlit.fit import _check_compatible, _normalise_args, load_checkpoint
+from medlit.checkpoints import load_checkpoint
+from medlit.cli import build, normalise_args
+from medlit.errors import ConfigError, run_main
 from medlit.tasks.gan import GANTask
 
 log = logging.getLogger("medlit")
@@ -69,29 +69,26 @@ def main(argv: list[str] | None = None) -> list[Path]:
         raise ConfigError("give the experiment's CONFIG file first")
     ckpt = Path(ours.ckpt_path).expanduser()
     state = load_checkpoint(ckpt)
-    normalised = _normalise_args(rest)
-    config, overrides = normalised[:2], normalised[2:]
     extra = [
         f"--trainer.enable_progress_bar={str(not ours.no_progress).lower()}",
         *device_args(ours.device),
     ]
     if ours.num_workers is not None:
         extra.append(f"--data.num_workers={ours.num_workers}")
-    # Nothing is tracked: last, so that the config's logger settings are overridden.
-    cli = MedlitCLI(args=[*config, *extra, *overrides, "--trainer.logger=false"])
-    model, dm, trainer = cli.model, cli.datamodule, cli.trainer
+    # Nothing is tracked.
+    experiment = build(rest, defaults=extra, track=False)
+    model, dm, trainer = experiment.model, experiment.datamodule, experiment.trainer
     if isinstance(model, GANTask):
         raise ConfigError("a GAN writes its images with python -m medlit.generate, not predict")
     if not hasattr(dm, "predict_from"):
         raise ConfigError(f"{type(dm).__name__} has no prediction writer (predict_from)")
-    _check_compatible(model, dm)
     try:
         model.on_load_checkpoint(state)
         model.load_state_dict(state.get("state_dict", {}))
     except RuntimeError as e:  # size mismatch / missing keys: another architecture
         detail = " ".join(str(e).split())[:600]
         raise ConfigError(
-            f"--ckpt_path {ckpt} does not fit the model of {config[1]} ({detail})"
+            f"--ckpt_path {ckpt} does not fit the model of {normalise_args(rest)[1]} ({detail})"
         ) from None
     if ours.batch_size is not None:
         if ours.batch_size < 1:

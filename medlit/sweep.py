@@ -38,8 +38,7 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ArgumentParser
 from jsonargparse.typing import Path_fr
 
-from medlit.cli import run_main
-from medlit.errors import ConfigError
+from medlit.errors import ConfigError, run_main
 from medlit.tuning import space as sp
 from medlit.tuning.worker import SweepConfig, Worker
 

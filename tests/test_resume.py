@@ -131,3 +131,79 @@ def test_a_file_that_is_not_a_safe_checkpoint_is_refused_by_name(
     bad.write_bytes(pickle.dumps({"obj": object()}))
     with pytest.raises(ConfigError, match="pickled.ckpt: not a checkpoint that loads"):
         main(tiny(brats_root, tracking_uri, "--trainer.max_epochs=1", f"--ckpt_path={bad}"))
+
+
+# The config hash of each shipped experiment as medlit computed it at c9de9f4 (every
+# resolved key, defaults included): the tag of every run started before the hash came to
+# leave defaults out.
+BEFORE_DEFAULTS_LEFT_OUT = {
+    "experiments/brats_deeplabv3plus.yaml": "6ff82cbf521a31ad",
+    "experiments/brats_pix2pix.yaml": "544899e62cfbc228",
+    "experiments/brats_unet.yaml": "6685feefbce8192f",
+    "experiments/demo/brats_pix2pix.yaml": "a3cf0af562f6a777",
+    "experiments/demo/brats_unet.yaml": "f29a36c709e20387",
+    "experiments/demo/isic_classifier.yaml": "45c6b00931a33165",
+    "experiments/demo/isic_gan.yaml": "d2c3bb99031d8d7c",
+    "experiments/demo/isic_unet.yaml": "e8faf0fa0dcdcf63",
+    "experiments/demo/luna16_fpr.yaml": "f521d0bdb296197f",
+    "experiments/demo/luna16_yolo.yaml": "f82e80de5a97e7f0",
+    "experiments/isic2019_classifier.yaml": "6713dc7b255715a8",
+    "experiments/isic_classifier.yaml": "6c2e5f450b695912",
+    "experiments/isic_gan.yaml": "018f1f3e17a4aa7e",
+    "experiments/isic_unet.yaml": "979787aab4b7a28c",
+    "experiments/luna16_fpr.yaml": "89f51f2a195cdebe",
+    "experiments/luna16_yolo.yaml": "7de037884e8f4b30",
+}
+
+
+def test_runs_started_by_an_older_medlit_are_still_found_by_their_config_hash() -> None:
+    from medlit.cli import config_hashes
+    from medlit.tuning.worker import resolve
+
+    repo = Path(__file__).parents[1]
+    shipped = {
+        str(p.relative_to(repo))
+        for p in (repo / "experiments").rglob("*.yaml")
+        if "sweeps" not in p.parts
+    }
+    assert shipped == set(BEFORE_DEFAULTS_LEFT_OUT)
+    for name, before in BEFORE_DEFAULTS_LEFT_OUT.items():
+        config, _ = resolve([str(repo / name)])
+        current, legacy = config_hashes(config)
+        assert legacy == before, name
+        assert current != legacy, name  # the current hash leaves the defaults out
+
+
+class Widened:
+    """A constructor that gained an argument (``added``) after runs were started."""
+
+    def __init__(self, lr: float = 1e-3, added: int = 7) -> None:
+        pass
+
+
+def test_an_argument_added_at_its_default_leaves_the_config_hash_unchanged() -> None:
+    from medlit.cli import config_hash
+
+    model = {"class_path": f"{__name__}.Widened", "init_args": {"lr": 3e-4}}
+    before = config_hash({"model": model, "ckpt_path": None})
+    widened = {**model, "init_args": {"lr": 3e-4, "added": 7}}
+    assert config_hash({"model": widened, "ckpt_path": "last"}) == before
+    assert config_hash({"model": {**model, "init_args": {"lr": 3e-4, "added": 8}}}) != before
+    assert config_hash({"model": {**model, "init_args": {"lr": 1e-3}}}) != before
+
+
+def test_last_finds_an_unfinished_run_by_either_hash(tmp_path: Path, tracking_uri: str) -> None:
+    from medlit.errors import ConfigError
+    from medlit.tracking import MLflowTracker
+    from medlit.tracking.resume import last_unfinished
+
+    tracker = MLflowTracker(experiment_name="older", tracking_uri=tracking_uri)
+    client = tracker.experiment  # creates the experiment
+    exp = client.get_experiment_by_name("older").experiment_id
+    old = client.create_run(exp, tags={"medlit.config_hash": "legacyhash"}).info.run_id
+    last = tmp_path / exp / old / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"")
+    assert last_unfinished(tracker, tmp_path, ["currenthash", "legacyhash"]) == (last, old)
+    with pytest.raises(ConfigError, match="experiment 'older' at sqlite:"):
+        last_unfinished(tracker, tmp_path, ["currenthash"])

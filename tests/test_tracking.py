@@ -80,7 +80,7 @@ def test_a_store_that_stays_down_only_drops_records(
 
     monkeypatch.setattr(MlflowClient, "log_batch", down)
     # fit's and test's spools in the same second, as on a fast machine: no collision
-    monkeypatch.setattr("medlit.tracking._stamp", lambda: "20260101-000000")
+    monkeypatch.setattr("medlit.tracking.spool.stamp", lambda: "20260101-000000")
     metrics = main(
         tiny(
             brats_root,

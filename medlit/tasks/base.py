@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from pytorch_lightning import LightningModule
 from torch.optim.lr_scheduler import LambdaLR
 
+from medlit.artifacts import log_file
 from medlit.datasets.slices import stack_slices
 from medlit.errors import ConfigError
-from medlit.tracking import log_file
 
 
 def predict_slices(

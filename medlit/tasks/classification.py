@@ -12,12 +12,12 @@ import timm
 import torch
 from torch import Tensor
 
+from medlit.artifacts import log_file
 from medlit.datasets.volume_io import atomic_write
 from medlit.errors import ConfigError
 from medlit.metrics.classification import balanced_accuracy, confusion, per_class_auc
 from medlit.models import load_weights, unknown_name
 from medlit.tasks.base import BaseTask
-from medlit.tracking import log_file
 from medlit.visualize import save_confusion, save_gradcam
 
 

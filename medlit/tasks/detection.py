@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
+from medlit.artifacts import log_file
 from medlit.datasets.luna16 import index_to_world
 from medlit.datasets.nodules import slice_boxes, spacing_zyx
 from medlit.datasets.slices import stack_slices
@@ -30,7 +31,6 @@ from medlit.errors import ConfigError
 from medlit.metrics.froc import FROCResult, froc
 from medlit.models import load_weights, unknown_name, yolo_names
 from medlit.tasks.base import BaseTask
-from medlit.tracking import log_file
 from medlit.visualize import save_detections
 
 # Before Ultralytics is imported: no DNS probe, no settings sync, quiet model summaries.

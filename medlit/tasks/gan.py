@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from medlit.artifacts import log_file
 from medlit.errors import ConfigError
 from medlit.metrics.synthesis import (
     FeatureExtractor,
@@ -42,7 +43,6 @@ from medlit.metrics.synthesis import (
 )
 from medlit.models.gan import DCGANDiscriminator, DCGANGenerator, PatchDiscriminator, UNetGenerator
 from medlit.tasks.base import BaseTask, predict_slices
-from medlit.tracking import log_file
 
 
 def adversarial_loss(kind: str, logits: Tensor, real: bool, for_generator: bool = False) -> Tensor:

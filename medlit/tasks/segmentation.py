@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from medlit.artifacts import log_file, log_folder
 from medlit.errors import ConfigError
 from medlit.metrics.segmentation import region_metrics, volume_diagonal
 from medlit.models import load_weights, smp_names
 from medlit.tasks.base import BaseTask, predict_slices
-from medlit.tracking import log_file, log_folder
 from medlit.visualize import save_overlays
 
 

@@ -95,8 +95,7 @@ def resolve(args: list[str]) -> tuple[dict[str, Any], str]:
     """Parse an experiment with overrides exactly as ``medlit.fit`` would, without
     building anything: returns the resolved config and its YAML, which ``medlit.fit``
     runs unchanged. Unknown keys and invalid values fail here, naming the key."""
-    from medlit.cli import MedlitCLI
-    from medlit.fit import _normalise_args
+    from medlit.cli import MedlitCLI, normalise_args
 
     class ParseOnly(MedlitCLI):
         def instantiate_classes(self) -> None:  # the sweep only needs the parsed config
@@ -109,7 +108,7 @@ def resolve(args: list[str]) -> tuple[dict[str, Any], str]:
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(stderr):
             warnings.filterwarnings("ignore", "LightningCLI's args parameter")
-            cli = ParseOnly(args=_normalise_args(args))
+            cli = ParseOnly(args=normalise_args(args))
     except SystemExit:  # jsonargparse's message names the key and the value
         error = [ln for ln in stderr.getvalue().splitlines() if ln.startswith("error:")]
         raise ConfigError(
