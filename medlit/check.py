@@ -24,6 +24,7 @@ import sys
 import time
 
 from medlit.cli import build
+from medlit.datamodules.base import BaseDataModule
 from medlit.errors import ConfigError, Report, run_main
 
 log = logging.getLogger("medlit")
@@ -36,8 +37,8 @@ def check(argv: list[str]) -> Report:
     args = [a for a in argv if a != "--deep"]
     # Nothing is tracked: the run's logger is not built (no store is created).
     datamodule = build(args, track=False).datamodule
-    if not hasattr(datamodule, "check"):
-        raise ConfigError(f"{type(datamodule).__name__} has no data checks")
+    if not isinstance(datamodule, BaseDataModule):
+        raise ConfigError(f"{type(datamodule).__name__} is not a medlit data module: no checks")
     report = Report(strict=False)
     start = time.perf_counter()
     n = datamodule.check(report, deep=deep)

@@ -24,6 +24,7 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from medlit.callbacks import FiniteLossGuard, LastCheckpoint, ResumeState, Speedups
 from medlit.datamodules.base import BaseDataModule
 from medlit.errors import ConfigError, MedlitError
+from medlit.tasks.base import BaseTask
 from medlit.tracking import DEFAULT_TRACKING_URI, flatten, log_run_metadata
 from medlit.tuning.trial import TrialReporter
 from medlit.tuning.trial import context as sweep_trial
@@ -38,7 +39,7 @@ class TrackConfig(SaveConfigCallback):
         tags = {
             "task": type(pl_module).__name__,
             "datamodule": type(dm).__name__ if dm is not None else "none",
-            "data": "synthetic" if getattr(dm, "is_synthetic", False) else "real",
+            "data": "synthetic" if isinstance(dm, BaseDataModule) and dm.is_synthetic else "real",
         }
         config = self.config.as_dict()
         tags["medlit.config_hash"] = config_hash(config)
@@ -60,11 +61,11 @@ RESUME_FREE = (
 )
 
 
-# Config keys renamed since the first config hash (new flattened key -> old), and keys
-# added since: a run started before either change was tagged with the hash of the config
-# as it then resolved, which :func:`config_hashes` recomputes so that ``--ckpt_path=last``
-# still finds it.
-LEGACY_RENAMED: dict[str, str] = {}
+# Constructor arguments added since c9de9f4, the last version whose config hash covered
+# every resolved key ("ClassName.argument"): the hash a run started by that version was
+# tagged with is recomputed without them (and with the old names of renamed arguments,
+# ``renamed_arguments``), so that ``--ckpt_path=last`` still finds it. Add an argument
+# here when you add one to a task or data module (tests/test_resume.py pins the hashes).
 LEGACY_ADDED: frozenset[str] = frozenset()
 
 
@@ -77,6 +78,20 @@ def _same(a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
+def _classes(flat: dict[str, Any]) -> dict[str, type]:
+    """``prefix`` -> class of every ``<prefix>class_path`` of a flattened config."""
+    out = {}
+    for key, value in flat.items():
+        if not key.endswith("class_path") or not isinstance(value, str) or "." not in value:
+            continue
+        module, _, name = value.rpartition(".")
+        try:
+            out[key.removesuffix("class_path")] = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    return out
+
+
 def signature_defaults(flat: dict[str, Any]) -> dict[str, Any]:
     """The default of every constructor argument of a flattened config: the trainer's, and
     each ``class_path``'s (model, data, logger, ...) under its ``init_args``."""
@@ -85,19 +100,14 @@ def signature_defaults(flat: dict[str, Any]) -> dict[str, Any]:
         for name, p in inspect.signature(Trainer.__init__).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
-    for key, value in flat.items():
-        if not key.endswith("class_path") or not isinstance(value, str) or "." not in value:
-            continue
-        module, _, name = value.rpartition(".")
+    for prefix, cls in _classes(flat).items():
         try:
-            cls = getattr(importlib.import_module(module), name)
             params = inspect.signature(cls).parameters
-        except (ImportError, AttributeError, TypeError, ValueError):
+        except (TypeError, ValueError):
             continue
-        prefix = key.removesuffix("class_path") + "init_args."
         for arg, p in params.items():
             if p.default is not inspect.Parameter.empty:
-                out[prefix + arg] = p.default
+                out[f"{prefix}init_args.{arg}"] = p.default
     return out
 
 
@@ -105,19 +115,31 @@ def config_hashes(config: dict[str, Any]) -> list[str]:
     """The identities of an experiment's config for ``--ckpt_path=last``, current first.
 
     The current one covers what defines the experiment: the resolved config without the
-    :data:`RESUME_FREE` keys and without every argument left at its default, so that an
-    argument added to a constructor later (at its default) leaves the hash unchanged.
-    The second is the hash runs were tagged with before (every resolved key, defaults
-    too), computed on this config as it would then have resolved."""
+    :data:`RESUME_FREE` keys, with renamed arguments under their new names, and without
+    every argument left at its default, so that an argument added to a constructor later
+    (at its default) leaves the hash unchanged. The second is the hash that runs were
+    tagged with up to c9de9f4 (every resolved key, defaults too), computed on this config
+    as that version would have resolved it."""
     flat = {k: v for k, v in flatten(config).items() if k not in RESUME_FREE}
+    classes = _classes(flat)
+    renames = {  # old key -> new key
+        f"{prefix}init_args.{old}": f"{prefix}init_args.{new}"
+        for prefix, cls in classes.items()
+        if issubclass(cls, (BaseTask, BaseDataModule))
+        for new, old in cls.renamed_arguments.items()
+    }
+    for old, new in renames.items():
+        if (value := flat.pop(old, None)) is not None:
+            flat[new] = value
     defaults = signature_defaults(flat)
     current = {k: v for k, v in flat.items() if not (k in defaults and _same(v, defaults[k]))}
-    legacy = dict(flat)
-    for new, old in LEGACY_RENAMED.items():
-        if new in legacy:
-            value = legacy.pop(new)
-            legacy[old] = value if legacy.get(old) is None else legacy[old]
-    legacy = {k: v for k, v in legacy.items() if k not in LEGACY_ADDED}
+    back = {new: old for old, new in renames.items()}
+    added = {
+        f"{prefix}init_args.{arg}"
+        for prefix, cls in classes.items()
+        for arg in (a.split(".", 1)[1] for a in LEGACY_ADDED if a.split(".")[0] == cls.__name__)
+    }
+    legacy = {back.get(k, k): v for k, v in flat.items() if k not in added}
     return [_digest(current), _digest(legacy)]
 
 
@@ -267,8 +289,8 @@ class MedlitCLI(LightningCLI):
         if not any(isinstance(c, ModelCheckpoint) for c in user):
             extra.append(
                 ModelCheckpoint(
-                    monitor=getattr(self.model, "monitor", None),
-                    mode=getattr(self.model, "mode", "min"),
+                    monitor=self.model.monitor if isinstance(self.model, BaseTask) else None,
+                    mode=self.model.mode if isinstance(self.model, BaseTask) else "min",
                     save_top_k=1,
                     filename="best-{epoch:03d}",
                     auto_insert_metric_name=False,
@@ -282,8 +304,10 @@ class MedlitCLI(LightningCLI):
             isinstance(c, LearningRateMonitor) for c in user
         ):
             extra.append(LearningRateMonitor(logging_interval="epoch"))
-        if trainer_cfg.get("strategy") == "ddp" and getattr(
-            self.model, "ddp_find_unused_parameters", False
+        if (
+            trainer_cfg.get("strategy") == "ddp"
+            and isinstance(self.model, BaseTask)
+            and self.model.ddp_find_unused_parameters
         ):
             # A task whose steps leave some parameters without gradients (a GAN's
             # discriminator step never reaches the generator) needs DDP to look for them.

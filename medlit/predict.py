@@ -34,8 +34,9 @@ from pathlib import Path
 
 from medlit.checkpoints import load_checkpoint
 from medlit.cli import build, normalise_args
+from medlit.datamodules.base import BaseDataModule
 from medlit.errors import ConfigError, run_main
-from medlit.tasks.gan import GANTask
+from medlit.tasks.base import BaseTask
 
 log = logging.getLogger("medlit")
 
@@ -78,10 +79,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     # Nothing is tracked.
     experiment = build(rest, defaults=extra, track=False)
     model, dm, trainer = experiment.model, experiment.datamodule, experiment.trainer
-    if isinstance(model, GANTask):
-        raise ConfigError("a GAN writes its images with python -m medlit.generate, not predict")
-    if not hasattr(dm, "predict_from"):
-        raise ConfigError(f"{type(dm).__name__} has no prediction writer (predict_from)")
+    if not isinstance(model, BaseTask) or not isinstance(dm, BaseDataModule):
+        raise ConfigError("medlit.predict needs a medlit task and data module")
+    out = Path(ours.output).expanduser()
+    writer = model.prediction_writer(out)  # refused here for a task that writes none
     try:
         model.on_load_checkpoint(state)
         model.load_state_dict(state.get("state_dict", {}))
@@ -94,21 +95,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
         if ours.batch_size < 1:
             raise ConfigError(f"--batch_size {ours.batch_size}: must be at least 1")
         dm.batch_size = ours.batch_size  # images per batch (ISIC)
-        for key in ("inference_batch_size", "eval_batch_size"):  # slices per forward
-            if key in model.hparams:
-                model.hparams[key] = ours.batch_size
-    source = Path(ours.input).expanduser()
-    if type(dm).__name__ == "ISICDataModule":
-        dm.predict_from(source, num_classes=model.hparams.get("num_classes"))
-    else:
-        dm.predict_from(source)
-    out = Path(ours.output).expanduser()
+        if "inference_batch_size" in model.hparams:  # slices per forward pass
+            model.hparams["inference_batch_size"] = ours.batch_size
+    dm.predict_from(Path(ours.input).expanduser(), num_classes=model.hparams.get("num_classes"))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--output {out}: cannot create it ({e.strerror})") from None
     start = time.time()
-    model.predict_output = out
+    trainer.callbacks.append(writer)
     model.eval()
     trainer.predict(model, datamodule=dm, return_predictions=False)
     written = sorted(p for p in out.rglob("*") if p.is_file() and p.stat().st_mtime >= start)

@@ -3,6 +3,7 @@ MLflow run, every metric step, and the same numbers as a run that was never stop
 
 from __future__ import annotations
 
+import math
 import signal
 import sqlite3
 import subprocess
@@ -207,3 +208,72 @@ def test_last_finds_an_unfinished_run_by_either_hash(tmp_path: Path, tracking_ur
     assert last_unfinished(tracker, tmp_path, ["currenthash", "legacyhash"]) == (last, old)
     with pytest.raises(ConfigError, match="experiment 'older' at sqlite:"):
         last_unfinished(tracker, tmp_path, ["currenthash"])
+
+
+def _hand_written_factor(epoch: int, total: int, warmup: int) -> float:
+    """The warm-up + cosine factor medlit computed by hand (LambdaLR) up to c9de9f4."""
+    if epoch < warmup:
+        return (epoch + 1) / (warmup + 1)
+    progress = (epoch - warmup) / max(total - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * progress)) * 0.99 + 0.01
+
+
+def test_a_checkpoint_with_the_hand_written_schedule_resumes_on_torchs() -> None:
+    import torch
+    from pytorch_lightning import Trainer
+    from torch.optim.lr_scheduler import LambdaLR, SequentialLR
+
+    from medlit.tasks import ClassificationTask
+    from medlit.tasks.base import warmup_cosine
+
+    for total, warmup in ((1, 0), (4, 0), (12, 2), (60, 5)):  # torch's equals the old one
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+        scheduler = warmup_cosine(opt, total, warmup)
+        for epoch in range(total):
+            want = 3e-4 * _hand_written_factor(epoch, total, warmup)
+            assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-12), (total, epoch)
+            opt.step()
+            scheduler.step()
+
+    task = ClassificationTask(model="test_resnet", num_classes=2, lr=3e-4, warmup_epochs=2)
+    task.trainer = Trainer(max_epochs=12, logger=False, enable_checkpointing=False)
+    opt = torch.optim.AdamW(task.parameters(), lr=3e-4)
+    old = LambdaLR(opt, lambda e: _hand_written_factor(e, 12, 2))
+    for _ in range(5):  # the run stopped after epoch 5
+        opt.step()
+        old.step()
+    checkpoint = {
+        "state_dict": task.state_dict(),
+        "optimizer_states": [opt.state_dict()],
+        "lr_schedulers": [old.state_dict()],
+    }
+    task.on_load_checkpoint(checkpoint)
+    resumed = task.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert isinstance(resumed, SequentialLR)
+    # As Lightning restores a run: the optimizer's state (its learning rate), then the
+    # scheduler's.
+    resumed.optimizer.load_state_dict(checkpoint["optimizer_states"][0])
+    resumed.load_state_dict(checkpoint["lr_schedulers"][0])
+    for epoch in range(5, 12):
+        lr = resumed.optimizer.param_groups[0]["lr"]
+        assert lr == pytest.approx(3e-4 * _hand_written_factor(epoch, 12, 2), rel=1e-12), epoch
+        resumed.optimizer.step()
+        resumed.step()
+
+
+def test_a_renamed_key_still_works_says_its_new_name_and_is_the_same_experiment() -> None:
+    from medlit.cli import config_hashes
+    from medlit.errors import ConfigError
+    from medlit.tasks import ClassificationTask
+    from medlit.tuning.worker import resolve
+
+    config = str(Path(__file__).parents[1] / "experiments/demo/luna16_fpr.yaml")
+    old, _ = resolve([config, "--model.in_chans=1"])
+    new, _ = resolve([config, "--model.in_channels=1"])
+    assert config_hashes(old) == config_hashes(new)
+    assert config_hashes(new) != config_hashes(resolve([config])[0])
+    with pytest.warns(FutureWarning, match="`in_chans` is deprecated .* use `in_channels`"):
+        task = ClassificationTask(model="test_resnet", num_classes=2, in_chans=1)
+    assert task.hparams["in_channels"] == 1 and task.hparams["in_chans"] is None
+    with pytest.raises(ConfigError, match="both in_chans=1 .* and in_channels=4"):
+        ClassificationTask(model="test_resnet", in_channels=4, in_chans=1)

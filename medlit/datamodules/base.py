@@ -1,4 +1,12 @@
-"""BaseDataModule: one loader factory for every split of every dataset."""
+"""BaseDataModule: the contract between data modules and the tasks and entry points that
+use them, and one loader factory for every split of every dataset.
+
+Everything a task or an entry point may ask of a data module is declared on
+:class:`BaseDataModule`, documented, with a default for a dataset that has nothing to
+say. A task never imports a particular dataset, and nothing probes a data module with
+``hasattr``/``getattr`` or dispatches on its class name: a data module overrides what its
+dataset provides (``docs/adding-a-dataset.md`` lists the methods in the order they run).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +16,17 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
+import pandas as pd
 import torch
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler
 
 from medlit.datasets.synthetic import is_synthetic
+from medlit.datasets.volume_io import atomic_write
+from medlit.errors import ConfigError, Report
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +84,37 @@ class ShareSampler(DistributedSampler):
         return self.num_samples
 
 
+class Scored(Protocol):
+    """A challenge's score of a set of predictions (e.g. :class:`~medlit.metrics.froc.FROCResult`)."""
+
+    def metrics(self) -> dict[str, float]:
+        """Metric name -> value, logged under ``<stage>/``."""
+
+    def plot(self, path: Path) -> None:
+        """The score's figure (an FROC curve, ...) as an image file."""
+
+
 class BaseDataModule(LightningDataModule):
     """Holds the loader settings; subclasses fill ``self.datasets[split]`` in ``setup``.
 
     Training batches are ``batch_size`` slices; evaluation batches are one whole case.
+
+    The contract, by who asks (every member has a default here):
+
+    - every entry point: :attr:`root`, :attr:`num_channels` (checked against the task's
+      ``in_channels``), :attr:`is_synthetic` (the run's ``data`` tag), :meth:`check`
+      (``medlit.check``; ``prepare_data`` runs the same checks, raising);
+    - classification: :attr:`classes`, :attr:`class_counts`, :meth:`score_predictions`,
+      :meth:`write_submission`;
+    - segmentation: :meth:`write_prediction`;
+    - detection: :attr:`classes`, :meth:`reference`, :meth:`write_detections`,
+      :meth:`candidate_inputs` and :meth:`search_mask` (false-positive reduction);
+    - ``medlit.predict``: :meth:`predict_from`, then the task's writer calls the
+      ``write_*`` method of its output.
     """
+
+    # Renamed constructor arguments, new name -> old (medlit.deprecation).
+    renamed_arguments: ClassVar[dict[str, str]] = {}
 
     def __init__(self, root: str, batch_size: int, num_workers: int) -> None:
         super().__init__()
@@ -88,10 +125,118 @@ class BaseDataModule(LightningDataModule):
         # Set by ``predict_from``: prediction reads this input, never ``root``.
         self.predict_input: Path | None = None
 
+    # ---- what the data are --------------------------------------------------------------
+
     @property
     def is_synthetic(self) -> bool:
         """Whether ``root`` holds medlit's demo data (the run is then tagged data=synthetic)."""
         return is_synthetic(self.root)
+
+    @property
+    def num_channels(self) -> int | None:
+        """Channels of every ``image`` tensor the data module yields (the task's
+        ``in_channels`` must equal it); None when it cannot be known from the config."""
+        return None
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Names of the classes of its ``label``/``box_labels`` targets, in index order;
+        empty when its targets have no class names."""
+        return ()
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Training items per class, in :attr:`classes` order (``class_weights:
+        balanced``); empty when the targets are not classes."""
+        return []
+
+    def check(self, report: Report, deep: bool = False) -> int:
+        """Run every check of every case, each problem to ``report`` (strict: raise at the
+        first error; else collect them all); returns the number of cases checked.
+        ``deep``: also re-verify each cached case against its source files."""
+        raise ConfigError(f"{type(self).__name__} has no data checks")
+
+    # ---- prediction input ----------------------------------------------------------------
+
+    def predict_from(self, path: Path, num_classes: int | None = None) -> None:
+        """Make ``self.datasets["predict"]`` from the input at ``path`` (a file or folder in
+        the dataset's own layout), never from ``root``: the training data need not be
+        there. ``num_classes``: how many classes the model predicts, for a dataset whose
+        output format depends on it (ISIC's releases). Bad input raises, naming the file."""
+        raise ConfigError(f"{type(self).__name__} cannot read prediction inputs")
+
+    # ---- outputs, in the dataset's own formats -------------------------------------------
+
+    def write_prediction(
+        self, case_id: str, regions: np.ndarray, folder: Path, meta: dict | None = None
+    ) -> None:
+        """Write one case's segmentation (``regions``: (R, Z, Y, X) booleans, the task's
+        regions) into ``folder`` as the dataset's label files are written, on the input's
+        exact grid. ``meta``: the case's metadata when it is not one of the data module's
+        own cases (``medlit.predict``)."""
+        raise ConfigError(
+            f"{type(self).__name__} cannot write segmentations; unset model.predictions_dir"
+        )
+
+    def write_submission(
+        self, path: Path, ids: list[str], probs: np.ndarray, class_names: Sequence[str]
+    ) -> None:
+        """Per-item class probabilities (``probs``: N × classes) as the challenge's
+        submission file. Default: a CSV ``image,<class names>``."""
+        table = pd.DataFrame(probs, columns=list(class_names))
+        table.insert(0, "image", ids)
+        atomic_write(Path(path), lambda p: table.to_csv(p, index=False))
+
+    def score_predictions(self, ids: list[str], probs: np.ndarray) -> Scored | None:
+        """The challenge's own score of per-item class probabilities, where it is not a
+        per-item score (LUNA16 candidates: FROC/CPM over scans); None: the task's own
+        metrics are the score."""
+        return None
+
+    # ---- generation (medlit.generate) ----------------------------------------------------
+
+    def write_images(
+        self,
+        folder: Path,
+        pixels: np.ndarray,
+        labels: np.ndarray | None,
+        provenance: dict[str, str] | None = None,
+    ) -> list[Path]:
+        """Generated images (N, H, W, 3) uint8, with their class indices or None, written
+        into ``folder`` as a copy of the dataset's own layout (so that the data module can
+        read it back); ``provenance`` is recorded beside them. Returns the image files."""
+        raise ConfigError(f"{type(self).__name__} cannot write generated images")
+
+    def write_synthesis(self, case_id: str, volume: np.ndarray, folder: Path) -> Path:
+        """A synthesised image of one of the data module's cases (``volume``: its cropped
+        (Z, Y, X) grid) written under ``folder`` on the case's exact geometry."""
+        raise ConfigError(f"{type(self).__name__} cannot write synthesised volumes")
+
+    # ---- detection -----------------------------------------------------------------------
+
+    def reference(self, case_ids: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The reference findings of ``case_ids`` to score detections against, and the
+        findings that count neither as hits nor as false positives (LUNA16:
+        ``annotations.csv`` and ``annotations_excluded.csv`` rows, official columns)."""
+        raise ConfigError(f"{type(self).__name__} has no reference findings for detection")
+
+    def write_detections(self, path: Path, marks: pd.DataFrame) -> None:
+        """Scored detections (``marks``: one row per finding, world coordinates in mm) as
+        the challenge's submission file. Default: the table as CSV."""
+        atomic_write(Path(path), lambda p: marks.to_csv(p, index=False, float_format="%.6f"))
+
+    def candidate_inputs(
+        self, case_id: str, centres_zyx: np.ndarray, volume: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Classifier inputs (N, C, S, S) at voxel positions ``centres_zyx`` of a case, made
+        as its false-positive-reduction training patches are. ``volume``: the case's
+        array when it is not one of the data module's own cases (``medlit.predict``)."""
+        raise ConfigError(f"{type(self).__name__} has no candidate patches")
+
+    def search_mask(self, case_id: str) -> np.ndarray | None:
+        """Where findings may lie in a case (LUNA16: the lung mask, voxel grid of the
+        cached scan); None: anywhere."""
+        return None
 
     def write_demo_if_empty(self, write: Callable[[Path], object], what: str) -> None:
         """With ``demo: true``, fill an empty or missing ``root`` with ``write(root)`` first."""

@@ -246,7 +246,7 @@ class BraTSDataModule(BaseDataModule):
             sum(e.nbytes() for e in entries) / 1e6,
         )
 
-    def predict_from(self, path: Path) -> None:
+    def predict_from(self, path: Path, num_classes: int | None = None) -> None:
         """Predict on ``path`` (a case folder, or a folder of case folders in any BraTS
         layout) instead of ``root``; the training data need not be present.
 
@@ -310,10 +310,24 @@ class BraTSDataModule(BaseDataModule):
             et = self._predict_et
         labels = np.zeros(meta["shape"], np.uint8)
         labels[tuple(slice(a, b) for a, b in meta["bbox"])] = labels_from_regions(regions, et)
-        geometry = Geometry(
-            *(tuple(meta["geometry"][k]) for k in ("origin", "spacing", "direction"))
-        )
+        geometry = Geometry.from_dict(meta["geometry"])
         write_volume(labels, geometry, folder / f"{case_id}.nii.gz")
+
+    def write_synthesis(self, case_id: str, volume: np.ndarray, folder: Path) -> Path:
+        """The synthesised target modality (the last of ``modalities``) of a case as
+        ``<case>/<case>_<modality>-synth.nii.gz``, uncropped, on the input's geometry."""
+        meta = next(
+            e.meta
+            for d in self.datasets.values()
+            if isinstance(d, CaseDataset)
+            for e in d.entries
+            if e.meta["case_id"] == case_id
+        )
+        full = np.zeros(meta["shape"], np.float32)
+        full[tuple(slice(a, b) for a, b in meta["bbox"])] = volume
+        path = folder / case_id / f"{case_id}_{self.modalities[-1]}-synth.nii.gz"
+        write_volume(full, Geometry.from_dict(meta["geometry"]), path)
+        return path
 
     # ---- datasets ----------------------------------------------------------------------
 

@@ -3,8 +3,10 @@ class balancing."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -18,13 +20,16 @@ from medlit.datamodules.splits import split_file_problems, split_groups
 from medlit.datasets.images import ImageDataset
 from medlit.datasets.isic import (
     CLASSES,
+    IMAGE_DIRS,
     ISICRecords,
     check_image,
     check_records,
     read_records,
+    write_images,
     write_mask,
     write_submission,
 )
+from medlit.datasets.synthetic import MARKER
 from medlit.datasets.synthetic_isic import write_isic
 from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, Report
 
@@ -93,6 +98,8 @@ class ISICDataModule(BaseDataModule):
         self.save_hyperparameters(logger=False)  # the resolved config is logged whole
         self.records: ISICRecords | None = None
         self.split_ids: dict[str, list[str]] = {}
+        # The release a predicted folder's submission is written as (set by predict_from).
+        self._predict_year: str | None = None
 
     @property
     def num_channels(self) -> int:
@@ -290,19 +297,40 @@ class ISICDataModule(BaseDataModule):
         labels = [self.records.labels[i] for i in self.split_ids["train"]]
         return self._loader("train", sampler=balanced_sampler(labels))
 
-    def write_prediction(self, image_id: str, regions: np.ndarray, folder: Path) -> None:
+    def write_prediction(
+        self, image_id: str, regions: np.ndarray, folder: Path, meta: dict | None = None
+    ) -> None:
         """A predicted lesion (regions (1, 1, H, W)) as ``<id>_segmentation.png``, 0/255."""
         write_mask(folder / f"{image_id}_segmentation.png", regions[0, 0])
 
-    def write_submission(self, path: Path, ids: list[str], probs: np.ndarray) -> None:
+    def write_submission(
+        self, path: Path, ids: list[str], probs: np.ndarray, class_names: Sequence[str] = ()
+    ) -> None:
         """The release's official submission CSV (see ``medlit.datasets.isic.write_submission``)."""
-        year = getattr(self, "_predict_year", None) or self._load().year
+        year = self._predict_year or self._load().year
         if year not in CLASSES:
             raise ConfigError(
                 f"no submission format for {year!r}: set data.year to the release the "
                 f"classifier was trained on ({', '.join(CLASSES)})"
             )
         write_submission(path, ids, probs, year)
+
+    def write_images(
+        self,
+        folder: Path,
+        pixels: np.ndarray,
+        labels: np.ndarray | None,
+        provenance: dict[str, str] | None = None,
+    ) -> list[Path]:
+        """Generated images as a copy of the training release (a folder this data module
+        reads back), marked as generated data."""
+        year = self._load().year
+        if year not in IMAGE_DIRS:
+            raise ConfigError(f"generated images need a classification release, not {year}")
+        written = write_images(folder, pixels, labels, year)
+        marker = {"dataset": "isic-generated", "year": year, **(provenance or {})}
+        (folder / MARKER).write_text(json.dumps(marker))
+        return written
 
     def _eval_batch(self) -> int:
         return 1 if self.hparams["target"] == "mask" else self.batch_size

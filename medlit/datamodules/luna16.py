@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -155,8 +156,8 @@ class LUNA16DataModule(BaseDataModule):
         return 2 * h["context_slices"] + 1
 
     @property
-    def classes(self) -> list[str]:
-        return ["nodule"] if self.hparams["target"] == "boxes" else ["non_nodule", "nodule"]
+    def classes(self) -> tuple[str, ...]:
+        return ("nodule",) if self.hparams["target"] == "boxes" else ("non_nodule", "nodule")
 
     @property
     def class_counts(self) -> list[int]:
@@ -391,7 +392,7 @@ class LUNA16DataModule(BaseDataModule):
                 [self.entries[u] for u in uids], None, h["hu_window"]
             )
 
-    def predict_from(self, path: Path) -> None:
+    def predict_from(self, path: Path, num_classes: int | None = None) -> None:
         """Detect in ``path`` (a ``.mhd`` scan, or a folder searched recursively for them;
         ``seg-lungs-LUNA16`` masks are skipped) instead of the test subsets; the training
         data need not be present. Every header is checked here (3D, one channel, a data
@@ -482,9 +483,20 @@ class LUNA16DataModule(BaseDataModule):
             }
         )
 
-    def write_submission(self, path: Path, ids: list[str], probs: np.ndarray) -> None:
+    def write_submission(
+        self, path: Path, ids: list[str], probs: np.ndarray, class_names: Sequence[str] = ()
+    ) -> None:
         """False-positive reduction: the LUNA16 submission CSV of the scored candidates."""
         write_submission(path, self.candidate_marks(ids, probs))
+
+    def write_detections(self, path: Path, marks: pd.DataFrame) -> None:
+        """The LUNA16 submission CSV ``seriesuid,coordX,coordY,coordZ,probability``."""
+        write_submission(path, marks)
+
+    def search_mask(self, case_id: str) -> np.ndarray | None:
+        """The scan's cached lung mask (``seg-lungs-LUNA16``), or None without one."""
+        entry = self.entries.get(case_id)
+        return entry.arrays.get("lungs") if entry is not None else None
 
     def score_predictions(self, ids: list[str], probs: np.ndarray) -> FROCResult:
         """False-positive reduction scored as the challenge scores it: FROC/CPM over the
@@ -496,11 +508,14 @@ class LUNA16DataModule(BaseDataModule):
         annotations, excluded = self.reference(uids)
         return froc(marks, annotations, excluded, uids)
 
-    def candidate_inputs(self, uid: str, centres_zyx: np.ndarray) -> np.ndarray:
+    def candidate_inputs(
+        self, case_id: str, centres_zyx: np.ndarray, volume: np.ndarray | None = None
+    ) -> np.ndarray:
         """Classifier inputs (N, 3, S, S) at voxel positions of a scan, made exactly as the
-        false-positive-reduction training patches are (without augmentation)."""
+        false-positive-reduction training patches are (without augmentation). ``volume``:
+        the scan's HU array when it is not one of the data module's (``medlit.predict``)."""
         h = self.hparams
-        hu = self.entries[uid].arrays["image"]
+        hu = volume if volume is not None else self.entries[case_id].arrays["image"]
         return np.stack(
             [
                 candidate_patch(

@@ -43,6 +43,12 @@ TRUTH_CSV = {
     "2019": "ISIC_2019_Training_GroundTruth.csv",
     "2020": "train.csv",
 }
+# Where each classification release keeps its images.
+IMAGE_DIRS = {
+    "2018_task3": "ISIC2018_Task3_Training_Input",
+    "2019": "ISIC_2019_Training_Input",
+    "2020": "jpeg/train",
+}
 ISIC_HELP = (
     "ISIC data come from https://challenge.isic-archive.com/data/ (2018 Task 1 and 3, 2019, "
     "2020) and HAM10000 from https://doi.org/10.7910/DVN/DBW86T; unpack the archives under "
@@ -328,3 +334,36 @@ def write_mask(path: str | Path, mask: np.ndarray) -> None:
     """A predicted lesion mask as the ground truth is stored: single-channel PNG, 0/255."""
     image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), "L")
     atomic_write(Path(path), lambda p: image.save(p, format="PNG"))
+
+
+def write_images(
+    folder: Path, pixels: np.ndarray, labels: np.ndarray | None, year: str, first: int = 9000000
+) -> list[Path]:
+    """RGB images (N, H, W, 3) uint8 (generated ones) written as an ISIC classification
+    release of ``year``: ``ISIC_<first + i>.jpg`` in the release's image folder and, with
+    ``labels`` (class indices), its ground-truth CSV. Returns the image files."""
+    ids = [f"ISIC_{first + i:07d}" for i in range(len(pixels))]
+    image_dir = folder / IMAGE_DIRS[year]
+    image_dir.mkdir(parents=True, exist_ok=True)
+    for image_id, image in zip(ids, pixels, strict=True):
+        atomic_write(
+            image_dir / f"{image_id}.jpg",
+            lambda p, im=image: Image.fromarray(im).save(p, format="JPEG", quality=95),
+        )
+    if labels is not None:
+        classes = CLASSES[year]
+        if year == "2020":
+            table = pd.DataFrame(
+                {
+                    "image_name": ids,
+                    "patient_id": [f"IP_SYNTH{i:05d}" for i in range(len(ids))],
+                    "target": labels.astype(int),
+                }
+            )
+        else:
+            table = pd.DataFrame(np.eye(len(classes))[labels], columns=list(classes))
+            if year == "2019":
+                table["UNK"] = 0.0
+            table.insert(0, "image", ids)
+        atomic_write(folder / TRUTH_CSV[year], lambda p: table.to_csv(p, index=False))
+    return [image_dir / f"{i}.jpg" for i in ids]

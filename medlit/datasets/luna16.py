@@ -234,7 +234,9 @@ def read_table(
     seriesuid, a coordinate or diameter that is not a finite number, a negative
     diameter, a class not 0/1. An optional file that does not exist yields an empty
     table; so does a file with a wrong header, and bad rows are left out, once reported
-    to a collecting ``report`` (a strict one raises at the first).
+    to a collecting ``report`` (a strict one raises at the first). Submissions to score
+    are read by the scorer's own reader, as the official script reads them
+    (:func:`medlit.metrics.froc.read_csv`).
     """
     report = report or Report()
     if not path.is_file():
@@ -315,33 +317,6 @@ def keep_present(table: pd.DataFrame, scans: Sequence[str], path: Path) -> pd.Da
 # ---- geometry ----------------------------------------------------------------------------
 
 
-def reference_image(geometry: Geometry) -> sitk.Image:
-    """A 1-voxel image carrying ``geometry``: SimpleITK's index <-> physical point
-    transforms depend only on origin, spacing and direction, not on the size."""
-    return geometry.apply(sitk.Image([1, 1, 1], sitk.sitkUInt8))
-
-
-def world_to_index(geometry: Geometry, points_xyz: np.ndarray) -> np.ndarray:
-    """World points (N, 3) in mm (x, y, z) -> continuous voxel indices (N, 3) in (z, y, x)."""
-    ref = reference_image(geometry)
-    out = [ref.TransformPhysicalPointToContinuousIndex(tuple(map(float, p))) for p in points_xyz]
-    return np.asarray(out, dtype=float).reshape(-1, 3)[:, ::-1].copy()
-
-
-def index_to_world(geometry: Geometry, index_zyx: np.ndarray) -> np.ndarray:
-    """Continuous voxel indices (N, 3) in (z, y, x) -> world points (N, 3) in mm (x, y, z)."""
-    ref = reference_image(geometry)
-    out = [
-        ref.TransformContinuousIndexToPhysicalPoint(tuple(map(float, p[::-1]))) for p in index_zyx
-    ]
-    return np.asarray(out, dtype=float).reshape(-1, 3)
-
-
-def geometry_of(meta: dict) -> Geometry:
-    g = meta["geometry"]
-    return Geometry(tuple(g["origin"]), tuple(g["spacing"]), tuple(g["direction"]))
-
-
 def locate(
     table: pd.DataFrame,
     meta: dict,
@@ -357,8 +332,8 @@ def locate(
     report = report or Report()
     if table.empty:
         return np.zeros((0, 4))
-    geometry = geometry_of(meta)
-    index = world_to_index(geometry, table[["coordX", "coordY", "coordZ"]].to_numpy())
+    geometry = Geometry.from_dict(meta["geometry"])
+    index = geometry.world_to_index(table[["coordX", "coordY", "coordZ"]].to_numpy())
     shape = np.asarray(meta["shape"])
     outside = ((index < -0.5) | (index > shape - 0.5)).any(1)
     for i in np.flatnonzero(outside):

@@ -33,8 +33,36 @@ class Geometry:
     def of(cls, image: sitk.Image) -> Geometry:
         return cls(tuple(image.GetOrigin()), tuple(image.GetSpacing()), tuple(image.GetDirection()))
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Geometry:
+        """The inverse of :meth:`to_dict`: a cached case's ``meta["geometry"]``."""
+        return cls(*(tuple(float(v) for v in d[k]) for k in ("origin", "spacing", "direction")))
+
     def to_dict(self) -> dict:
         return {k: list(v) for k, v in asdict(self).items()}
+
+    def _reference(self) -> sitk.Image:
+        # A 1-voxel image carrying the geometry: SimpleITK's index <-> physical point
+        # transforms depend only on origin, spacing and direction, not on the size.
+        return self.apply(sitk.Image([1, 1, 1], sitk.sitkUInt8))
+
+    def world_to_index(self, points_xyz: np.ndarray) -> np.ndarray:
+        """World points (N, 3) in mm (x, y, z) -> continuous voxel indices (N, 3) in
+        (z, y, x), through SimpleITK's physical-point API (any direction matrix)."""
+        ref = self._reference()
+        out = [
+            ref.TransformPhysicalPointToContinuousIndex(tuple(map(float, p))) for p in points_xyz
+        ]
+        return np.asarray(out, dtype=float).reshape(-1, 3)[:, ::-1].copy()
+
+    def index_to_world(self, index_zyx: np.ndarray) -> np.ndarray:
+        """Continuous voxel indices (N, 3) in (z, y, x) -> world points (N, 3) in mm (x, y, z)."""
+        ref = self._reference()
+        out = [
+            ref.TransformContinuousIndexToPhysicalPoint(tuple(map(float, p[::-1])))
+            for p in index_zyx
+        ]
+        return np.asarray(out, dtype=float).reshape(-1, 3)
 
     @property
     def spacing_zyx(self) -> tuple[float, ...]:

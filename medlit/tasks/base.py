@@ -3,10 +3,9 @@ optimiser and scheduler, and per-case evaluation tables that survive DDP)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -14,9 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from pytorch_lightning import LightningModule
-from torch.optim.lr_scheduler import LambdaLR
+from pytorch_lightning.callbacks import BasePredictionWriter
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 from medlit.artifacts import log_file
+from medlit.datamodules.base import BaseDataModule
 from medlit.datasets.slices import stack_slices
 from medlit.errors import ConfigError
 
@@ -53,6 +54,20 @@ def predict_slices(
     return torch.cat(out).transpose(0, 1)
 
 
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total: int, warmup: int = 0
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch learning rate: ``warmup`` epochs rising linearly to the base rate (epoch
+    e at (e + 1) / (warmup + 1) of it), then a cosine decay over the remaining epochs to
+    1 % of it. torch's own schedulers, chained."""
+    eta_min = [0.01 * group["lr"] for group in optimizer.param_groups]
+    cosine = CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1), eta_min=min(eta_min))
+    if warmup <= 0:
+        return cosine
+    ramp = LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1.0, total_iters=warmup)
+    return SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+
+
 class BaseTask(LightningModule):
     """Subclasses declare a typed ``__init__`` (the config schema) and implement
     ``configure_models``/``configure_losses``; the rest reads ``self.hparams``.
@@ -60,11 +75,14 @@ class BaseTask(LightningModule):
     ``monitor``/``mode`` name the metric that picks the best checkpoint.
     """
 
-    # Where ``predict`` writes its outputs (``medlit.predict --output``).
-    predict_output: Path | None = None
     monitor: str = "val/loss"
     mode: Literal["min", "max"] = "min"
     ignore: Sequence[str] = ()
+    # A task whose steps leave some parameters without gradients (a GAN's discriminator
+    # step never reaches the generator) makes ``strategy: ddp`` look for them.
+    ddp_find_unused_parameters: bool = False
+    # Renamed constructor arguments, new name -> old (medlit.deprecation).
+    renamed_arguments: ClassVar[dict[str, str]] = {}
 
     def __init__(self) -> None:
         super().__init__()
@@ -76,13 +94,38 @@ class BaseTask(LightningModule):
     def configure_models(self) -> None:
         raise NotImplementedError
 
+    def prediction_writer(self, output: Path) -> BasePredictionWriter:
+        """The writer of this task's predictions into ``output`` (``medlit.predict``): one
+        of :mod:`medlit.writers`, matching what ``predict_step`` returns."""
+        raise ConfigError(f"{type(self).__name__} does not write predictions")
+
+    @property
+    def data(self) -> BaseDataModule | None:
+        """The trainer's data module when it is a medlit one (the contract of
+        :class:`~medlit.datamodules.base.BaseDataModule`); None before a trainer is
+        attached or with another kind of data module."""
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        return dm if isinstance(dm, BaseDataModule) else None
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Drop loss buffers this module does not have: they are derived from the training
-        data at ``fit`` (class weights) and play no part in evaluation or prediction."""
+        data at ``fit`` (class weights) and play no part in evaluation or prediction. A
+        checkpoint written before the schedules became torch's own (a ``LambdaLR`` state)
+        gets the state of today's schedule at the same epoch, so that it still resumes."""
         own = self.state_dict()
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("loss.") and k not in own]:
             del state[key]
+        schedulers = checkpoint.get("lr_schedulers") or []
+        if any("lr_lambdas" in s for s in schedulers) and self._trainer is not None:
+            fresh = self.configure_optimizers()
+            rebuilt = fresh[1] if isinstance(fresh, tuple | list) else [fresh["lr_scheduler"]]
+            for i, (old, new) in enumerate(zip(schedulers, rebuilt, strict=True)):
+                new = new["scheduler"] if isinstance(new, dict) else new
+                for _ in range(old["last_epoch"]):
+                    new.optimizer.step()  # no gradients: a no-op, that torch wants first
+                    new.step()
+                schedulers[i] = new.state_dict()
 
     def configure_losses(self) -> None:
         pass
@@ -95,16 +138,12 @@ class BaseTask(LightningModule):
             return {"optimizer": optimizer}
         total = max(int(self.trainer.max_epochs or 1), 1)
         warmup = min(int(h.get("warmup_epochs", 0)), total - 1)
-
-        def factor(epoch: int) -> float:
-            if epoch < warmup:
-                return (epoch + 1) / (warmup + 1)
-            progress = (epoch - warmup) / max(total - warmup, 1)
-            return 0.5 * (1 + math.cos(math.pi * progress)) * 0.99 + 0.01
-
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "epoch"},
+            "lr_scheduler": {
+                "scheduler": warmup_cosine(optimizer, total, warmup),
+                "interval": "epoch",
+            },
         }
 
     def log_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:

@@ -4,21 +4,24 @@ multiclass accuracy, per-class and macro ROC AUC), with Grad-CAM explanations.""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import timm
 import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
 from torch import Tensor
 
 from medlit.artifacts import log_file
-from medlit.datasets.volume_io import atomic_write
+from medlit.deprecation import renamed
 from medlit.errors import ConfigError
 from medlit.metrics.classification import balanced_accuracy, confusion, per_class_auc
 from medlit.models import load_weights, unknown_name
 from medlit.tasks.base import BaseTask
 from medlit.visualize import save_confusion, save_gradcam
+from medlit.writers import SubmissionWriter
 
 
 class ClassificationTask(BaseTask):
@@ -28,7 +31,7 @@ class ClassificationTask(BaseTask):
         model: any timm model name (``resnet50``, ``efficientnet_b3``, ``convnext_tiny``...).
         weights: path of a local weights file (timm/torchvision state dict or a Lightning
             checkpoint); nothing is downloaded. A classifier of another size is skipped.
-        in_chans: input channels.
+        in_channels: input channels.
         num_classes: output classes.
         class_names: names of the classes, for metrics and the submission CSV; default
             the data module's (``classes``) or class0, class1, ...
@@ -44,16 +47,18 @@ class ClassificationTask(BaseTask):
         log_images: log the confusion matrix and Grad-CAM overlays (PNG); turn off for data
             that must not leave the site.
         num_cam_images: validation images explained with Grad-CAM at the end of training.
+        in_chans: deprecated name of ``in_channels``.
     """
 
     monitor = "val/balanced_accuracy"
     mode = "max"
+    renamed_arguments = {"in_channels": "in_chans"}
 
     def __init__(
         self,
         model: str = "resnet18",
         weights: str | None = None,
-        in_chans: int = 3,
+        in_channels: int = 3,
         num_classes: int = 7,
         class_names: list[str] | None = None,
         freeze_backbone: bool = False,
@@ -66,7 +71,10 @@ class ClassificationTask(BaseTask):
         warmup_epochs: int = 1,
         log_images: bool = True,
         num_cam_images: int = 6,
+        in_chans: int | None = None,
     ) -> None:
+        in_channels = renamed(self, "in_chans", in_chans, "in_channels", in_channels, 3)
+        in_chans = None  # noqa: F841 - the hyperparameters keep the new name only
         super().__init__()
         self._outputs: list[dict[str, Any]] = []
 
@@ -76,7 +84,7 @@ class ClassificationTask(BaseTask):
             self.model = timm.create_model(
                 h["model"],
                 pretrained=False,
-                in_chans=h["in_chans"],
+                in_chans=h["in_channels"],
                 num_classes=h["num_classes"],
                 drop_rate=h["drop_rate"],
             )
@@ -108,8 +116,7 @@ class ClassificationTask(BaseTask):
     def class_names(self) -> list[str]:
         if self.hparams["class_names"]:
             return list(self.hparams["class_names"])
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        names = list(getattr(dm, "classes", ()) or ())
+        names = list(self.data.classes) if self.data is not None else []
         return (
             names
             if len(names) == self.hparams["num_classes"]
@@ -117,9 +124,9 @@ class ClassificationTask(BaseTask):
         )
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
         if self.hparams["class_weights"] == "balanced" and stage == "fit":
-            counts = torch.tensor(getattr(dm, "class_counts", []), dtype=torch.float)
+            counts = self.data.class_counts if self.data is not None else []
+            counts = torch.tensor(counts, dtype=torch.float)
             if counts.numel() != self.hparams["num_classes"]:
                 raise ConfigError(
                     "class_weights: balanced needs the data module's class_counts "
@@ -172,8 +179,8 @@ class ClassificationTask(BaseTask):
         ids = [r["case_id"] for r in rows]
         # A data module whose challenge scores its items differently (LUNA16 candidates:
         # FROC/CPM over scans) scores them itself.
-        scorer = getattr(self.trainer.datamodule, "score_predictions", None)
-        scored = scorer(ids, probs.numpy()) if scorer is not None else None
+        dm = self.data
+        scored = dm.score_predictions(ids, probs.numpy()) if dm is not None else None
         if scored is not None:
             metrics.update(scored.metrics())
         for k, v in metrics.items():
@@ -182,9 +189,12 @@ class ClassificationTask(BaseTask):
             return
         if scored is not None and stage == "test":
             log_file(self.trainer, "test_froc.png", scored.plot)
-        writer = getattr(self.trainer.datamodule, "write_submission", None)
-        if stage == "test" and writer is not None:  # the challenge's own submission format
-            log_file(self.trainer, "test_submission.csv", lambda p: writer(p, ids, probs.numpy()))
+        if stage == "test" and dm is not None:  # the challenge's own submission format
+            log_file(
+                self.trainer,
+                "test_submission.csv",
+                lambda p: dm.write_submission(p, ids, probs.numpy(), names),
+            )
         else:
             table = pd.DataFrame(probs.numpy(), columns=names)
             table.insert(0, "image", ids)
@@ -201,39 +211,22 @@ class ClassificationTask(BaseTask):
     def on_test_epoch_end(self) -> None:
         self._finish("test")
 
-    def on_predict_epoch_start(self) -> None:
-        self._outputs = []
+    def prediction_writer(self, output: Path) -> BasePredictionWriter:
+        return SubmissionWriter(output)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Class probabilities of each image (:class:`~medlit.writers.SubmissionWriter`
+        writes the release's submission CSV of every rank's images)."""
         probs = self(batch["image"]).float().softmax(1).cpu()
-        self._outputs.extend(
+        return [
             {"case_id": c, "probs": p.tolist()}
             for c, p in zip(batch["case_id"], probs, strict=True)
-        )
-
-    def on_predict_epoch_end(self) -> None:
-        """Every rank's images once; rank 0 writes the release's submission CSV (or, for a
-        data module without one, ``predictions.csv`` of class probabilities)."""
-        rows = self.gather_rows(self._outputs)
-        self._outputs = []
-        if not self.trainer.is_global_zero or self.predict_output is None or not rows:
-            return
-        ids = [r["case_id"] for r in rows]
-        probs = np.array([r["probs"] for r in rows], dtype=np.float64)
-        writer = getattr(self.trainer.datamodule, "write_submission", None)
-        if writer is not None:
-            writer(self.predict_output / "submission.csv", ids, probs)
-            return
-        table = pd.DataFrame(probs, columns=self.class_names)
-        table.insert(0, "image", ids)
-        atomic_write(
-            self.predict_output / "predictions.csv", lambda p: table.to_csv(p, index=False)
-        )
+        ]
 
     def on_fit_end(self) -> None:
         """Grad-CAM overlays of a few validation images with the final weights."""
         n = self.hparams["num_cam_images"]
-        dm = self.trainer.datamodule
+        dm = self.data
         if not self.hparams["log_images"] or n <= 0 or dm is None or "val" not in dm.datasets:
             return
         items = [dm.datasets["val"][i] for i in range(min(n, len(dm.datasets["val"])))]

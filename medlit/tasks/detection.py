@@ -13,25 +13,28 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import BasePredictionWriter
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
 from medlit.artifacts import log_file
-from medlit.datasets.luna16 import index_to_world
+from medlit.datamodules.base import BaseDataModule
 from medlit.datasets.nodules import slice_boxes, spacing_zyx
 from medlit.datasets.slices import stack_slices
+from medlit.datasets.volume_io import Geometry
+from medlit.deprecation import renamed
 from medlit.errors import ConfigError
 from medlit.metrics.froc import FROCResult, froc
 from medlit.models import load_weights, unknown_name, yolo_names
 from medlit.tasks.base import BaseTask
 from medlit.visualize import save_detections
+from medlit.writers import DetectionWriter
 
 # Before Ultralytics is imported: no DNS probe, no settings sync, quiet model summaries.
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -132,7 +135,7 @@ class DetectionTask(BaseTask):
         conf_threshold: lowest box score kept at evaluation (low: FROC needs the tail).
         iou_threshold: IoU of Ultralytics' NMS within a slice.
         max_det: boxes kept per slice after NMS.
-        eval_batch_size: slices per forward pass when a whole scan is evaluated.
+        inference_batch_size: slices per forward pass when a whole scan is evaluated.
         merge_tolerance: slices of z-distance allowed when merging boxes into 3D candidates.
         max_candidates: candidates kept per scan (the LUNA16 scorer reads at most 100).
         fpr_checkpoint: checkpoint of a ClassificationTask trained on the same data module
@@ -140,12 +143,14 @@ class DetectionTask(BaseTask):
         fpr_weight: the re-ranked score is ``detection^(1-w) · classifier^w``.
         lung_margin_mm: drop candidates farther than this from the lungs, on scans that
             have a lung mask (``seg-lungs-LUNA16``); None keeps every candidate.
-        predictions_dir: also write the test and predict submission CSVs here.
+        predictions_dir: also write the test submission CSV here.
         log_images: log a PNG of test slices with reference and detected boxes.
+        eval_batch_size: deprecated name of ``inference_batch_size``.
     """
 
     monitor = "val/cpm"
     mode = "max"
+    renamed_arguments = {"inference_batch_size": "eval_batch_size"}
 
     def __init__(
         self,
@@ -163,7 +168,7 @@ class DetectionTask(BaseTask):
         conf_threshold: float = 0.01,
         iou_threshold: float = 0.5,
         max_det: int = 30,
-        eval_batch_size: int = 32,
+        inference_batch_size: int = 32,
         merge_tolerance: float = 1.0,
         max_candidates: int = 100,
         fpr_checkpoint: str | None = None,
@@ -171,7 +176,17 @@ class DetectionTask(BaseTask):
         lung_margin_mm: float | None = None,
         predictions_dir: str | None = None,
         log_images: bool = True,
+        eval_batch_size: int | None = None,
     ) -> None:
+        inference_batch_size = renamed(
+            self,
+            "eval_batch_size",
+            eval_batch_size,
+            "inference_batch_size",
+            inference_batch_size,
+            32,
+        )
+        eval_batch_size = None  # noqa: F841 - the hyperparameters keep the new name only
         super().__init__()
         self.criterion = None
         # In a list: a registered submodule would be trained, and saved with this model.
@@ -209,14 +224,16 @@ class DetectionTask(BaseTask):
             load_weights(self.model, h["weights"])
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
-        classes = getattr(dm, "classes", None)
-        if classes is not None and len(classes) != self.hparams["num_classes"]:
+        dm = self.data
+        classes = dm.classes if dm is not None else ()
+        if classes and len(classes) != self.hparams["num_classes"]:
             raise ConfigError(
                 f"model.num_classes={self.hparams['num_classes']} but the data module has "
                 f"{len(classes)} classes {classes}"
             )
         if self.hparams["fpr_checkpoint"] and not self._fpr:
+            if dm is None:
+                raise ConfigError("model.fpr_checkpoint needs a medlit data module")
             self._fpr.append(load_fpr_classifier(self.hparams["fpr_checkpoint"], dm))
 
     # ---- training ------------------------------------------------------------------------
@@ -256,8 +273,8 @@ class DetectionTask(BaseTask):
         stride = int(self.model.stride.max())
         pad = (0, -width % stride, 0, -height % stride)
         out = []
-        for start in range(0, depth, h["eval_batch_size"]):
-            zs = np.arange(start, min(start + h["eval_batch_size"], depth))
+        for start in range(0, depth, h["inference_batch_size"]):
+            zs = np.arange(start, min(start + h["inference_batch_size"], depth))
             x = F.pad(stack_slices(volume[None], zs, context), pad)
             preds = self.model(x.to(self.device, self.dtype))
             kept = nms(
@@ -279,7 +296,7 @@ class DetectionTask(BaseTask):
         merged = merged[: self.hparams["max_candidates"] * 2]
         score = merged[:, 4]
         if self._fpr and len(merged):
-            p = self.fpr_probability(item["case_id"], merged[:, :3])
+            p = self.fpr_probability(item["case_id"], merged[:, :3], item.get("hu"))
             w = self.hparams["fpr_weight"]
             score = score ** (1 - w) * p**w
         world = index_to_world_meta(meta, merged[:, :3])
@@ -300,8 +317,7 @@ class DetectionTask(BaseTask):
     def _near_lungs(self, uid: str, centres: np.ndarray, meta: dict) -> np.ndarray:
         """Candidates with a lung voxel within ``lung_margin_mm`` (a box around the centre:
         juxtapleural nodules lie on the mask's edge). All kept when the scan has no mask."""
-        entry = getattr(self.trainer.datamodule, "entries", {}).get(uid)
-        lungs = entry.arrays.get("lungs") if entry is not None else None
+        lungs = self.data.search_mask(uid) if self.data is not None else None
         if lungs is None:
             return np.ones(len(centres), bool)
         reach = np.ceil(self.hparams["lung_margin_mm"] / spacing_zyx(meta)).astype(int)
@@ -313,10 +329,14 @@ class DetectionTask(BaseTask):
         return np.asarray(keep, bool)
 
     @torch.no_grad()
-    def fpr_probability(self, uid: str, centres: np.ndarray) -> np.ndarray:
-        dm = self.trainer.datamodule
+    def fpr_probability(
+        self, uid: str, centres: np.ndarray, volume: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The false-positive-reduction classifier's nodule probability at each centre.
+        ``volume``: the scan's HU array when it is not one of the data module's."""
+        assert self.data is not None  # setup refused an fpr_checkpoint without one
         fpr = self._fpr[0].to(self.device)
-        x = torch.from_numpy(dm.candidate_inputs(uid, centres)).to(self.device)
+        x = torch.from_numpy(self.data.candidate_inputs(uid, centres, volume)).to(self.device)
         probs = [fpr(x[i : i + 256]).float().softmax(1)[:, -1] for i in range(0, len(x), 256)]
         return torch.cat(probs).cpu().numpy()
 
@@ -368,25 +388,16 @@ class DetectionTask(BaseTask):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
-    def on_predict_epoch_start(self) -> None:
-        self._predicted: list[dict[str, Any]] = []
+    def prediction_writer(self, output: Path) -> BasePredictionWriter:
+        return DetectionWriter(output)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> pd.DataFrame:
-        dm = self.trainer.datamodule
-        uid = batch["case_id"]
-        # A scan from outside the data module (medlit.predict): its HU array serves the
-        # false-positive-reduction patches while it is scored.
-        borrowed = "hu" in batch and uid not in getattr(dm, "entries", {})
-        if borrowed:
-            dm.entries[uid] = SimpleNamespace(arrays={"image": batch["hu"]}, meta=batch["meta"])
-        try:
-            marks = self.scan_candidates(batch, self.detect_slices(batch["image"]))
-        finally:
-            if borrowed:
-                del dm.entries[uid]
-        marks = marks.drop(columns="diameter_mm")
-        self._predicted.append({"case_id": uid, "marks": marks})
-        return marks
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """The scan's scored 3D candidates (:class:`~medlit.writers.DetectionWriter`
+        writes every rank's scans as one submission CSV). A scan from outside the data
+        module (``medlit.predict``) brings its HU array (``hu``) for the
+        false-positive-reduction patches."""
+        marks = self.scan_candidates(batch, self.detect_slices(batch["image"]))
+        return [{"case_id": batch["case_id"], "marks": marks.drop(columns="diameter_mm")}]
 
     # ---- scan-level scoring --------------------------------------------------------------
 
@@ -397,7 +408,9 @@ class DetectionTask(BaseTask):
             return None
         marks = pd.concat([pd.DataFrame(r["marks"]) for r in rows], ignore_index=True)
         uids = [r["case_id"] for r in rows]
-        annotations, excluded = self.trainer.datamodule.reference(uids)
+        if self.data is None:
+            raise ConfigError("scoring detections needs a medlit data module")
+        annotations, excluded = self.data.reference(uids)
         result = froc(marks, annotations, excluded, uids)
         for name, value in result.metrics().items():
             self.log(f"{stage}/{name}", value, sync_dist=True)
@@ -416,10 +429,11 @@ class DetectionTask(BaseTask):
         return result
 
     def _write_outputs(self, marks: pd.DataFrame, uids: list[str], result: FROCResult) -> None:
-        from medlit.datamodules.luna16 import write_submission
-
+        dm = self.data
+        if dm is None:
+            raise ConfigError("scoring detections needs a medlit data module")
         seriesuids = pd.Series(uids)
-        log_file(self.trainer, "test_submission.csv", lambda p: write_submission(p, marks))
+        log_file(self.trainer, "test_submission.csv", lambda p: dm.write_detections(p, marks))
         log_file(
             self.trainer,
             "test_seriesuids.csv",
@@ -430,7 +444,7 @@ class DetectionTask(BaseTask):
             shown, self._shown = self._shown, []
             log_file(self.trainer, "test_detections.png", lambda p: save_detections(shown, p))
         if self.hparams["predictions_dir"] and self.trainer.is_global_zero:
-            write_submission(Path(self.hparams["predictions_dir"]) / "submission.csv", marks)
+            dm.write_detections(Path(self.hparams["predictions_dir"]) / "submission.csv", marks)
 
     def on_validation_epoch_end(self) -> None:
         # Every rank's slices (a rank may have none when there are fewer scans than ranks).
@@ -447,26 +461,14 @@ class DetectionTask(BaseTask):
     def on_test_epoch_end(self) -> None:
         self._finish("test")
 
-    def on_predict_epoch_end(self) -> None:
-        """Every rank's scans once; rank 0 writes the LUNA16 submission CSV."""
-        rows = self.gather_rows(self._predicted)
-        self._predicted = []
-        folder = self.predict_output or self.hparams["predictions_dir"]
-        if folder and rows and self.trainer.is_global_zero:
-            from medlit.datamodules.luna16 import write_submission
-
-            write_submission(Path(folder) / "submission.csv", pd.concat([r["marks"] for r in rows]))
-
 
 def index_to_world_meta(meta: dict, index_zyx: np.ndarray) -> np.ndarray:
-    from medlit.datasets.luna16 import geometry_of
-
     if len(index_zyx) == 0:
         return np.zeros((0, 3))
-    return index_to_world(geometry_of(meta), index_zyx)
+    return Geometry.from_dict(meta["geometry"]).index_to_world(index_zyx)
 
 
-def load_fpr_classifier(path: str, datamodule: Any) -> torch.nn.Module:
+def load_fpr_classifier(path: str, datamodule: BaseDataModule) -> torch.nn.Module:
     """The network of a false-positive-reduction ClassificationTask checkpoint, in eval mode.
 
     Loaded with ``weights_only=True``. Its candidate inputs must be made as this data
@@ -479,7 +481,7 @@ def load_fpr_classifier(path: str, datamodule: Any) -> torch.nn.Module:
         raise ConfigError(f"model.fpr_checkpoint: {file} does not exist")
     ckpt = torch.load(file, map_location="cpu", weights_only=True)
     trained = ckpt.get("datamodule_hyper_parameters", {})
-    own = dict(getattr(datamodule, "hparams", {}))
+    own = dict(datamodule.hparams)
     keys = ("spacing", "hu_window", "candidate_size", "candidate_input", "context_slices")
     if diff := [
         k

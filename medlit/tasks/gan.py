@@ -29,8 +29,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import BasePredictionWriter
 from torch import Tensor
-from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medlit.artifacts import log_file
@@ -42,7 +42,7 @@ from medlit.metrics.synthesis import (
     mean_pairwise_distance,
 )
 from medlit.models.gan import DCGANDiscriminator, DCGANGenerator, PatchDiscriminator, UNetGenerator
-from medlit.tasks.base import BaseTask, predict_slices
+from medlit.tasks.base import BaseTask, predict_slices, warmup_cosine
 
 
 def adversarial_loss(kind: str, logits: Tensor, real: bool, for_generator: bool = False) -> Tensor:
@@ -144,6 +144,9 @@ class GANTask(BaseTask):
         else:
             self.monitor, self.mode = f"val/{self.features.name}", "min"
 
+    def prediction_writer(self, output: Path) -> BasePredictionWriter:
+        raise ConfigError("a GAN writes its images with python -m medlit.generate, not predict")
+
     def configure_models(self) -> None:
         h = self.hparams
         if h["d_steps"] < 1:
@@ -197,11 +200,7 @@ class GANTask(BaseTask):
         if h["scheduler"] == "none":
             return [opt_g, opt_d]
         total = max(int(self.trainer.max_epochs or 1), 1)
-
-        def factor(epoch: int) -> float:
-            return 0.5 * (1 + math.cos(math.pi * min(epoch, total) / total)) * 0.99 + 0.01
-
-        return [opt_g, opt_d], [LambdaLR(opt_g, factor), LambdaLR(opt_d, factor)]
+        return [opt_g, opt_d], [warmup_cosine(opt_g, total), warmup_cosine(opt_d, total)]
 
     # ---- training ------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import BasePredictionWriter
 from torch import Tensor
 
 from medlit.artifacts import log_file, log_folder
@@ -19,6 +20,7 @@ from medlit.metrics.segmentation import region_metrics, volume_diagonal
 from medlit.models import load_weights, smp_names
 from medlit.tasks.base import BaseTask, predict_slices
 from medlit.visualize import save_overlays
+from medlit.writers import CaseWriter
 
 
 def create_network(
@@ -209,13 +211,9 @@ class SegmentationTask(BaseTask):
         }
         self._rows.append(row)
         if self.hparams["predictions_dir"] and self.trainer.testing:
-            write = getattr(self.trainer.datamodule, "write_prediction", None)
-            if write is None:
-                raise ConfigError(
-                    f"{type(self.trainer.datamodule).__name__} cannot write "
-                    "predictions (no write_prediction); unset predictions_dir"
-                )
-            write(row["case_id"], pred, Path(self.hparams["predictions_dir"]))
+            if self.data is None:
+                raise ConfigError("predictions_dir needs a medlit data module; unset it")
+            self.data.write_prediction(row["case_id"], pred, Path(self.hparams["predictions_dir"]))
         if self.hparams["log_images"] and len(self._shown) < self.hparams["num_log_cases"]:
             z = int(ref[0].reshape(ref.shape[1], -1).sum(1).argmax())
             image = batch["image"][0, self.hparams["display_channel"], z].float()
@@ -236,25 +234,22 @@ class SegmentationTask(BaseTask):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Segment whole cases and write each one at once, in the data module's format
-        (BraTS: NIfTI on the input's grid; ISIC: a mask PNG at the image's size)."""
-        folder = self.predict_output
-        write = getattr(self.trainer.datamodule, "write_prediction", None)
-        if folder is None or write is None:
-            raise ConfigError(
-                "prediction needs an output folder and a data module with write_prediction"
-            )
+    def prediction_writer(self, output: Path) -> BasePredictionWriter:
+        return CaseWriter(output)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Segment whole cases; :class:`~medlit.writers.CaseWriter` writes each at once in
+        the data module's format (BraTS: NIfTI on the input's grid; ISIC: a mask PNG at
+        the image's size)."""
+        out = []
         for i, case_id in enumerate(batch["case_id"]):
             probs = self.predict_volume(batch["image"][i])
             if "size" in batch:  # resized input: back to the file's own size
                 size = tuple(int(v) for v in batch["size"][i])
                 probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
-            regions = self.to_regions(probs)
-            if "meta" in batch:
-                write(case_id, regions, folder, meta=batch["meta"][i])
-            else:
-                write(case_id, regions, folder)
+            meta = batch["meta"][i] if "meta" in batch else None
+            out.append({"case_id": case_id, "regions": self.to_regions(probs), "meta": meta})
+        return out
 
     def _finish(self, stage: str) -> None:
         rows = self.gather_rows(self._rows)

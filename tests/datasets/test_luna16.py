@@ -16,10 +16,9 @@ from medlit.datamodules.luna16 import LUNA16DataModule
 from medlit.datasets.luna16 import (
     ANNOTATION_COLUMNS,
     CANDIDATE_COLUMNS,
-    geometry_of,
-    index_to_world,
 )
 from medlit.datasets.nodules import slice_boxes, spacing_zyx
+from medlit.datasets.volume_io import Geometry
 from medlit.errors import ConfigError, InvalidCaseError
 
 FLIPPED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
@@ -126,7 +125,7 @@ def test_world_coordinates_land_on_the_nodules(tmp_path, spacing):
         assert (bright[:, 0] + 0.5 >= y1 - 1e-6).all() and (bright[:, 0] + 0.5 <= y2 + 1e-6).all()
         assert x2 - x1 <= np.ptp(bright[:, 1]) + 3 and y2 - y1 <= np.ptp(bright[:, 0]) + 3
         # Round trip: the cached grid's voxel back to the world point of the CSV.
-        back = index_to_world(geometry_of(entry.meta), index[None])[0]
+        back = Geometry.from_dict(entry.meta["geometry"]).index_to_world(index[None])[0]
         np.testing.assert_allclose(
             back, row[["coordX", "coordY", "coordZ"]].to_numpy(float), atol=1e-6
         )

@@ -1,0 +1,95 @@
+"""Prediction writers: one Lightning ``BasePredictionWriter`` per output format.
+
+A task's ``predict_step`` returns its predictions; it writes nothing. ``medlit.predict``
+attaches the writer the task names (:meth:`medlit.tasks.base.BaseTask.prediction_writer`),
+and the writer hands the predictions to the data module's ``write_*`` method, which
+knows the dataset's own file format (BraTS NIfTI labels, ISIC mask PNGs and submission
+CSVs, the LUNA16 submission CSV). Under DDP every rank predicts a share of the inputs:
+per-case files are written by the rank that predicted the case, one-file outputs by
+rank 0 after every rank's share is gathered.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pytorch_lightning import LightningModule, Trainer
+from pytorch_lightning.callbacks import BasePredictionWriter
+
+from medlit.datamodules.base import BaseDataModule
+from medlit.errors import ConfigError
+
+
+def _data(trainer: Trainer) -> BaseDataModule:
+    dm = trainer.datamodule
+    if not isinstance(dm, BaseDataModule):
+        raise ConfigError(f"{type(dm).__name__} is not a medlit data module: no output format")
+    return dm
+
+
+class CaseWriter(BasePredictionWriter):
+    """Segmentation: each case as soon as its batch is predicted, through
+    ``write_prediction`` (``prediction``: a list of ``{"case_id", "regions", "meta"}``)."""
+
+    def __init__(self, output: Path) -> None:
+        super().__init__("batch")
+        self.output = output
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: list[dict[str, Any]],
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        dm = _data(trainer)
+        for case in prediction:
+            dm.write_prediction(case["case_id"], case["regions"], self.output, case.get("meta"))
+
+
+class _Gathered(BasePredictionWriter):
+    """One file of every rank's predictions (a list of dicts keyed by ``case_id`` per
+    batch), written by rank 0 with :meth:`write`."""
+
+    def __init__(self, output: Path) -> None:
+        super().__init__("epoch")
+        self.output = output
+
+    def write_on_epoch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        predictions: list[Any],
+        batch_indices: Any,
+    ) -> None:
+        rows = [row for batch in predictions for row in batch]
+        rows = pl_module.gather_rows(rows)  # every rank's items once, sorted by id
+        if trainer.is_global_zero and rows:
+            self.write(_data(trainer), pl_module, rows)
+
+    def write(self, dm: BaseDataModule, pl_module: LightningModule, rows: list[dict]) -> None:
+        raise NotImplementedError
+
+
+class SubmissionWriter(_Gathered):
+    """Classification: ``submission.csv`` of every item's class probabilities, in the
+    dataset's submission format (``write_submission``); rows ``{"case_id", "probs"}``."""
+
+    def write(self, dm: BaseDataModule, pl_module: LightningModule, rows: list[dict]) -> None:
+        ids = [r["case_id"] for r in rows]
+        probs = np.array([r["probs"] for r in rows], dtype=np.float64)
+        dm.write_submission(self.output / "submission.csv", ids, probs, pl_module.class_names)
+
+
+class DetectionWriter(_Gathered):
+    """Detection: ``submission.csv`` of every scan's scored findings, in the dataset's
+    format (``write_detections``); rows ``{"case_id", "marks"}``."""
+
+    def write(self, dm: BaseDataModule, pl_module: LightningModule, rows: list[dict]) -> None:
+        dm.write_detections(self.output / "submission.csv", pd.concat([r["marks"] for r in rows]))
