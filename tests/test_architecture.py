@@ -111,6 +111,33 @@ def test_no_import_cycles_and_no_private_imports() -> None:
     assert not problems, "\n".join(problems)
 
 
+DATASETS = ("brats", "isic", "luna16")
+
+
+def test_tasks_import_no_dataset_and_nothing_dispatches_on_class_names() -> None:
+    """The task <-> data contract is datamodules/base.py: a task never imports a
+    particular dataset's module, and no module compares class names."""
+    graph = ImportGraph.read(ROOT)
+    tasks = [m for m in graph.modules if m.startswith("medlit.tasks.")]
+    assert len(tasks) >= 5
+    found = [
+        f"{m} imports {t}"
+        for m in tasks
+        for t in sorted(graph.edges[m])
+        if any(part in DATASETS or part.endswith(DATASETS) for part in t.split(".")[1:])
+    ]
+    for name, path in graph.modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Compare)
+                and isinstance(node.left, ast.Attribute)
+                and node.left.attr == "__name__"
+                and isinstance(node.left.value, ast.Call)
+            ):
+                found.append(f"{name}:{node.lineno}: compares a class name")
+    assert not found, "\n".join(found)
+
+
 def test_the_checker_finds_cycles_through_function_imports_and_private_names(
     tmp_path: Path,
 ) -> None:
