@@ -107,6 +107,8 @@ class ISICDataModule(BaseDataModule):
 
     @property
     def classes(self) -> tuple[str, ...]:
+        if self.predict_input is not None:  # predicting on other data: root unused
+            return CLASSES.get(self._predict_year or "", ())
         return self._load().classes
 
     @property
