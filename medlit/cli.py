@@ -125,7 +125,7 @@ def config_hashes(config: dict[str, Any]) -> list[str]:
     renames = {  # old key -> new key
         f"{prefix}init_args.{old}": f"{prefix}init_args.{new}"
         for prefix, cls in classes.items()
-        if issubclass(cls, (BaseTask, BaseDataModule))
+        if isinstance(cls, type) and issubclass(cls, (BaseTask, BaseDataModule))
         for new, old in cls.renamed_arguments.items()
     }
     for old, new in renames.items():
