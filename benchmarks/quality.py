@@ -155,7 +155,7 @@ DEMOS: tuple[Demo, ...] = (
                 "≥ 0.80",
             ),
         ),
-        "~5 min; WT Dice ≥ 0.80 on the held-out cases",
+        "~7 min; WT Dice ≥ 0.80 on the held-out cases",
     ),
     Demo(
         "ISIC classifier",
@@ -170,7 +170,7 @@ DEMOS: tuple[Demo, ...] = (
                 "≥ 3/7 (3 × chance)",
             ),
         ),
-        "~1 min",
+        "~2.5 min",
     ),
     Demo(
         "ISIC U-Net",
@@ -185,7 +185,7 @@ DEMOS: tuple[Demo, ...] = (
                 "≥ 0.75",
             ),
         ),
-        "~2 min",
+        "~4 min",
     ),
     Demo(
         "LUNA16 YOLO",
@@ -200,7 +200,7 @@ DEMOS: tuple[Demo, ...] = (
                 "≥ 0.5",
             ),
         ),
-        "~7 min; test CPM 0.73",
+        "~6.5 min; test CPM 0.61",
     ),
     Demo(
         "BraTS pix2pix",
@@ -224,7 +224,7 @@ DEMOS: tuple[Demo, ...] = (
                 strict=True,
             ),
         ),
-        "~5 min",
+        "~4 min",
     ),
     Demo(
         "ISIC GAN",
@@ -249,7 +249,7 @@ DEMOS: tuple[Demo, ...] = (
                 strict=True,
             ),
         ),
-        "80 epochs, ~7 min",
+        "80 epochs, ~6 min",
     ),
 )
 
@@ -285,7 +285,7 @@ SWEEP = Demo(
     EXPERIMENTS / "sweeps/demo/brats_unet.yaml",
     "brats-demo",
     sweep_criteria(),
-    "6 trials in ~3 min; validation Dice 0.004 to 0.51 across trials",
+    "6 trials in ~5 min; validation Dice 0.03 to 0.74 across trials",
     command="medlit.sweep",
 )
 
