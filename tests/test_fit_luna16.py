@@ -81,6 +81,20 @@ def tiny_detector(root: Path, tracking_uri: str) -> list[str]:
     ]
 
 
+def tiny_fpr(root: Path, tracking_uri: str) -> list[str]:
+    """The demo false-positive-reduction classifier shrunk to seconds: timm's test_resnet
+    on 16-voxel candidate patches, one epoch of 32."""
+    return [
+        FPR,
+        *common(root, tracking_uri),
+        "--model.model=test_resnet",
+        "--data.candidate_size=16",
+        "--data.samples_per_epoch=32",
+        "--data.batch_size=16",
+        "--trainer.max_epochs=1",
+    ]
+
+
 def test_detector_tracks_froc_and_writes_a_submission_the_scorer_agrees_with(
     luna16_yolo: Trained, tmp_path: Path
 ) -> None:
@@ -104,17 +118,7 @@ def test_detector_tracks_froc_and_writes_a_submission_the_scorer_agrees_with(
 def test_false_positive_reduction_scores_candidates_and_reranks_the_detector(
     _luna_pristine: Path, tracking_uri: str
 ) -> None:
-    fpr = main(
-        [
-            FPR,
-            *common(_luna_pristine, tracking_uri),
-            "--model.model=test_resnet",
-            "--data.candidate_size=16",
-            "--data.samples_per_epoch=32",
-            "--data.batch_size=16",
-            "--trainer.max_epochs=1",
-        ]
-    )
+    fpr = main(tiny_fpr(_luna_pristine, tracking_uri))
     assert {"test/balanced_accuracy", "test/cpm", "test/auc_nodule"} <= set(fpr)
     [run] = _runs(tracking_uri)
     files = _artifacts(tracking_uri, run.info.run_id)

@@ -26,7 +26,7 @@ from tests.data.brats.data import make_brats
 from tests.data.isic.data import make_isic
 from tests.helpers.shared import Trained
 from tests.test_fit import REPO, cli_args, tiny
-from tests.test_fit_luna16 import FPR, common, tiny_detector
+from tests.test_fit_luna16 import tiny_detector, tiny_fpr
 
 MISSING = "--data.root=/nonexistent/training-data"  # prediction never reads the training root
 
@@ -236,17 +236,7 @@ def test_luna16_detector_writes_the_submission_in_world_coordinates(
     # With a false-positive-reduction classifier: the scans' own HU arrays (not the data
     # module's, which never reads its root here) give the classifier's patches, and the
     # same candidates are re-scored.
-    fit(
-        [
-            FPR,
-            *common(luna16_yolo.root, tracking_uri),
-            "--model.model=test_resnet",
-            "--data.candidate_size=16",
-            "--data.samples_per_epoch=32",
-            "--data.batch_size=16",
-            "--trainer.max_epochs=1",
-        ]
-    )
+    fit(tiny_fpr(luna16_yolo.root, tracking_uri))
     [fpr] = sorted(Path(tracking_uri.removeprefix("sqlite:///")).parent.rglob("best-*.ckpt"))
     extra = [f"--model.fpr_checkpoint={fpr}", "--data.candidate_size=16", "--no_progress"]
     [csv] = predict([*args, *extra, "--output", str(tmp_path / "fpr"), "--input", str(scans)])
