@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -48,13 +49,14 @@ VOLUME = rng.integers(-1000, 2000, size=(5, 6, 7)).astype(np.int16)
 
 
 def _nifti_bytes(compress: bool) -> bytes:
-    tmp = Path(f"/tmp/medlit-fuzz-{compress}.nii{'.gz' if compress else ''}")
-    image = sitk.GetImageFromArray(VOLUME)
-    image.SetSpacing((0.9, 1.1, 2.5))
-    sitk.WriteImage(image, str(tmp), useCompression=compress)
-    data = tmp.read_bytes()
-    tmp.unlink()
-    return data
+    # A folder of this process's own: both xdist workers run this at collection, and a
+    # fixed /tmp name let one delete the file the other was reading.
+    with tempfile.TemporaryDirectory(prefix="medlit-fuzz-") as folder:
+        tmp = Path(folder) / f"volume.nii{'.gz' if compress else ''}"
+        image = sitk.GetImageFromArray(VOLUME)
+        image.SetSpacing((0.9, 1.1, 2.5))
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
+        return tmp.read_bytes()
 
 
 NII_GZ = _nifti_bytes(True)
