@@ -151,6 +151,32 @@ class BaseTask(LightningModule):
             "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size
         )
 
+    # ---- the evaluation template ----------------------------------------------------------
+    # Validation and test run the same two steps: each batch is scored (a whole case, or
+    # a batch of images) into rows, and at the end of the stage every rank's rows are
+    # gathered (each case once) and logged. A task writes the two steps; the hooks are
+    # Lightning's, once for every task.
+
+    def evaluate_batch(self, batch: dict[str, Any], stage: str) -> None:
+        """Score one validation or test batch (``stage``: ``val`` or ``test``) into rows."""
+        raise NotImplementedError
+
+    def finish_stage(self, stage: str) -> None:
+        """Gather every rank's rows of ``stage`` (:meth:`gather_rows`) and log them."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.evaluate_batch(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.evaluate_batch(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.finish_stage("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.finish_stage("test")
+
     # ---- per-case evaluation shared by volume-level tasks -----------------------------
 
     @staticmethod

@@ -153,13 +153,10 @@ class ClassificationTask(BaseTask):
                 {"case_id": case, "target": int(batch["label"][i]), "probs": probs[i].tolist()}
             )
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def evaluate_batch(self, batch: dict[str, Any], stage: str) -> None:
         self._collect(batch)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._collect(batch)
-
-    def _finish(self, stage: str) -> None:
+    def finish_stage(self, stage: str) -> None:
         rows = self.gather_rows(self._outputs)  # every image once, whatever the world size
         self._outputs = []
         if not rows:
@@ -204,12 +201,6 @@ class ClassificationTask(BaseTask):
         if self.hparams["log_images"] and stage == "test":
             matrix = confusion(probs, target).numpy()
             log_file(self.trainer, "test_confusion.png", lambda p: save_confusion(matrix, names, p))
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish("test")
 
     def prediction_writer(self, output: Path) -> BasePredictionWriter:
         return SubmissionWriter(output)

@@ -340,7 +340,7 @@ class DetectionTask(BaseTask):
         probs = [fpr(x[i : i + 256]).float().softmax(1)[:, -1] for i in range(0, len(x), 256)]
         return torch.cat(probs).cpu().numpy()
 
-    def _evaluate(self, item: dict[str, Any], stage: str) -> None:
+    def evaluate_batch(self, item: dict[str, Any], stage: str) -> None:
         slices = self.detect_slices(item["image"])
         marks = self.scan_candidates(item, slices)
         nodules = item["nodules"].cpu().numpy()
@@ -382,12 +382,6 @@ class DetectionTask(BaseTask):
                 }
             )
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
     def prediction_writer(self, output: Path) -> BasePredictionWriter:
         return DetectionWriter(output)
 
@@ -401,7 +395,7 @@ class DetectionTask(BaseTask):
 
     # ---- scan-level scoring --------------------------------------------------------------
 
-    def _finish(self, stage: str) -> FROCResult | None:
+    def finish_stage(self, stage: str) -> FROCResult | None:
         rows = self.gather_rows(self._rows)  # every scan once, whatever the world size
         self._rows = []
         if not rows:
@@ -456,10 +450,7 @@ class DetectionTask(BaseTask):
             # Slice-level mAP@0.5: a check of the 2D detector, not the challenge metric.
             self.log("val/map50", self.val_map.compute()["map"], sync_dist=True)
         self.val_map.reset()
-        self._finish("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish("test")
+        self.finish_stage("val")
 
 
 def index_to_world_meta(meta: dict, index_zyx: np.ndarray) -> np.ndarray:

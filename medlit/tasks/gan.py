@@ -369,19 +369,13 @@ class GANTask(BaseTask):
 
     # ---- hooks ---------------------------------------------------------------------------
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def evaluate_batch(self, batch: dict[str, Any], stage: str) -> None:
         if self.hparams["mode"] == "paired":
-            self._evaluate_case(batch, "val")
+            self._evaluate_case(batch, stage)
         else:
             self._collect_real(batch)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if self.hparams["mode"] == "paired":
-            self._evaluate_case(batch, "test")
-        else:
-            self._collect_real(batch)
-
-    def _finish(self, stage: str) -> None:
+    def finish_stage(self, stage: str) -> None:
         if self.hparams["mode"] == "unconditional":
             self._finish_unconditional(stage)
             return
@@ -397,14 +391,8 @@ class GANTask(BaseTask):
             )
             log_file(self.trainer, name, lambda p: save_synthesis(shown, p))
 
-    def on_validation_epoch_end(self) -> None:
-        self._finish("val")
-
     def on_test_epoch_start(self) -> None:
         self._real_feats, self._real_images, self._real_ids = None, [], []  # test images
-
-    def on_test_epoch_end(self) -> None:
-        self._finish("test")
 
     # ---- outputs -------------------------------------------------------------------------
 

@@ -197,7 +197,7 @@ class SegmentationTask(BaseTask):
         groups = h["class_to_region"] or [[c] for c in range(1, h["num_classes"])]
         return np.stack([np.isin(classes, g) for g in groups])
 
-    def _evaluate(self, batch: dict[str, Any]) -> None:
+    def evaluate_batch(self, batch: dict[str, Any], stage: str) -> None:
         probs = self.predict_volume(batch["image"][0])
         ref = batch["mask"][0].cpu().numpy().astype(bool)
         if probs.shape[-2:] != ref.shape[-2:]:  # resized input: score at the label's resolution
@@ -228,12 +228,6 @@ class SegmentationTask(BaseTask):
                 }
             )
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch)
-
     def prediction_writer(self, output: Path) -> BasePredictionWriter:
         return CaseWriter(output)
 
@@ -251,7 +245,7 @@ class SegmentationTask(BaseTask):
             out.append({"case_id": case_id, "regions": self.to_regions(probs), "meta": meta})
         return out
 
-    def _finish(self, stage: str) -> None:
+    def finish_stage(self, stage: str) -> None:
         rows = self.gather_rows(self._rows)
         means = self.log_case_table(stage, rows)
         for metric in self.metric_names:  # mean over regions of the per-region means
@@ -278,9 +272,3 @@ class SegmentationTask(BaseTask):
                 lambda out: shutil.copytree(folder, out, dirs_exist_ok=True),
             )
         self._rows, self._shown = [], []
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish("test")
