@@ -30,13 +30,19 @@ def _data(trainer: Trainer) -> BaseDataModule:
     return dm
 
 
-class CaseWriter(BasePredictionWriter):
-    """Segmentation: each case as soon as its batch is predicted, through
-    ``write_prediction`` (``prediction``: a list of ``{"case_id", "regions", "meta"}``)."""
+class _Writer(BasePredictionWriter):
+    """A writer into the folder ``output``, per batch or once per epoch."""
+
+    interval_name = "batch"
 
     def __init__(self, output: Path) -> None:
-        super().__init__("batch")
+        super().__init__(self.interval_name)
         self.output = output
+
+
+class CaseWriter(_Writer):
+    """Segmentation: each case as soon as its batch is predicted, through
+    ``write_prediction`` (``prediction``: a list of ``{"case_id", "regions", "meta"}``)."""
 
     def write_on_batch_end(
         self,
@@ -53,13 +59,11 @@ class CaseWriter(BasePredictionWriter):
             dm.write_prediction(case["case_id"], case["regions"], self.output, case.get("meta"))
 
 
-class _Gathered(BasePredictionWriter):
+class _Gathered(_Writer):
     """One file of every rank's predictions (a list of dicts keyed by ``case_id`` per
     batch), written by rank 0 with :meth:`write`."""
 
-    def __init__(self, output: Path) -> None:
-        super().__init__("epoch")
-        self.output = output
+    interval_name = "epoch"
 
     def write_on_epoch_end(
         self,
