@@ -11,8 +11,9 @@ from typing import Any
 
 from benchmarks.common import Context
 from medlit.datamodules import BraTSDataModule
-from medlit.datasets.synthetic import MARKER, is_synthetic, write_brats
-from medlit.datasets.synthetic_luna16 import write_luna16
+from medlit.datasets.brats.phantom import write_brats
+from medlit.datasets.io.files import MARKER, is_synthetic
+from medlit.datasets.luna16.phantom import write_luna16
 
 
 def brats_module(ctx: Context, **overrides: Any) -> BraTSDataModule:

@@ -26,7 +26,7 @@ NAMES = {"official": "the official scorer", "monai": "MONAI", "medpy": "medpy"}
 
 def _pair(ctx: Context, index: int) -> tuple[Path, Path]:
     """Reference and prediction NIfTI files of one generated case (seeded by ``index``)."""
-    from medlit.datasets.volume_io import read_volume, write_volume
+    from medlit.datasets.io.volume import read_volume, write_volume
 
     folder = ctx.workdir / "metrics" / f"pair{index}"
     ref_path, pred_path = folder / "ref.nii.gz", folder / "pred.nii.gz"
@@ -50,8 +50,8 @@ def _pair(ctx: Context, index: int) -> tuple[Path, Path]:
 
 
 def _regions(path: Path) -> tuple[np.ndarray, tuple[float, ...], tuple[int, ...]]:
-    from medlit.datasets.brats import label_targets
-    from medlit.datasets.volume_io import read_volume
+    from medlit.datasets.brats.source import label_targets
+    from medlit.datasets.io.volume import read_volume
 
     labels, geometry = read_volume(path)
     return label_targets(labels, 3, "regions").astype(bool), geometry.spacing_zyx, labels.shape
@@ -259,7 +259,7 @@ def _definitions(with_medpy: bool, medpy_equal: bool) -> list[str]:
 def _empty_conventions(ctx: Context, evaluator, with_medpy: bool) -> list[str]:
     """HD95 of a region that is empty in one or both masks, as each implementation
     returns it (measured on a small volume: a reference without enhancing tumour)."""
-    from medlit.datasets.volume_io import Geometry, write_volume
+    from medlit.datasets.io.volume import Geometry, write_volume
     from medlit.metrics.segmentation import volume_diagonal
 
     shape, spacing = (20, 24, 24), (1.0, 1.0, 1.0)

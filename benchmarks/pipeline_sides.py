@@ -23,7 +23,7 @@ from benchmarks.common import PeakMemory
 # reads NIfTI with nibabel itself, so the per-sample reader imports nothing more.
 IMPORTS = {
     "medlit": ["medlit.datamodules", "medlit.datasets.slices"],
-    "monai": ["monai.transforms", "monai.data", "medlit.datasets.brats"],
+    "monai": ["monai.transforms", "monai.data", "medlit.datasets.brats.source"],
 }
 SERVER = {
     "medlit": "medlit",
@@ -76,8 +76,8 @@ class NiftiPerSample(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         import nibabel as nib
 
-        from medlit.datasets.cache import CacheEntry
-        from medlit.datasets.slices import SliceDataset
+        from medlit.datasets.brats.torch import SliceDataset
+        from medlit.datasets.io.cache import CacheEntry
 
         case = self.cases[np.random.randint(len(self.cases))]
         # nibabel arrays are (x, y, z); medlit's are (z, y, x).
@@ -96,7 +96,7 @@ class NiftiPerSample(torch.utils.data.Dataset):
 
 def _nibabel(cfg: dict[str, Any]) -> tuple[Any, int]:
     from medlit.datamodules import BraTSDataModule
-    from medlit.datasets.brats import LAYOUTS, MODALITIES, discover_cases
+    from medlit.datasets.brats.source import LAYOUTS, MODALITIES, discover_cases
 
     # Borrow the exact transforms of medlit's data module (its setup reads only the labels).
     dm = BraTSDataModule(**cfg["datamodule"])
@@ -124,7 +124,7 @@ def _monai(cfg: dict[str, Any], threads: bool) -> tuple[Any, int]:
     from monai import transforms as T
     from monai.data import CacheDataset, DataLoader, ThreadDataLoader
 
-    from medlit.datasets.brats import LAYOUTS, MODALITIES, discover_cases
+    from medlit.datasets.brats.source import LAYOUTS, MODALITIES, discover_cases
 
     d = cfg["datamodule"]
     p, keys = d["patch_size"], ["image", "label"]

@@ -23,7 +23,7 @@ from PIL import Image
 
 from medlit.check import main as check_main
 from medlit.datamodules import BraTSDataModule, ISICDataModule, LUNA16DataModule
-from medlit.datasets.volume_io import read_volume, write_volume
+from medlit.datasets.io.volume import read_volume, write_volume
 from medlit.errors import ConfigError, InvalidCaseError, MedlitError
 from tests.data.isic.data import make_isic
 from tests.data.luna16.data import make_luna16

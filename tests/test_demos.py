@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks.quality import DEMOS, Criterion, Demo, Outcome, mlflow_outcome
-from medlit.datasets.synthetic import write_brats
-from medlit.datasets.synthetic_isic import write_isic
-from medlit.datasets.synthetic_luna16 import write_luna16
+from medlit.datasets.brats.phantom import write_brats
+from medlit.datasets.isic.phantom import write_isic
+from medlit.datasets.luna16.phantom import write_luna16
 from medlit.fit import main
 
 SEEDS = [int(s) for s in os.environ.get("MEDLIT_DEMO_SEEDS", "42").split(",")]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from medlit.datasets.volume_io import read_volume, write_volume
+from medlit.datasets.io.volume import read_volume, write_volume
 from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, NonFiniteLossError
 from medlit.fit import main
 from medlit.tasks import SegmentationTask

@@ -9,7 +9,7 @@ import mlflow
 import numpy as np
 import SimpleITK as sitk
 
-from medlit.datasets.isic import read_records
+from medlit.datasets.isic.source import read_records
 from medlit.fit import main
 from medlit.generate import main as generate
 from tests.data.isic.data import make_isic

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medlit.datasets.isic import CLASSES
-from medlit.datasets.volume_io import read_volume
+from medlit.datasets.io.volume import read_volume
+from medlit.datasets.isic.source import CLASSES
 from medlit.errors import ConfigError, DatasetNotFoundError
 from medlit.fit import main
 from tests.data.isic.data import make_isic

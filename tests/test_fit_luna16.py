@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medlit.datasets.nodules import slice_boxes
+from medlit.datasets.slices import slice_boxes
 from medlit.errors import ConfigError
 from medlit.fit import main
 from medlit.metrics.froc import FROC_POINTS

@@ -17,8 +17,8 @@ import SimpleITK as sitk
 import torch
 from PIL import Image
 
-from medlit.datasets.isic import CLASSES
-from medlit.datasets.volume_io import read_volume
+from medlit.datasets.io.volume import read_volume
+from medlit.datasets.isic.source import CLASSES
 from medlit.errors import ConfigError, InvalidCaseError
 from medlit.fit import main as fit
 from medlit.predict import main as predict

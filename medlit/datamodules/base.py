@@ -24,8 +24,7 @@ import torch
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler
 
-from medlit.datasets.synthetic import is_synthetic
-from medlit.datasets.volume_io import atomic_write
+from medlit.datasets.io.files import atomic_write, is_synthetic
 from medlit.errors import ConfigError, Report
 
 log = logging.getLogger(__name__)

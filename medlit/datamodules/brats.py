@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 from medlit.datamodules.base import BaseDataModule, cache_root, one_item_batch
 from medlit.datamodules.splits import split_file_problems, split_groups
-from medlit.datasets.brats import (
+from medlit.datasets.brats.phantom import write_brats
+from medlit.datasets.brats.source import (
     BRATS_HELP,
     LAYOUTS,
     MODALITIES,
@@ -32,10 +33,9 @@ from medlit.datasets.brats import (
     labels_from_regions,
     preprocess_case,
 )
-from medlit.datasets.cache import CacheEntry, OnTheFly, VolumeCache
-from medlit.datasets.slices import CaseDataset, SliceDataset
-from medlit.datasets.synthetic import write_brats
-from medlit.datasets.volume_io import Geometry, write_volume
+from medlit.datasets.brats.torch import CaseDataset, SliceDataset
+from medlit.datasets.io.cache import CacheEntry, OnTheFly, VolumeCache
+from medlit.datasets.io.volume import Geometry, write_volume
 from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, Report
 
 log = logging.getLogger(__name__)

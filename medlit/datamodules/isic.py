@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader
 
 from medlit.datamodules.base import BaseDataModule, balanced_sampler, cache_root
 from medlit.datamodules.splits import split_file_problems, split_groups
-from medlit.datasets.images import ImageDataset
-from medlit.datasets.isic import (
+from medlit.datasets.io.files import MARKER
+from medlit.datasets.isic.phantom import write_isic
+from medlit.datasets.isic.source import (
     CLASSES,
     IMAGE_DIRS,
     ISICRecords,
@@ -29,8 +30,7 @@ from medlit.datasets.isic import (
     write_mask,
     write_submission,
 )
-from medlit.datasets.synthetic import MARKER
-from medlit.datasets.synthetic_isic import write_isic
+from medlit.datasets.isic.torch import ImageDataset
 from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, Report
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from medlit.datamodules.base import BaseDataModule, balanced_sampler, cache_root
-from medlit.datasets.cache import CacheEntry, OnTheFly, VolumeCache
-from medlit.datasets.luna16 import (
+from medlit.datasets.io.cache import CacheEntry, OnTheFly, VolumeCache
+from medlit.datasets.io.files import atomic_write
+from medlit.datasets.io.volume import Geometry
+from medlit.datasets.luna16.phantom import write_luna16
+from medlit.datasets.luna16.source import (
     ANNOTATION_COLUMNS,
     CANDIDATE_COLUMNS,
     LUNG_WINDOW,
@@ -39,15 +42,13 @@ from medlit.datasets.luna16 import (
     read_table,
     window,
 )
-from medlit.datasets.nodules import (
+from medlit.datasets.luna16.torch import (
     CandidateDataset,
     NoduleSliceDataset,
     ScanDataset,
     detection_collate,
     first_item,
 )
-from medlit.datasets.synthetic_luna16 import write_luna16
-from medlit.datasets.volume_io import Geometry, atomic_write
 from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, Report
 
 if TYPE_CHECKING:

@@ -25,9 +25,8 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from medlit.artifacts import log_file
 from medlit.datamodules.base import BaseDataModule
-from medlit.datasets.nodules import slice_boxes, spacing_zyx
-from medlit.datasets.slices import stack_slices
-from medlit.datasets.volume_io import Geometry
+from medlit.datasets.io.volume import Geometry
+from medlit.datasets.slices import slice_boxes, spacing_zyx, stack_slices
 from medlit.deprecation import renamed
 from medlit.errors import ConfigError
 from medlit.metrics.froc import FROCResult, froc

@@ -93,6 +93,6 @@ class TrialReporter(Callback):
 
 
 def write_result(path: str | Path, result: dict[str, Any]) -> None:
-    from medlit.datasets.volume_io import atomic_write
+    from medlit.datasets.io.files import atomic_write
 
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))

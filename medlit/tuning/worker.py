@@ -527,7 +527,7 @@ class Worker:
                 f"{self.cfg.objective.metric} = {best.value:.6g}\n"
                 f"# python -m medlit.fit {best_path}\n"
             )
-            from medlit.datasets.volume_io import atomic_write
+            from medlit.datasets.io.files import atomic_write
 
             atomic_write(best_path, lambda p: p.write_text(header + best_yaml))
             print(f"best trial {best.number}: {self.cfg.objective.metric} = {best.value:.6g}")

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from medlit.datamodules import BraTSDataModule
-from medlit.datasets.brats import (
+from medlit.datasets.brats.source import (
     LAYOUTS,
     Preprocessing,
     detect_layout,
@@ -18,7 +18,7 @@ from medlit.datasets.brats import (
     label_targets,
     preprocess_case,
 )
-from medlit.datasets.volume_io import read_volume, write_volume
+from medlit.datasets.io.volume import read_volume, write_volume
 from medlit.errors import DatasetNotFoundError, InvalidCaseError
 from tests.data.brats.data import make_brats
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import medlit.datasets.brats as brats
+import medlit.datasets.brats.source as brats
 from medlit.datamodules import BraTSDataModule
-from medlit.datasets.volume_io import read_volume, write_volume
+from medlit.datasets.io.volume import read_volume, write_volume
 
 
 @pytest.fixture
@@ -124,7 +124,7 @@ def _entries(cache: Path) -> list[Path]:
 def test_disk_full_while_writing_leaves_nothing_a_later_run_would_read(
     brats_root: Path, _private_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import medlit.datasets.cache as cache_module
+    import medlit.datasets.io.cache as cache_module
     from medlit.errors import CacheWriteError
 
     real_save = np.save
@@ -163,7 +163,7 @@ def test_disk_full_while_writing_leaves_nothing_a_later_run_would_read(
 _KILLED_BUILD = """
 import os, sys, time
 import numpy as np
-import medlit.datasets.cache as cache
+import medlit.datasets.io.cache as cache
 from medlit.datamodules import BraTSDataModule
 
 real = np.save

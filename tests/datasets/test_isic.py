@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from medlit.datamodules import ISICDataModule
-from medlit.datasets.isic import CLASSES, check_records, read_records
+from medlit.datasets.isic.source import CLASSES, check_records, read_records
 from medlit.errors import DatasetNotFoundError, InvalidCaseError
 from tests.data.isic.data import make_isic
 

@@ -13,12 +13,12 @@ import SimpleITK as sitk
 import torch
 
 from medlit.datamodules.luna16 import LUNA16DataModule
-from medlit.datasets.luna16 import (
+from medlit.datasets.io.volume import Geometry
+from medlit.datasets.luna16.source import (
     ANNOTATION_COLUMNS,
     CANDIDATE_COLUMNS,
 )
-from medlit.datasets.nodules import slice_boxes, spacing_zyx
-from medlit.datasets.volume_io import Geometry
+from medlit.datasets.slices import slice_boxes, spacing_zyx
 from medlit.errors import ConfigError, InvalidCaseError
 
 FLIPPED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
@@ -261,7 +261,7 @@ def test_candidate_patches_and_balanced_sampler(tmp_path):
 
 def test_write_volume_keeps_a_metaimage_header_and_its_data_together(tmp_path):
     """The header names its data file: written atomically, the pair keeps final names."""
-    from medlit.datasets.volume_io import Geometry, read_volume, write_volume
+    from medlit.datasets.io.volume import Geometry, read_volume, write_volume
 
     geometry = Geometry((150.0, 140.0, -90.0), (0.65, 0.65, 2.0), FLIPPED)
     array = np.arange(60, dtype=np.int16).reshape(3, 4, 5)

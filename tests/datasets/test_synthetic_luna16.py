@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from medlit.datasets.luna16 import (
+from medlit.datasets.io.files import MARKER, is_synthetic
+from medlit.datasets.luna16.phantom import FLIPPED, IDENTITY, write_luna16
+from medlit.datasets.luna16.source import (
     ANNOTATION_COLUMNS,
     CANDIDATE_COLUMNS,
     check_data_size,
@@ -19,8 +21,6 @@ from medlit.datasets.luna16 import (
     read_header,
     read_table,
 )
-from medlit.datasets.synthetic import MARKER, is_synthetic
-from medlit.datasets.synthetic_luna16 import FLIPPED, IDENTITY, write_luna16
 from medlit.errors import Report
 
 SMALL = ((24, 32), (64, 64), (64, 64))  # (min, max) voxels in z, y, x

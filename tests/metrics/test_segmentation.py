@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medlit.datasets.brats import label_targets
-from medlit.datasets.synthetic import brats_phantom
-from medlit.datasets.volume_io import Geometry, read_volume, write_volume
+from medlit.datasets.brats.phantom import brats_phantom
+from medlit.datasets.brats.source import label_targets
+from medlit.datasets.io.volume import Geometry, read_volume, write_volume
 from medlit.metrics.segmentation import dice, hd95, region_metrics, volume_diagonal
 
 

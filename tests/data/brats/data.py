@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medlit.datasets.synthetic import write_brats
+from medlit.datasets.brats.phantom import write_brats
 
 SHAPE = (16, 32, 32)
 SPACING = 7.5

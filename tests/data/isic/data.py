@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medlit.datasets.synthetic_isic import write_isic
+from medlit.datasets.isic.phantom import write_isic
 
 SIZE = (48, 64)
 

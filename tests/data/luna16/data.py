@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medlit.datasets.synthetic_luna16 import write_luna16
+from medlit.datasets.luna16.phantom import write_luna16
 
 
 def make_luna16(root: Path, scans: int = 10, seed: int = 0) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-from medlit.datasets.volume_io import Geometry, count_nonfinite, nifti_problem, read_volume
+from medlit.datasets.io.volume import Geometry, count_nonfinite, nifti_problem, read_volume
 from medlit.errors import DatasetNotFoundError, InvalidCaseError, Report
 
 Modality = Literal["t1", "t1ce", "t2", "flair"]

@@ -17,36 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medlit.datasets.cache import CacheEntry
-from medlit.datasets.luna16 import candidate_cube, cube_input, window
+from medlit.datasets.io.cache import CacheEntry
+from medlit.datasets.luna16.source import candidate_cube, cube_input, window
 from medlit.datasets.seeding import seed_transforms
-from medlit.datasets.slices import stack_slices
-
-# A slice gets a box for a nodule when the sphere's cut through it has at least this
-# fraction of the nodule's radius: the last sliver at each pole looks like nothing.
-MIN_CUT = 0.3
-
-
-def spacing_zyx(meta: dict) -> np.ndarray:
-    return np.asarray(meta["geometry"]["spacing"], dtype=float)[::-1]
-
-
-def slice_boxes(nodules: np.ndarray, z: int, spacing: np.ndarray) -> np.ndarray:
-    """Pixel boxes (M, 4) x1, y1, x2, y2 of the nodules' spheres cut by axial slice ``z``.
-
-    The sphere of radius r (mm) centred at index (cz, cy, cx) cuts the plane z in a
-    circle of radius sqrt(r² - ((z - cz)·sz)²) mm, i.e. an ellipse of half-axes r'/sx and
-    r'/sy voxels (anisotropic spacing).
-    """
-    if len(nodules) == 0:
-        return np.zeros((0, 4), np.float32)
-    dz = (z - nodules[:, 0]) * spacing[0]
-    r = nodules[:, 3]
-    cut = np.sqrt(np.clip(r**2 - dz**2, 0, None))
-    keep = cut >= MIN_CUT * r
-    cy, cx, cut = nodules[keep, 1] + 0.5, nodules[keep, 2] + 0.5, cut[keep]
-    ry, rx = cut / spacing[1], cut / spacing[2]
-    return np.stack([cx - rx, cy - ry, cx + rx, cy + ry], 1).astype(np.float32)
+from medlit.datasets.slices import slice_boxes, spacing_zyx, stack_slices
 
 
 def touched_slices(nodules: np.ndarray, depth: int, spacing: np.ndarray) -> np.ndarray:

@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from medlit.datasets.images import png_problem
-from medlit.datasets.volume_io import atomic_write
+from medlit.datasets.io.files import atomic_write
+from medlit.datasets.io.images import png_problem
 from medlit.errors import DatasetNotFoundError, Report
 
 Year = Literal["2018_task1", "2018_task3", "2019", "2020"]

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from medlit.datasets.volume_io import Geometry
+from medlit.datasets.io.volume import Geometry
 from medlit.errors import DatasetNotFoundError, InvalidCaseError, Report
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,6 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -131,21 +130,6 @@ def write_image(image: sitk.Image, path: str | Path, compress: bool | None = Non
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp)`` on a hidden temporary name beside ``path``, then rename it into
-    place: readers see the old file or the whole new one, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def count_nonfinite(path: str | Path, array: np.ndarray) -> int:

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medlit.datasets.brats import LAYOUTS, MODALITIES
-from medlit.datasets.volume_io import Geometry, write_volume
-
-MARKER = ".medlit-synthetic.json"
+from medlit.datasets.brats.source import LAYOUTS, MODALITIES
+from medlit.datasets.io.files import MARKER
+from medlit.datasets.io.volume import Geometry, write_volume
 
 # Mean intensity of each tissue per modality (t1, t1ce, t2, flair), roughly as on real
 # skull-stripped MRI: CSF dark on T1/FLAIR and bright on T2; edema bright on T2/FLAIR;
@@ -29,11 +28,6 @@ TISSUES = {
     "ncr": (0.40, 0.38, 1.20, 0.65),
     "et": (0.80, 1.45, 0.90, 1.00),
 }
-
-
-def is_synthetic(root: str | Path) -> bool:
-    """True when ``root`` was written by this module (the run is then tagged data=synthetic)."""
-    return (Path(root) / MARKER).exists()
 
 
 def _lobulated(

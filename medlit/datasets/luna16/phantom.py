@@ -26,9 +26,9 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
 
-from medlit.datasets.luna16 import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, N_SUBSETS
-from medlit.datasets.synthetic import MARKER
-from medlit.datasets.volume_io import Geometry, atomic_write, write_image
+from medlit.datasets.io.files import MARKER, atomic_write
+from medlit.datasets.io.volume import Geometry, write_image
+from medlit.datasets.luna16.source import ANNOTATION_COLUMNS, CANDIDATE_COLUMNS, N_SUBSETS
 
 UID_ROOT = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from medlit.datasets.isic import CLASSES, TRUTH_CSV
-from medlit.datasets.synthetic import MARKER
+from medlit.datasets.io.files import MARKER
+from medlit.datasets.isic.source import CLASSES, TRUTH_CSV
 
 # class -> (mean RGB of the lesion, colour spread, border irregularity, radius range in
 # fractions of the image height, texture strength, second colour for blotches or None)

@@ -1,0 +1,1 @@
+"""File and volume I/O and the case cache, shared by every dataset."""
