@@ -80,6 +80,15 @@ class Report:
             raise InvalidCaseError(case, path, problem)
         self.problems.append(Problem("error", str(case), Path(path), problem))
 
+    def refuse(self, error: MedlitError, case: str, path: str | Path) -> None:
+        """A problem of the whole dataset or config rather than of one file (no labelled
+        case, a target the release lacks): a strict report raises ``error`` itself, of its
+        own type (``DatasetNotFoundError``, ``ConfigError``); a collecting one lists it as
+        an error of ``case`` at ``path``."""
+        if self.strict:
+            raise error
+        self.problems.append(Problem("error", str(case), Path(path), str(error)))
+
     def warning(self, case: str, path: str | Path, problem: str) -> None:
         if self.strict:
             log.warning("case %s: %s: %s", case, path, problem)

@@ -24,6 +24,7 @@ import torch
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler
 
+from medlit.datasets.io.cache import CacheEntry, VolumeCache
 from medlit.datasets.io.files import atomic_write, is_synthetic
 from medlit.errors import ConfigError, Report
 
@@ -102,7 +103,9 @@ class BaseDataModule(LightningDataModule):
 
     - every entry point: :attr:`root`, :attr:`num_channels` (checked against the task's
       ``in_channels``), :attr:`is_synthetic` (the run's ``data`` tag), :meth:`check`
-      (``medlit.check``; ``prepare_data`` runs the same checks, raising);
+      (``medlit.check``) and ``prepare_data`` (a run): both run :meth:`run_pipeline`,
+      which calls the dataset's :meth:`demo_data`, :meth:`discover`, :meth:`split`,
+      :meth:`prepare_case` and :meth:`finish`, with a collecting or a strict report;
     - classification: :attr:`classes`, :attr:`class_counts`, :meth:`score_predictions`,
       :meth:`write_submission`;
     - segmentation: :meth:`write_prediction`;
@@ -123,6 +126,13 @@ class BaseDataModule(LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         # Set by ``predict_from``: prediction reads this input, never ``root``.
         self.predict_input: Path | None = None
+        # The pipeline's state: every case found (id -> record), the split, the cache
+        # entries of the prepared cases, and whether a strict run has prepared them.
+        self.cases_found: dict[str, Any] = {}
+        self.split_ids: dict[str, list[str]] = {}
+        self.entries: dict[str, CacheEntry] = {}
+        self.prepared = False
+        self._indexed = False
 
     # ---- what the data are --------------------------------------------------------------
 
@@ -148,12 +158,6 @@ class BaseDataModule(LightningDataModule):
         """Training items per class, in :attr:`classes` order (``class_weights:
         balanced``); empty when the targets are not classes."""
         return []
-
-    def check(self, report: Report, deep: bool = False) -> int:
-        """Run every check of every case, each problem to ``report`` (strict: raise at the
-        first error; else collect them all); returns the number of cases checked.
-        ``deep``: also re-verify each cached case against its source files."""
-        raise ConfigError(f"{type(self).__name__} has no data checks")
 
     # ---- prediction input ----------------------------------------------------------------
 
@@ -237,13 +241,132 @@ class BaseDataModule(LightningDataModule):
         cached scan); None: anywhere."""
         return None
 
-    def write_demo_if_empty(self, write: Callable[[Path], object], what: str) -> None:
-        """With ``demo: true``, fill an empty or missing ``root`` with ``write(root)`` first."""
-        if not self.hparams["demo"] or (self.root.exists() and any(self.root.iterdir())):
+    # ---- the data pipeline: demo data → discover → split → check → cache ------------------
+
+    def demo_data(self) -> tuple[Callable[[Path], object], str] | None:
+        """Step 1: what ``demo: true`` writes into an empty or missing ``root``: a writer of
+        seeded data in the official layout (called with ``root``) and what it writes, in
+        words; None: the dataset has no demo data."""
+        return None
+
+    def discover(self, report: Report) -> dict[str, Any]:
+        """Step 2: the cases under ``root`` (case id -> the dataset's own case record),
+        found from the official layout and index files; each problem to ``report`` (a
+        missing ``root`` raises ``DatasetNotFoundError`` whatever the report)."""
+        raise ConfigError(f"{type(self).__name__} has no data pipeline")
+
+    def split(self, cases: dict[str, Any], report: Report) -> dict[str, list[str]]:
+        """Step 3: the case ids of ``train``, ``val`` and ``test`` (a split file's
+        problems to ``report``). Default: every case trains."""
+        return {"train": sorted(cases), "val": [], "test": []}
+
+    def prepare_case(self, case_id: str, case: Any, report: Report, deep: bool) -> bool:
+        """Step 4, one case: check it and, for a run, cache it (most datasets call
+        :meth:`check_and_cache`). Returns whether its files were read now (False: known
+        good from an earlier run, by size and mtime)."""
+        raise ConfigError(f"{type(self).__name__} has no data pipeline")
+
+    def finish(self, report: Report) -> str:
+        """Step 5, after every case: dataset-wide checks that need the prepared cases
+        (LUNA16 places each CSV row in its scan). Returns a summary for the log line."""
+        return ""
+
+    def check(self, report: Report, deep: bool = False) -> int:
+        """``medlit.check``: :meth:`run_pipeline` with a collecting report (every problem
+        of every case listed). ``deep``: also re-verify each cached case against its
+        source files. Returns the number of cases checked."""
+        return self.run_pipeline(report, deep)
+
+    def prepare_data(self) -> None:
+        """A run (rank 0 of each node): :meth:`run_pipeline` with a strict report, so bad
+        data stop the run here, before any training or tracking."""
+        if self.predict_input is not None:  # predicting on other data: root unused
             return
+        self.run_pipeline(Report(strict=True))
+
+    def run_pipeline(self, report: Report, deep: bool = False) -> int:
+        """The data pipeline, the same for a run and for ``medlit.check``: demo data,
+        discover, split, then every case checked and cached, then the dataset-wide checks.
+
+        The report decides the rest. Strict (a run): the first error raises; only the
+        cases of the splits are prepared, each checked as it is cached, so a case cached
+        before (sources unchanged) is not read again. Collecting (``medlit.check``):
+        every case found is checked from its files, every problem is listed and nothing
+        is cached. Returns the number of cases found.
+        """
+        if report.strict and self.prepared:
+            return len(self.cases_found)
         start = time.perf_counter()
-        write(self.root)
-        log.info("wrote %s to %s in %.1f s", what, self.root, time.perf_counter() - start)
+        self.index(report)
+        used = {i for ids in self.split_ids.values() for i in ids}
+        read = 0
+        for case_id, case in self.cases_found.items():
+            if report.strict and case_id not in used:
+                continue
+            read += self.prepare_case(case_id, case, report, deep)
+        summary = self.finish(report)
+        ready = len(used) if report.strict else len(self.cases_found)
+        if report.strict:
+            self.prepared = True
+            log.info(
+                "%s %s: %d cases ready in %.2f s (%d checked and preprocessed, %d from the "
+                "cache%s)",
+                type(self).__name__.removesuffix("DataModule"),
+                self.root,
+                ready,
+                time.perf_counter() - start,
+                read,
+                ready - read,
+                summary,
+            )
+        return len(self.cases_found)
+
+    def index(self, report: Report | None = None) -> None:
+        """Steps 1-3 once: demo data, :meth:`discover`, :meth:`split` (what ``setup`` needs
+        on a rank that did not prepare the data)."""
+        if self._indexed and report is None:
+            return
+        h = self.hparams
+        if h.get("demo") and (demo := self.demo_data()) is not None:
+            write, what = demo
+            if not (self.root.exists() and any(self.root.iterdir())):
+                start = time.perf_counter()
+                write(self.root)
+                log.info("wrote %s to %s in %.1f s", what, self.root, time.perf_counter() - start)
+        report = report or Report()
+        self.cases_found = self.discover(report)
+        self.split_ids = self.split(self.cases_found, report)
+        self._indexed = True
+
+    def check_and_cache(
+        self,
+        cache: VolumeCache,
+        case_id: str,
+        sources: Sequence[Path],
+        check: Callable[[Report], Any],
+        build: Callable[[], tuple[dict[str, np.ndarray], dict]],
+        report: Report,
+        deep: bool = False,
+    ) -> tuple[CacheEntry | None, Any]:
+        """Step 4 for a case kept in a :class:`VolumeCache`: ``(entry, None)`` for a strict
+        report (``build``, which checks the case, runs only when it is not cached yet);
+        ``(None, check(report))`` for a collecting one, nothing cached, and with ``deep``
+        the cached entry rebuilt and compared (one that differs is removed, so the next run
+        rebuilds it). ``check`` returns None after an error."""
+        if report.strict:
+            entry = cache.get(case_id, sources, build)
+            self.entries[case_id] = entry
+            return entry, None
+        checked = check(report)
+        if checked is not None and deep:
+            entry = cache.cached(case_id)
+            if problem := cache.verify(case_id, sources, build):
+                report.error(
+                    case_id,
+                    entry or cache.directory,
+                    f"cache entry: {problem}; removed, the next run rebuilds it",
+                )
+        return None, checked
 
     def _loader(
         self, split: str, shuffle: bool = False, batch_size: int | None = None, **kwargs: Any

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
-import time
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from medlit.datamodules.base import BaseDataModule, cache_root, one_item_batch
-from medlit.datamodules.splits import split_file_problems, split_groups
+from medlit.datamodules.splits import check_split_file, split_groups
 from medlit.datasets.brats.phantom import write_brats
 from medlit.datasets.brats.source import (
     BRATS_HELP,
@@ -145,106 +145,80 @@ class BraTSDataModule(BaseDataModule):
         cache, prep = self._cache(require_seg)
         return [cache.get(c.case_id, c.sources, partial(preprocess_case, c, prep)) for c in cases]
 
-    def _write_demo(self) -> None:
+    # ---- the pipeline (run by BaseDataModule.run_pipeline) -------------------------------
+
+    def demo_data(self) -> tuple[Callable[[Path], object], str]:
         h = self.hparams
-        self.write_demo_if_empty(
+        return (
             lambda root: write_brats(root, h["demo_cases"], seed=h["seed"]),
             f"{h['demo_cases']} synthetic BraTS cases (2021 layout)",
         )
 
-    def check(self, report: Report, deep: bool = False) -> int:
-        """Every check of every case, each problem to ``report`` (``medlit.check``).
-
-        Labelled cases are checked as a run checks them when it caches them; cases
-        without a segmentation (prediction-only) are checked too, with a warning. A split
-        file is checked for ids the dataset lacks and ids in two splits. ``deep``
-        re-verifies the cached entries of intact cases against their sources (an entry
-        that differs is removed, so the next run rebuilds it). Returns the cases checked.
-        """
-        h = self.hparams
-        self._write_demo()
-        year, _, _ = self._layout_and_labels()
-        found = discover_cases(self.root, LAYOUTS[year], self.modalities)
-        labelled = [c for c in found if c.seg is not None]
-        if not labelled:
-            report.error(
-                "dataset", self.root, "no case has a segmentation; training needs labelled cases"
-            )
-        if h["split_file"]:
-            for case_id, problem in split_file_problems(
-                h["split_file"], [c.case_id for c in labelled]
-            ):
-                report.error(case_id, h["split_file"], problem)
-        cache, prep = self._cache(require_seg=True)
-        _, unlabelled_prep = self._cache(require_seg=False)
-        for case in found:
-            if case.seg is None:
-                report.warning(
-                    case.case_id,
-                    LAYOUTS[year].file(case.folder, "seg"),
-                    "no segmentation: the case is not used for training or evaluation",
-                )
-                check_case(case, unlabelled_prep, report)
-                continue
-            if check_case(case, prep, report) is None or not deep:
-                continue
-            entry = cache.cached(case.case_id)
-            if problem := cache.verify(
-                case.case_id, case.sources, partial(preprocess_case, case, prep)
-            ):
-                report.error(
-                    case.case_id,
-                    entry or cache.directory,
-                    f"cache entry: {problem}; removed, the next run rebuilds it",
-                )
-        return len(found)
-
-    def _discover(self) -> None:
-        h = self.hparams
-        self._write_demo()
+    def discover(self, report: Report) -> dict[str, BraTSCase]:
+        """Every case folder of the layout, labelled or not; no labelled case at all is an
+        error (training needs them)."""
         if not self.root.exists():
             raise DatasetNotFoundError(f"BraTS root {self.root} does not exist. {BRATS_HELP}")
         year, _, _ = self._layout_and_labels()
-        found = discover_cases(self.root, LAYOUTS[year], self.modalities)
-        labelled = {c.case_id: c for c in found if c.seg is not None}
-        if not labelled:
-            raise DatasetNotFoundError(
-                f"no case under {self.root} has a segmentation; "
-                f"training needs labelled cases. {BRATS_HELP}"
+        found = {c.case_id: c for c in discover_cases(self.root, LAYOUTS[year], self.modalities)}
+        if not any(c.seg is not None for c in found.values()):
+            report.refuse(
+                DatasetNotFoundError(
+                    f"no case under {self.root} has a segmentation; training needs labelled "
+                    f"cases. {BRATS_HELP}"
+                ),
+                "dataset",
+                self.root,
             )
-        ids = split_groups(
-            list(labelled),
-            h["split_file"],
-            h["val_fraction"],
-            h["test_fraction"],
-            h["seed"],
-            h["num_folds"],
-            h["fold"],
-        )
-        self.cases = {s: [labelled[i] for i in v] for s, v in ids.items()}
-        self.cases["predict"] = found
+        return found
 
-    def prepare_data(self) -> None:
-        """Write demo data if asked, then check and cache every labelled case.
+    def split(self, cases: dict[str, BraTSCase], report: Report) -> dict[str, list[str]]:
+        """Labelled cases only, by case (a split file's unknown or repeated ids are errors);
+        unlabelled ones are for prediction."""
+        h = self.hparams
+        labelled = [i for i, c in cases.items() if c.seg is not None]
+        if not check_split_file(h["split_file"], labelled, report) or not labelled:
+            # only a collecting report gets here
+            ids = {"train": [], "val": [], "test": []}
+        else:
+            ids = split_groups(
+                labelled,
+                h["split_file"],
+                h["val_fraction"],
+                h["test_fraction"],
+                h["seed"],
+                h["num_folds"],
+                h["fold"],
+            )
+        self.cases = {s: [cases[i] for i in v] for s, v in ids.items()}
+        self.cases["predict"] = list(cases.values())
+        return ids
 
-        A broken case raises ``InvalidCaseError`` here, before any training or tracking.
-        """
-        if self.predict_input is not None:  # predicting on other data: root unused
-            return
-        self._discover()
-        start = time.perf_counter()
-        entries = [e for s in ("train", "val", "test") for e in self._entries(self.cases[s])]
-        built = sum(e.built for e in entries)
-        log.info(
-            "BraTS %s: %d cases ready in %.2f s (%d checked and preprocessed, %d from the "
-            "cache, %.1f MB)",
-            self.root,
-            len(entries),
-            time.perf_counter() - start,
-            built,
-            len(entries) - built,
-            sum(e.nbytes() for e in entries) / 1e6,
+    def prepare_case(self, case_id: str, case: BraTSCase, report: Report, deep: bool) -> bool:
+        """Every check of the case's files (``check_case``), then its cache entry; a case
+        without a segmentation (prediction only) is checked with a warning."""
+        labelled = case.seg is not None
+        if not labelled:
+            year, _, _ = self._layout_and_labels()
+            report.warning(
+                case_id,
+                LAYOUTS[year].file(case.folder, "seg"),
+                "no segmentation: the case is not used for training or evaluation",
+            )
+        cache, prep = self._cache(require_seg=labelled)
+        entry, _ = self.check_and_cache(
+            cache,
+            case_id,
+            case.sources,
+            partial(check_case, case, prep),
+            partial(preprocess_case, case, prep),
+            report,
+            deep=deep and labelled,
         )
+        return entry is None or entry.built
+
+    def finish(self, report: Report) -> str:
+        return f", {sum(e.nbytes() for e in self.entries.values()) / 1e6:.1f} MB"
 
     def predict_from(self, path: Path, num_classes: int | None = None) -> None:
         """Predict on ``path`` (a case folder, or a folder of case folders in any BraTS
@@ -335,8 +309,7 @@ class BraTSDataModule(BaseDataModule):
         h = self.hparams
         if stage == "predict" and self.predict_input is not None:  # predict_from() chose
             return
-        if not self.cases:
-            self._discover()
+        self.index()
         _, et, _ = self._layout_and_labels()
         eval_target = partial(label_targets, et_label=et, target="regions")
         if stage == "fit":

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -16,15 +15,15 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from medlit.datamodules.base import BaseDataModule, balanced_sampler, cache_root
-from medlit.datamodules.splits import split_file_problems, split_groups
+from medlit.datamodules.splits import check_split_file, split_groups
 from medlit.datasets.io.files import MARKER
 from medlit.datasets.isic.phantom import write_isic
 from medlit.datasets.isic.source import (
     CLASSES,
     IMAGE_DIRS,
     ISICRecords,
+    VerifiedImages,
     check_image,
-    check_records,
     read_records,
     write_images,
     write_mask,
@@ -97,7 +96,6 @@ class ISICDataModule(BaseDataModule):
         super().__init__(root, batch_size, num_workers)
         self.save_hyperparameters(logger=False)  # the resolved config is logged whole
         self.records: ISICRecords | None = None
-        self.split_ids: dict[str, list[str]] = {}
         # The release a predicted folder's submission is written as (set by predict_from).
         self._predict_year: str | None = None
 
@@ -119,29 +117,62 @@ class ISICDataModule(BaseDataModule):
         return np.bincount(labels, minlength=len(records.classes)).tolist()
 
     def _load(self) -> ISICRecords:
-        if self.records is not None:
-            return self.records
+        """The release's records (read, with the split, once)."""
+        self.index()
+        assert self.records is not None
+        return self.records
+
+    # ---- the pipeline (run by BaseDataModule.run_pipeline) -------------------------------
+
+    def demo_data(self) -> tuple[Callable[[Path], object], str]:
         h = self.hparams
-        self.write_demo_if_empty(
+        return (
             lambda root: write_isic(root, h["demo_year"], h["demo_lesions"], seed=h["seed"]),
             f"a synthetic ISIC {h['demo_year']} release",
         )
-        records = read_records(self.root, h["year"])
+
+    def discover(self, report: Report) -> dict[str, tuple[Path, Path | None]]:
+        """The release's CSVs row by row and its images and masks found by name (image id
+        -> (image, mask or None)); a target the release lacks is an error."""
+        h = self.hparams
+        records = read_records(self.root, h["year"], report)
         if h["target"] == "mask" and not records.masks:
-            raise ConfigError(
-                f"target: mask needs segmentation masks; {self.root} holds the "
-                f"{records.year} release (labels only)"
+            report.refuse(
+                ConfigError(
+                    f"target: mask needs segmentation masks; {self.root} holds the "
+                    f"{records.year} release (labels only)"
+                ),
+                "config",
+                self.root,
             )
         if h["target"] == "label" and not records.labels:
-            raise ConfigError(
-                f"target: label needs diagnoses; {self.root} holds the "
-                f"{records.year} release (masks only)"
+            report.refuse(
+                ConfigError(
+                    f"target: label needs diagnoses; {self.root} holds the "
+                    f"{records.year} release (masks only)"
+                ),
+                "config",
+                self.root,
             )
+        self.records = records
+        self._verified = VerifiedImages(cache_root(h["cache_dir"], "isic", self.root))
+        return {i: (path, records.masks.get(i)) for i, path in records.images.items()}
+
+    def split(self, cases: dict[str, tuple], report: Report) -> dict[str, list[str]]:
+        """By lesion (2018/2019) or patient (2020), so that no lesion is in two splits; by
+        image where the release has no groups."""
+        h = self.hparams
+        records = self.records
+        assert records is not None
         groups = records.groups or {i: i for i in records.images}
         if records.group_kind == "image":
             log.info("ISIC %s has no lesion/patient ids: splitting by image", records.year)
+        names = sorted(set(groups.values()))
+        if not check_split_file(h["split_file"], names, report) or not names:
+            # only a collecting report gets here
+            return {"train": [], "val": [], "test": []}
         parts = split_groups(
-            sorted(set(groups.values())),
+            names,
             h["split_file"],
             h["val_fraction"],
             h["test_fraction"],
@@ -149,58 +180,26 @@ class ISICDataModule(BaseDataModule):
             h["num_folds"],
             h["fold"],
         )
-        self.split_ids = {
+        return {
             s: sorted(i for i in records.images if groups[i] in set(g)) for s, g in parts.items()
         }
-        self.records = records
-        return records
 
-    def check(self, report: Report, deep: bool = False) -> int:
-        """Every check of the release, each problem to ``report`` (``medlit.check``): the
-        CSVs row by row, every image and mask decoded to its last byte (whatever the
-        run's record of verified files says, so ``deep`` adds nothing here: ISIC images
-        are not cached), the split file, and the config's target. Returns the images
-        checked."""
-        h = self.hparams
-        self.write_demo_if_empty(
-            lambda root: write_isic(root, h["demo_year"], h["demo_lesions"], seed=h["seed"]),
-            f"a synthetic ISIC {h['demo_year']} release",
-        )
-        records = read_records(self.root, h["year"], report)
-        if h["target"] == "mask" and not records.masks:
-            report.error(
-                "config", self.root, f"data.target=mask but the {records.year} release has no masks"
-            )
-        if h["target"] == "label" and not records.labels:
-            report.error(
-                "config",
-                self.root,
-                f"data.target=label but the {records.year} release has no labels",
-            )
-        if h["split_file"]:
-            groups = records.groups or {i: i for i in records.images}
-            for key, problem in split_file_problems(h["split_file"], sorted(set(groups.values()))):
-                report.error(key, h["split_file"], problem)
-        for image_id, path in records.images.items():
-            check_image(image_id, path, records.masks.get(image_id), report)
-        return len(records.images)
+    def prepare_case(
+        self, image_id: str, case: tuple[Path, Path | None], report: Report, deep: bool
+    ) -> bool:
+        """The image (and mask) decoded to the last byte. A run skips files verified
+        before (same size and mtime: ISIC images are not cached, so there is nothing for
+        ``deep`` to re-verify); ``medlit.check`` decodes every one."""
+        path, mask = case
+        if report.strict:
+            return self._verified.check(image_id, path, mask, report)
+        check_image(image_id, path, mask, report)
+        return True
 
-    def prepare_data(self) -> None:
-        """Write demo data if asked; check every CSV row, image and mask before training."""
-        if self.predict_input is not None:  # predicting on other data: root unused
-            return
-        start = time.perf_counter()
-        records = self._load()
-        checked = check_records(records, cache_root(self.hparams["cache_dir"], "isic", self.root))
-        log.info(
-            "ISIC %s %s: %d images ready in %.2f s (%d decoded and checked, the rest "
-            "verified before)",
-            records.year,
-            self.root,
-            len(records.images),
-            time.perf_counter() - start,
-            checked,
-        )
+    def finish(self, report: Report) -> str:
+        if report.strict:
+            self._verified.save()
+        return ""
 
     def _transform(self, train: bool) -> A.Compose:
         h = self.hparams

@@ -5,8 +5,7 @@ false-positive reduction."""
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from medlit.datamodules.base import BaseDataModule, balanced_sampler, cache_root
-from medlit.datasets.io.cache import CacheEntry, OnTheFly, VolumeCache
+from medlit.datasets.io.cache import OnTheFly, VolumeCache
 from medlit.datasets.io.files import atomic_write
 from medlit.datasets.io.volume import Geometry
 from medlit.datasets.luna16.phantom import write_luna16
@@ -35,7 +34,6 @@ from medlit.datasets.luna16.source import (
     check_scan,
     data_file,
     discover_scans,
-    keep_present,
     locate,
     preprocess_scan,
     read_header,
@@ -142,10 +140,7 @@ class LUNA16DataModule(BaseDataModule):
         if hu_window[0] >= hu_window[1]:
             raise ConfigError(f"data.hu_window: low {hu_window[0]} must be below high")
         self.subsets = {"train": train, "val": val, "test": test}
-        self.scans: dict[str, LunaScan] = {}
-        self.entries: dict[str, CacheEntry] = {}
         self.tables: dict[str, pd.DataFrame] = {}
-        self.split_uids: dict[str, list[str]] = {}
 
     # ---- what tasks ask of the data ----------------------------------------------------
 
@@ -193,30 +188,32 @@ class LUNA16DataModule(BaseDataModule):
             ),
         }
 
-    def check(self, report: Report, deep: bool = False) -> int:
-        """Every check of every scan and CSV row, each problem to ``report``
-        (``medlit.check``): scans as a run checks them when it caches them (data size vs
-        header, readable, 3D, finite, lung masks); the CSVs' schema and every row;
-        each annotation and candidate placed in its scan; a seriesuid in two subsets.
-        ``deep`` re-verifies the cached entries of intact scans against their sources (an
-        entry that differs is removed, so the next run rebuilds it). Returns the scans
-        checked."""
+    # ---- the pipeline (run by BaseDataModule.run_pipeline) -------------------------------
+
+    def demo_data(self) -> tuple[Callable[[Path], object], str]:
         h = self.hparams
-        self.write_demo_if_empty(
+        return (
             lambda root: write_luna16(root, h["demo_scans"], seed=h["seed"]),
             f"{h['demo_scans']} synthetic LUNA16 scans",
         )
+
+    def discover(self, report: Report) -> dict[str, LunaScan]:
+        """The scans of ``subset*/`` (a seriesuid in two subsets is an error) and the
+        official CSVs, checked row by row (schema, numbers, classes); rows of scans that
+        are not under the root (subsets not downloaded) are skipped with one warning per
+        file, repeated rows with a warning each."""
+        h = self.hparams
         scans = discover_scans(self.root, report)
-        tables = {}
+        self._raw_tables = {}
         for name, (path, columns, required) in self._tables().items():
             table = read_table(path, columns, required, report)
             absent = ~table["seriesuid"].isin(set(scans))
-            if absent.any():
+            if skipped := int(absent.sum()):
                 report.warning(
                     path.name,
                     path,
-                    f"{int(absent.sum())} of {len(table)} rows name scans that are not under "
-                    f"the root (e.g. {table['seriesuid'][absent].iloc[0]}): skipped",
+                    f"{skipped} of {len(table)} rows name scans that are not under the root "
+                    "(subsets not downloaded?): skipped",
                 )
             dup = table.duplicated(["seriesuid", *columns[1:]], keep="first")
             for i in np.flatnonzero(dup):
@@ -225,105 +222,92 @@ class LUNA16DataModule(BaseDataModule):
                     path,
                     f"line {int(table['line'].iloc[i])}: repeats an earlier row",
                 )
-            tables[name] = (path, table[~absent])
+            self._raw_tables[name] = (path, table[~absent].reset_index(drop=True))
+        self._located = {name: [] for name in self._raw_tables}
         spacing = tuple(h["spacing"]) if h["spacing"] is not None else None
-        prep = Preprocessing(spacing)
-        cache = VolumeCache(cache_root(h["cache_dir"], "luna16", self.root), asdict(prep))
-        with_candidates = set(tables["candidates"][1]["seriesuid"])
-        for uid, scan in scans.items():
-            checked = check_scan(scan, report)
-            if checked is None:
-                continue
+        self._prep = Preprocessing(spacing)
+        self._cache = VolumeCache(
+            cache_root(h["cache_dir"], "luna16", self.root), asdict(self._prep)
+        )
+        return scans
+
+    def split(self, cases: dict[str, LunaScan], report: Report) -> dict[str, list[str]]:
+        """The official subsets as folds: ``train_subsets``, ``val_subsets``,
+        ``test_subsets``."""
+        ids = {
+            split: sorted(u for u, s in cases.items() if s.subset in subsets)
+            for split, subsets in self.subsets.items()
+        }
+        if not ids["train"] and not ids["test"]:
+            report.refuse(
+                ConfigError(
+                    f"no scan of subsets {self.subsets['train']} (train) or "
+                    f"{self.subsets['test']} (test) under {self.root}; found subsets "
+                    f"{sorted({s.subset for s in cases.values()})}"
+                ),
+                "dataset",
+                self.root,
+            )
+        return ids
+
+    def prepare_case(self, uid: str, scan: LunaScan, report: Report, deep: bool) -> bool:
+        """The scan checked (data size against its header, readable, 3D, finite, its lung
+        mask) and cached, then every annotation and candidate of it placed in its grid (a
+        point outside the scan is an error naming the CSV line)."""
+        entry, checked = self.check_and_cache(
+            self._cache,
+            uid,
+            scan.sources,
+            partial(check_scan, scan),
+            partial(preprocess_scan, scan, self._prep),
+            report,
+            deep,
+        )
+        if entry is not None:
+            meta = entry.meta
+        elif checked is not None:  # checked, not cached: the scan's own grid
             image = checked[0]
             meta = {
                 "geometry": Geometry.of(image).to_dict(),
                 "shape": list(reversed(image.GetSize())),
             }
-            for name, (path, table) in tables.items():
-                rows = table[table["seriesuid"] == uid]
-                locate(rows, meta, path, "diameter_mm" if name != "candidates" else None, report)
-            if h["target"] == "candidates" and uid not in with_candidates:
-                report.warning(uid, scan.mhd, f"no row in {h['candidates_file']}: no candidates")
-            if deep:
-                entry = cache.cached(uid)
-                if problem := cache.verify(uid, scan.sources, partial(preprocess_scan, scan, prep)):
-                    report.error(
-                        uid,
-                        entry or cache.directory,
-                        f"cache entry: {problem}; removed, the next run rebuilds it",
-                    )
-        return len(scans)
+        else:
+            return True
+        for name, (path, table) in self._raw_tables.items():
+            rows = table[table["seriesuid"] == uid]
+            size = "diameter_mm" if "diameter_mm" in table else None
+            self._located[name].append((rows, locate(rows, meta, path, size, report)))
+        if (
+            self.hparams["target"] == "candidates"
+            and not (self._raw_tables["candidates"][1]["seriesuid"] == uid).any()
+        ):
+            report.warning(
+                uid, scan.mhd, f"no row in {self.hparams['candidates_file']}: no candidates"
+            )
+        return entry is None or entry.built
+
+    def finish(self, report: Report) -> str:
+        """The tables of the prepared scans, with each row's voxel position (z, y, x) and
+        radius in the cached grid."""
+        for name, (_, raw) in self._raw_tables.items():
+            parts = [
+                rows.assign(z=at[:, 0], y=at[:, 1], x=at[:, 2], radius_mm=at[:, 3])
+                for rows, at in self._located[name]
+                if len(rows)
+            ]
+            empty = raw.iloc[:0].assign(z=0.0, y=0.0, x=0.0, radius_mm=0.0)
+            table = pd.concat(parts) if parts else empty
+            self.tables[name] = table.sort_values("seriesuid", kind="stable").reset_index(drop=True)
+        return (
+            f", {sum(e.nbytes() for e in self.entries.values()) / 1e6:.1f} MB; "
+            f"{len(self.tables['annotations'])} nodules, {len(self.tables['excluded'])} "
+            f"excluded, {len(self.tables['candidates'])} candidates"
+        )
 
     def _load(self) -> None:
-        """Discover scans, read and check the CSVs, check and cache the scans of every
-        split, and place every annotation/candidate in its scan (idempotent)."""
-        if self.entries:
-            return
-        h = self.hparams
-        self.write_demo_if_empty(
-            lambda root: write_luna16(root, h["demo_scans"], seed=h["seed"]),
-            f"{h['demo_scans']} synthetic LUNA16 scans",
-        )
-        start = time.perf_counter()
-        self.scans = discover_scans(self.root)
-        for split, subsets in self.subsets.items():
-            self.split_uids[split] = sorted(u for u, s in self.scans.items() if s.subset in subsets)
-        if not self.split_uids["train"] and not self.split_uids["test"]:
-            raise ConfigError(
-                f"no scan of subsets {self.subsets['train']} (train) or "
-                f"{self.subsets['test']} (test) under {self.root}; found subsets "
-                f"{sorted({s.subset for s in self.scans.values()})}"
-            )
-        wanted = [u for s in ("train", "val", "test") for u in self.split_uids[s]]
-        spacing = tuple(h["spacing"]) if h["spacing"] is not None else None
-        prep = Preprocessing(spacing)
-        cache = VolumeCache(cache_root(h["cache_dir"], "luna16", self.root), asdict(prep))
-        entries = {
-            u: cache.get(u, self.scans[u].sources, partial(preprocess_scan, self.scans[u], prep))
-            for u in wanted
-        }
-        for name, (path, columns, required) in self._tables().items():
-            table = keep_present(read_table(path, columns, required), list(self.scans), path)
-            # Only scans of the chosen splits are placed (and checked against their grid).
-            table = (
-                table[table["seriesuid"].isin(entries)]
-                .sort_values("seriesuid", kind="stable")
-                .reset_index(drop=True)
-            )
-            size = "diameter_mm" if "diameter_mm" in table else None
-            located = [
-                locate(group, entries[uid].meta, path, size)
-                for uid, group in table.groupby("seriesuid", sort=True)
-            ]
-            table[["z", "y", "x", "radius_mm"]] = (
-                np.concatenate(located) if located else np.zeros((0, 4))
-            )
-            self.tables[name] = table
-        self.entries = entries
-        built = sum(e.built for e in entries.values())
-        log.info(
-            "LUNA16 %s: %d scans (train %d, val %d, test %d) ready in %.2f s (%d checked and "
-            "preprocessed, %d from the cache, %.1f MB); %d nodules, %d excluded, %d candidates",
-            self.root,
-            len(entries),
-            *(len(self.split_uids[s]) for s in ("train", "val", "test")),
-            time.perf_counter() - start,
-            built,
-            len(entries) - built,
-            sum(e.nbytes() for e in entries.values()) / 1e6,
-            len(self.tables["annotations"]),
-            len(self.tables["excluded"]),
-            len(self.tables["candidates"]),
-        )
-
-    def prepare_data(self) -> None:
-        """Write demo data if asked, then check and cache every scan of every split.
-
-        A broken scan or CSV row raises ``InvalidCaseError`` here, before any training.
-        """
-        if self.predict_input is not None:  # predicting on other data: root unused
-            return
-        self._load()
+        """The prepared scans and tables (prepared here on a rank that did not)."""
+        if not self.prepared:
+            self.run_pipeline(Report())
 
     def _nodules(self, uids: list[str]) -> list[np.ndarray]:
         ann = self.tables["annotations"]
@@ -334,7 +318,7 @@ class LUNA16DataModule(BaseDataModule):
 
     def _candidate_rows(self, split: str) -> pd.DataFrame:
         cands = self.tables["candidates"]
-        return cands[cands["seriesuid"].isin(self.split_uids[split])]
+        return cands[cands["seriesuid"].isin(self.split_ids[split])]
 
     def _candidates(self, split: str) -> CandidateDataset:
         h = self.hparams
@@ -363,10 +347,10 @@ class LUNA16DataModule(BaseDataModule):
             return
         self._load()
         h = self.hparams
-        entries = {s: [self.entries[u] for u in self.split_uids[s]] for s in self.split_uids}
+        entries = {s: [self.entries[u] for u in self.split_ids[s]] for s in self.split_ids}
         splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage, [])
         for split in splits:
-            if not self.split_uids[split]:
+            if not self.split_ids[split]:
                 raise ConfigError(
                     f"no scan of subsets {self.subsets[split]} ({split}) under {self.root}"
                 )
@@ -375,7 +359,7 @@ class LUNA16DataModule(BaseDataModule):
             elif split == "train":
                 self.datasets[split] = NoduleSliceDataset(
                     entries[split],
-                    self._nodules(self.split_uids[split]),
+                    self._nodules(self.split_ids[split]),
                     h["hu_window"],
                     h["context_slices"],
                     h["patch_size"],
@@ -385,10 +369,10 @@ class LUNA16DataModule(BaseDataModule):
                 )
             else:
                 self.datasets[split] = ScanDataset(
-                    entries[split], self._nodules(self.split_uids[split]), h["hu_window"]
+                    entries[split], self._nodules(self.split_ids[split]), h["hu_window"]
                 )
         if stage == "predict":
-            uids = self.split_uids["test"]
+            uids = self.split_ids["test"]
             self.datasets["predict"] = ScanDataset(
                 [self.entries[u] for u in uids], None, h["hu_window"]
             )

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from medlit.errors import ConfigError
+from medlit.errors import ConfigError, Report
 
 SPLITS = ("train", "val", "test")
 
@@ -49,12 +49,27 @@ def split_file_problems(path: str | Path, known: Sequence[str]) -> list[tuple[st
     return problems
 
 
+def _summary(path: str | Path, problems: list[tuple[str, str]]) -> str:
+    shown = "; ".join(p for _, p in problems[:3])
+    more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
+    return f"split file {path}: {shown}{more}"
+
+
+def check_split_file(path: str | Path | None, known: Sequence[str], report: Report) -> bool:
+    """Whether the split file (if any) is sound: each problem is an error of its id in a
+    collecting report; a strict one raises one ``ConfigError`` naming the first three."""
+    problems = split_file_problems(path, known) if path else []
+    if problems and report.strict:
+        report.refuse(ConfigError(_summary(path, problems)), "split_file", path)
+    for case, problem in problems:
+        report.error(case, path, problem)
+    return not problems
+
+
 def read_split_file(path: str | Path, known: Sequence[str]) -> dict[str, list[str]]:
     """Read ``{train: [...], val: [...], test: [...]}`` (YAML or JSON) and check it."""
     if problems := split_file_problems(path, known):
-        shown = "; ".join(p for _, p in problems[:3])
-        more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
-        raise ConfigError(f"split file {path}: {shown}{more}")
+        raise ConfigError(_summary(path, problems))
     data = yaml.safe_load(Path(path).read_text()) or {}
     return {s: [str(x) for x in data.get(s) or []] for s in SPLITS}
 

@@ -347,7 +347,7 @@ def read_csv(path: str | Path, columns: Sequence[str]) -> pd.DataFrame:
 
     Parsed like the official script (``csv.reader`` and ``float``); blank lines are skipped
     and other columns ignored. This is the scorer's reader, on purpose not the dataset's
-    (:func:`medlit.datasets.luna16.read_table`): a submission is scored as the official
+    (:func:`medlit.datasets.luna16.source.read_table`): a submission is scored as the official
     script reads it (extra columns, any column order, the first bad row fails the whole
     file), whereas the dataset's own CSVs must have the exact official header and a run
     reports every bad row.

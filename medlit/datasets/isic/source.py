@@ -279,29 +279,54 @@ def check_image(
         report.warning(image_id, mask, "mask is empty (no lesion pixel)")
 
 
-def check_records(records: ISICRecords, cache_dir: Path) -> int:
-    """Decode every image/mask not verified before (size+mtime index); returns the count checked."""
-    index_path = cache_dir / "verified.json"
-    try:
-        known = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    checked = 0
-    for image_id, path in records.images.items():
-        mask = records.masks.get(image_id)
-        files = [path, *([mask] if mask else [])]
+class VerifiedImages:
+    """The record of images (and masks) decoded whole and found good, by path, size and
+    mtime, under ``cache_dir/verified.json``: a run decodes only what changed since."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.path = cache_dir / "verified.json"
+        try:
+            self.known: dict[str, list] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.known = {}
+        self.changed = False
+
+    @staticmethod
+    def _key(files: list[Path]) -> tuple[str, list[list[int]]]:
         stamp = [[p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-        key = hashlib.sha1("|".join(map(str, files)).encode()).hexdigest()
-        if known.get(key) == stamp:
-            continue
-        check_image(image_id, path, mask)
-        known[key] = stamp
-        checked += 1
-    if checked:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = index_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(known))
-        tmp.replace(index_path)
+        return hashlib.sha1("|".join(map(str, files)).encode()).hexdigest(), stamp
+
+    def check(self, image_id: str, path: Path, mask: Path | None, report: Report) -> bool:
+        """``check_image`` unless these files were verified before; True when they were
+        decoded now."""
+        files = [path, *([mask] if mask else [])]
+        key, stamp = self._key(files)
+        if self.known.get(key) == stamp:
+            return False
+        start = report.count()
+        check_image(image_id, path, mask, report)
+        if not any(q.severity == "error" for q in report.problems[start:]):
+            self.known[key] = stamp
+            self.changed = True
+        return True
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, lambda p: p.write_text(json.dumps(self.known)))
+        self.changed = False
+
+
+def check_records(records: ISICRecords, cache_dir: Path) -> int:
+    """Decode every image/mask not verified before (size+mtime index); returns the count
+    checked. The first problem raises."""
+    verified = VerifiedImages(cache_dir)
+    report = Report()
+    checked = sum(
+        verified.check(i, path, records.masks.get(i), report) for i, path in records.images.items()
+    )
+    verified.save()
     return checked
 
 
