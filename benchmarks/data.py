@@ -18,16 +18,14 @@ from medlit.datasets.luna16.phantom import write_luna16
 
 def brats_module(ctx: Context, **overrides: Any) -> BraTSDataModule:
     """medlit's BraTS data module over the benchmark cases; every case trains unless
-    ``overrides`` say otherwise (``val_fraction`` > 0 holds one case out)."""
+    ``overrides`` say otherwise (``split.val_fraction`` > 0 holds one case out)."""
     s = ctx.sizes
     args: dict[str, Any] = {
         "root": str(ctx.data["brats_root"]),
         "cache_dir": str(ctx.data["cache_dir"]),
-        "val_fraction": 0.0,
-        "test_fraction": 0.0,
+        "split": {"val_fraction": 0.0, "test_fraction": 0.0},
         "patch_size": s.patch_size,
-        "batch_size": s.batch_size,
-        "num_workers": s.num_workers,
+        "loader": {"batch_size": s.batch_size, "num_workers": s.num_workers},
         "foreground_fraction": 1 / 3,
     }
     return BraTSDataModule(**{**args, **overrides})

@@ -25,7 +25,9 @@ def run(ctx: Context, log=print) -> Section:
     s = ctx.sizes
     torch.manual_seed(0)
     task = SegmentationTask(**MODEL, inference_batch_size=s.inference_batch).eval()
-    dm = brats_module(ctx, val_fraction=0.01)  # one held-out case, read as evaluation reads it
+    dm = brats_module(
+        ctx, split={"val_fraction": 0.01, "test_fraction": 0.0}
+    )  # one held-out case, read as evaluation reads it
     dm.setup("validate")
     volume = dm.datasets["val"][0]["image"]  # (C, Z, Y, X) float32
     _, depth, height, width = volume.shape

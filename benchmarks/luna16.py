@@ -29,9 +29,7 @@ def _medlit(root: Path, cache: Path) -> list[tuple[int, ...]]:
         root=str(root),
         cache_dir=str(cache),
         spacing=SPACING,
-        train_subsets=[0],
-        val_subsets=[],
-        test_subsets=[],
+        split={"train": [0], "val": [], "test": []},
     )
     dm.prepare_data()
     return [tuple(e.arrays["image"].shape) for e in dm.entries.values()]

@@ -104,11 +104,9 @@ def _config(ctx: Context, steps: int, out: Path) -> dict[str, Any]:
     data = {
         "root": str(ctx.data["brats_root"]),
         "cache_dir": str(ctx.data["cache_dir"]),
-        "val_fraction": 0.0,
-        "test_fraction": 0.0,
+        "split": {"val_fraction": 0.0, "test_fraction": 0.0},
         "patch_size": s.train_patch,
-        "batch_size": s.train_batch,
-        "num_workers": 0,
+        "loader": {"batch_size": s.train_batch, "num_workers": 0},
         "foreground_fraction": 0.5,
         "samples_per_epoch": s.train_batch * (steps + 1),
     }

@@ -70,11 +70,12 @@ def _config(ctx: Context, side: str, repeat: int) -> dict[str, Any]:
         "datamodule": {
             "root": str(d["brats_root"]),
             "cache_dir": str(d["cache_dir"]),
-            "val_fraction": 0.0,
-            "test_fraction": 0.0,
+            "split": {"val_fraction": 0.0, "test_fraction": 0.0},
             "patch_size": s.patch_size,
-            "batch_size": s.batch_size,
-            "num_workers": 0 if side == "medlit-main" else s.num_workers,
+            "loader": {
+                "batch_size": s.batch_size,
+                "num_workers": 0 if side == "medlit-main" else s.num_workers,
+            },
             "foreground_fraction": 1 / 3,
             "seed": repeat,
         },

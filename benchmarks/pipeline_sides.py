@@ -112,8 +112,8 @@ def _nibabel(cfg: dict[str, Any]) -> tuple[Any, int]:
     cases = discover_cases(Path(cfg["datamodule"]["root"]), LAYOUTS["2021"], MODALITIES)
     loader = torch.utils.data.DataLoader(
         NiftiPerSample(cases, cfg["samples"], slice_args),
-        batch_size=cfg["datamodule"]["batch_size"],
-        num_workers=cfg["datamodule"]["num_workers"],
+        batch_size=cfg["datamodule"]["loader"]["batch_size"],
+        num_workers=cfg["datamodule"]["loader"]["num_workers"],
         worker_init_fn=_seed_numpy,
         drop_last=True,
     )
@@ -180,14 +180,16 @@ def _monai(cfg: dict[str, Any], threads: bool) -> tuple[Any, int]:
     )
     sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=cfg["samples"])
     if threads:  # MONAI's recommendation with CacheDataset: random transforms in a thread
-        loader = ThreadDataLoader(ds, batch_size=d["batch_size"], sampler=sampler, num_workers=0)
+        loader = ThreadDataLoader(
+            ds, batch_size=d["loader"]["batch_size"], sampler=sampler, num_workers=0
+        )
     else:
         loader = DataLoader(
             ds,
-            batch_size=d["batch_size"],
+            batch_size=d["loader"]["batch_size"],
             sampler=sampler,
-            num_workers=d["num_workers"],
-            persistent_workers=d["num_workers"] > 0,
+            num_workers=d["loader"]["num_workers"],
+            persistent_workers=d["loader"]["num_workers"] > 0,
         )
     cached = sum(v.nbytes for item in ds._cache for v in item.values() if hasattr(v, "nbytes"))
     return loader, cached

@@ -7,6 +7,7 @@ jsonargparse for free.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import inspect
@@ -106,7 +107,10 @@ def signature_defaults(flat: dict[str, Any]) -> dict[str, Any]:
         except (TypeError, ValueError):
             continue
         for arg, p in params.items():
-            if p.default is not inspect.Parameter.empty:
+            if dataclasses.is_dataclass(p.default):  # a settings group: each field
+                for name, value in dataclasses.asdict(p.default).items():
+                    out[f"{prefix}init_args.{arg}.{name}"] = value
+            elif p.default is not inspect.Parameter.empty:
                 out[f"{prefix}init_args.{arg}"] = p.default
     return out
 
@@ -131,7 +135,16 @@ def config_hashes(config: dict[str, Any]) -> list[str]:
     for old, new in renames.items():
         if (value := flat.pop(old, None)) is not None:
             flat[new] = value
-    defaults = signature_defaults(flat)
+    # A setting that moved into a group (loader.batch_size) is hashed under its old flat
+    # key (batch_size), so that both hashes are the ones the flat config had.
+    grouped = {
+        f"{prefix}init_args.{new}": f"{prefix}init_args.{old}"
+        for prefix, cls in classes.items()
+        if isinstance(cls, type) and issubclass(cls, BaseDataModule)
+        for old, new in cls.moved_arguments.items()
+    }
+    flat = {grouped.get(k, k): v for k, v in flat.items()}
+    defaults = {grouped.get(k, k): v for k, v in signature_defaults(flat).items()}
     current = {k: v for k, v in flat.items() if not (k in defaults and _same(v, defaults[k]))}
     back = {new: old for old, new in renames.items()}
     added = {
@@ -316,11 +329,104 @@ class MedlitCLI(LightningCLI):
 
 
 def normalise_args(argv: Sequence[str]) -> list[str]:
-    """``CONFIG [overrides]`` -> ``--config CONFIG [overrides]`` (LightningCLI's spelling)."""
+    """``CONFIG [overrides]`` -> ``--config CONFIG [overrides]`` (LightningCLI's spelling),
+    with keys that moved into a settings group upgraded (:func:`upgrade_keys`)."""
     argv = list(argv)
     if argv and not argv[0].startswith("-"):
-        return ["--config", argv[0], *argv[1:]]
-    return argv
+        argv = ["--config", argv[0], *argv[1:]]
+    return upgrade_keys(argv)
+
+
+def _data_class(args: Sequence[str], configs: list[dict]) -> type | None:
+    """The data module class an experiment names, on the command line or in its configs
+    (the last one wins, as when parsing)."""
+    path = None
+    for config in configs:
+        data = config.get("data")
+        if isinstance(data, dict) and isinstance(data.get("class_path"), str):
+            path = data["class_path"]
+    for i, arg in enumerate(args):
+        for key in ("--data", "--data.class_path"):
+            if arg == key and i + 1 < len(args):
+                path = args[i + 1]
+            elif arg.startswith(f"{key}="):
+                path = arg.split("=", 1)[1]
+    if not path or path.lstrip().startswith(("{", "[")):
+        return None
+    if "." not in path:  # a bare class name, as LightningCLI accepts it
+        path = f"medlit.datamodules.{path}"
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None  # jsonargparse names the bad class path
+
+
+def _moved_warning(cls: type, old: str, new: str) -> None:
+    import logging
+    import warnings
+
+    message = (
+        f"{cls.__name__}: data key `{old}` moved into the `{new.split('.')[0]}` group and "
+        f"will be removed; use `data.{new}` (the same value)"
+    )
+    warnings.warn(message, FutureWarning, stacklevel=4)
+    logging.getLogger("medlit").warning(message)
+
+
+def upgrade_keys(args: list[str]) -> list[str]:
+    """Configs and overrides that still use a data-module argument that moved into a
+    settings group (``batch_size`` -> ``loader.batch_size``, the class's
+    ``moved_arguments``) rewritten to the new key, each with a deprecation warning, so
+    that they parse as before. A config file that needs it is passed on as the rewritten
+    YAML text (jsonargparse's ``--config`` takes a path or the YAML itself)."""
+    import yaml
+
+    configs: list[tuple[int, dict]] = []  # (index in args, the file's content)
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg == "--config" and i + 1 < len(args) else None
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
+        if path and Path(path).is_file():
+            try:
+                content = yaml.safe_load(Path(path).read_text())
+            except (OSError, yaml.YAMLError):
+                continue  # jsonargparse reports it, naming the file
+            if isinstance(content, dict):
+                configs.append((i, content))
+    cls = _data_class(args, [c for _, c in configs])
+    moves = cls.moved_arguments if isinstance(cls, type) and issubclass(cls, BaseDataModule) else {}
+    if not moves:
+        return args
+    out = list(args)
+    for i, content in configs:
+        data = content.get("data")
+        if not isinstance(data, dict):
+            continue
+        init = data.get("init_args") if isinstance(data.get("init_args"), dict) else data
+        old_keys = [k for k in list(init) if k in moves]
+        for old in old_keys:
+            group, field = moves[old].split(".")
+            value = init.pop(old)
+            if not isinstance(init.get(group), dict):
+                init[group] = {}
+            init[group][field] = value
+            _moved_warning(cls, old, moves[old])
+        if old_keys:
+            text = yaml.safe_dump(content, sort_keys=False)
+            if out[i] == "--config":
+                out[i + 1] = text
+            else:
+                out[i] = f"--config={text}"
+    for i, arg in enumerate(out):
+        for prefix in ("--data.init_args.", "--data."):
+            if not arg.startswith(prefix):
+                continue
+            key, eq, value = arg[len(prefix) :].partition("=")
+            if key in moves:
+                out[i] = f"--data.{moves[key]}{eq}{value}"
+                _moved_warning(cls, key, moves[key])
+            break
+    return out
 
 
 def check_compatible(model: LightningModule, datamodule: LightningDataModule) -> None:

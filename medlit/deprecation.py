@@ -6,10 +6,16 @@ command line; the constructor takes its value with :func:`renamed`, which says t
 name. The class lists its renames in ``renamed_arguments`` (new -> old), which the config
 hash reads so that both spellings of one experiment are one experiment
 (:func:`medlit.cli.config_hashes`).
+
+An argument moved into a settings group (``batch_size`` into ``loader``) is no longer in
+the signature: configs and overrides that use the old key are rewritten before they are
+parsed (:func:`medlit.cli.upgrade_keys`, from the class's ``moved_arguments``, old ->
+new), and Python callers pass it through ``**legacy``, read with :func:`moved`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from typing import Any, TypeVar
@@ -36,3 +42,25 @@ def renamed(owner: Any, old: str, old_value: T | None, new: str, new_value: T, d
     warnings.warn(message, FutureWarning, stacklevel=3)
     log.warning(message)
     return old_value
+
+
+def moved(owner: Any, legacy: dict[str, Any], groups: dict[str, Any]) -> dict[str, Any]:
+    """Settings groups (``loader``, ``split``: dataclasses) updated with the arguments that
+    moved into them, passed the old way (``batch_size=8`` for ``loader.batch_size``), each
+    with a warning naming the new key. ``owner.moved_arguments`` maps old -> new; another
+    key is a ``TypeError``, as for any unknown argument."""
+    moves = type(owner).moved_arguments
+    where = type(owner).__name__
+    if unknown := sorted(set(legacy) - set(moves)):
+        raise TypeError(f"{where}() got unexpected keyword arguments {unknown}")
+    out = dict(groups)
+    for old, value in legacy.items():
+        group, field = moves[old].split(".")
+        message = (
+            f"{where}: `{old}` moved into the `{group}` group and will be removed; use "
+            f"`{moves[old]}` (the same value)"
+        )
+        warnings.warn(message, FutureWarning, stacklevel=3)
+        log.warning(message)
+        out[group] = dataclasses.replace(out[group], **{field: value})
+    return out

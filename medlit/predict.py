@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         *device_args(ours.device),
     ]
     if ours.num_workers is not None:
-        extra.append(f"--data.num_workers={ours.num_workers}")
+        extra.append(f"--data.loader.num_workers={ours.num_workers}")
     # Nothing is tracked.
     experiment = build(rest, defaults=extra, track=False)
     model, dm, trainer = experiment.model, experiment.datamodule, experiment.trainer

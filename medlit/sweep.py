@@ -11,7 +11,7 @@ The sweep file (every key can also be given as a flag, which wins over the file)
     search_space:
       model.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
       model.encoder: {type: categorical, choices: [resnet18, resnet34]}
-      data.batch_size: {type: int, low: 8, high: 32, step: 8}
+      data.loader.batch_size: {type: int, low: 8, high: 32, step: 8}
     n_trials: 20                            # for the whole study, all workers together
     timeout: null                           # seconds; this worker starts no trial after it
     sampler: {name: tpe, seed: 0}           # tpe | random | cmaes | grid

@@ -71,13 +71,15 @@ class Dataset:
         return [DETECTOR, *common, "--data.spacing=null"]
 
     def datamodule(self):
-        split = {"val_fraction": 0.25, "test_fraction": 0.25}
         args = dict(a.removeprefix("--data.").split("=", 1) for a in self.extra)
+        split = {"val_fraction": 0.25, "test_fraction": 0.25}
+        if file := args.pop("split.split_file", None):
+            split["split_file"] = file
         if self.kind == "brats":
-            return BraTSDataModule(root=str(self.root), **split, **args)
+            return BraTSDataModule(root=str(self.root), split=split, **args)
         if self.kind.startswith("isic"):
             target = "label" if self.kind == "isic-labels" else "mask"
-            return ISICDataModule(root=str(self.root), target=target, **split, **args)
+            return ISICDataModule(root=str(self.root), target=target, split=split, **args)
         return LUNA16DataModule(root=str(self.root), spacing=None, **args)
 
 
@@ -220,7 +222,7 @@ def brats_split_file(ds):
     f.write_text(
         f"train: [{', '.join(cases[:5])}, BraTS2021_99999]\nval: [{cases[5]}, {cases[0]}]\n"
     )
-    ds.extra.append(f"--data.split_file={f}")
+    ds.extra.append(f"--data.split.split_file={f}")
     return f
 
 

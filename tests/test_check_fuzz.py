@@ -28,10 +28,10 @@ import pytest
 import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from medlit.datasets.io.images import read_rgb
 from PIL import Image
 
 from medlit.datasets.brats.source import BraTSCase, _check_and_read
+from medlit.datasets.io.images import read_rgb
 from medlit.datasets.isic.source import check_image
 from medlit.datasets.luna16.source import LunaScan, check_scan
 from medlit.errors import MedlitError, Report

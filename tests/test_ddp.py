@@ -28,7 +28,9 @@ SHARES = "tests.helpers.shares.RecordShares"
 
 
 def brats_segmentation(tmp: Path, uri: str, brats_root: Path) -> list[str]:
-    return tiny(brats_root, uri, "--data.val_fraction=0.375", "--data.test_fraction=0.125")
+    return tiny(
+        brats_root, uri, "--data.split.val_fraction=0.375", "--data.split.test_fraction=0.125"
+    )
 
 
 def brats_pix2pix(tmp: Path, uri: str, brats_root: Path) -> list[str]:
@@ -36,10 +38,10 @@ def brats_pix2pix(tmp: Path, uri: str, brats_root: Path) -> list[str]:
         str(REPO / "experiments/demo/brats_pix2pix.yaml"),
         *cli_args(brats_root, uri),
         "--data.patch_size=32",
-        "--data.batch_size=4",
+        "--data.loader.batch_size=4",
         "--data.samples_per_epoch=8",
-        "--data.val_fraction=0.375",
-        "--data.test_fraction=0.125",
+        "--data.split.val_fraction=0.375",
+        "--data.split.test_fraction=0.125",
         "--model.base_channels=8",
         "--model.depth=3",
     ]
@@ -52,9 +54,9 @@ def isic_classifier(tmp: Path, uri: str, brats_root: Path) -> list[str]:
         str(REPO / "experiments/demo/isic_classifier.yaml"),
         *cli_args(root, uri),
         "--data.image_size=32",
-        "--data.val_fraction=0.3",
-        "--data.test_fraction=0.2",
-        "--data.batch_size=4",
+        "--data.split.val_fraction=0.3",
+        "--data.split.test_fraction=0.2",
+        "--data.loader.batch_size=4",
         "--model.model=test_resnet",
         "--model.num_cam_images=0",
     ]
@@ -67,9 +69,9 @@ def isic_gan(tmp: Path, uri: str, brats_root: Path) -> list[str]:
         str(REPO / "experiments/demo/isic_gan.yaml"),
         *cli_args(root, uri),
         "--data.image_size=32",
-        "--data.val_fraction=0.3",
-        "--data.test_fraction=0.2",
-        "--data.batch_size=4",
+        "--data.split.val_fraction=0.3",
+        "--data.split.test_fraction=0.2",
+        "--data.loader.batch_size=4",
         "--model.image_size=32",
         "--model.base_channels=8",
         "--model.fd_model=resnet10t",
@@ -86,11 +88,11 @@ def luna16_detector(tmp: Path, uri: str, brats_root: Path) -> list[str]:
         str(REPO / "experiments/demo/luna16_yolo.yaml"),
         *cli_args(root, uri),
         "--data.spacing=null",
-        "--data.train_subsets=[0, 1, 2, 3, 4, 5]",
-        "--data.val_subsets=[6, 7, 8]",
-        "--data.test_subsets=[9]",
+        "--data.split.train=[0, 1, 2, 3, 4, 5]",
+        "--data.split.val=[6, 7, 8]",
+        "--data.split.test=[9]",
         "--data.patch_size=64",
-        "--data.batch_size=4",
+        "--data.loader.batch_size=4",
         "--data.samples_per_epoch=8",
         "--model.conf_threshold=0.001",
     ]

@@ -76,7 +76,7 @@ SHORT: dict[str, Short] = {
         # batches of 4, not 16: 400 steps at a quarter of the cost each
         (
             "--data.patch_size=64",
-            "--data.batch_size=4",
+            "--data.loader.batch_size=4",
             "--data.samples_per_epoch=400",
             "--trainer.max_epochs=4",
         ),
@@ -101,7 +101,7 @@ SHORT: dict[str, Short] = {
         _luna,
         (
             "--data.patch_size=96",
-            "--data.batch_size=8",
+            "--data.loader.batch_size=8",
             "--data.samples_per_epoch=480",
             "--trainer.max_epochs=8",
         ),
@@ -146,7 +146,7 @@ def short_run(demo: Demo, seed: int, tmp_path: Path) -> list[str]:
             f"--data.root={root}",
             f"--seed_everything={seed}",
             f"--data.seed={seed}",
-            "--data.num_workers=0",
+            "--data.loader.num_workers=0",
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.enable_progress_bar=false",
             f"--trainer.logger.init_args.tracking_uri={uri}",

@@ -23,9 +23,9 @@ def common(root: Path, tracking_uri: str) -> list[str]:
     return cli_args(
         root,
         tracking_uri,
-        "--data.batch_size=4",
-        "--data.val_fraction=0.25",
-        "--data.test_fraction=0.25",
+        "--data.loader.batch_size=4",
+        "--data.split.val_fraction=0.25",
+        "--data.split.test_fraction=0.25",
         "--model.base_channels=8",
         "--trainer.max_epochs=1",
     )

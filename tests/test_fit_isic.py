@@ -27,8 +27,8 @@ def common(root: Path, tracking_uri: str) -> list[str]:
         root,
         tracking_uri,
         "--data.image_size=32",
-        "--data.val_fraction=0.25",
-        "--data.test_fraction=0.25",
+        "--data.split.val_fraction=0.25",
+        "--data.split.test_fraction=0.25",
     )
 
 
@@ -50,7 +50,7 @@ def test_classifier_tracks_isic_metrics_and_writes_the_submission(
             CLASSIFIER,
             *common(root, tracking_uri),
             "--model.model=test_resnet",
-            "--data.batch_size=8",
+            "--data.loader.batch_size=8",
             "--trainer.max_epochs=1",
             *extra,
         ]
@@ -88,7 +88,7 @@ def test_lesion_segmentation_scores_and_writes_masks(tmp_path: Path, tracking_ur
             *common(root, tracking_uri),
             "--model.encoder=tu-test_resnet",
             "--model.model_kwargs={decoder_channels: [32, 16, 16, 8, 8]}",
-            "--data.batch_size=4",
+            "--data.loader.batch_size=4",
             "--trainer.max_epochs=1",
             f"--model.predictions_dir={out}",
         ]

@@ -75,7 +75,7 @@ def tiny_detector(root: Path, tracking_uri: str) -> list[str]:
         DETECTOR,
         *common(root, tracking_uri),
         "--data.patch_size=64",
-        "--data.batch_size=4",
+        "--data.loader.batch_size=4",
         "--data.samples_per_epoch=8",
         "--model.conf_threshold=0.001",
     ]
@@ -90,7 +90,7 @@ def tiny_fpr(root: Path, tracking_uri: str) -> list[str]:
         "--model.model=test_resnet",
         "--data.candidate_size=16",
         "--data.samples_per_epoch=32",
-        "--data.batch_size=16",
+        "--data.loader.batch_size=16",
         "--trainer.max_epochs=1",
     ]
 
@@ -129,7 +129,7 @@ def test_false_positive_reduction_scores_candidates_and_reranks_the_detector(
         DETECTOR,
         *common(_luna_pristine, tracking_uri),
         "--data.patch_size=64",
-        "--data.batch_size=4",
+        "--data.loader.batch_size=4",
         "--data.candidate_size=16",
         "--trainer.max_epochs=0",  # the seeded initial detector: identical in every run
         "--model.conf_threshold=0.0",  # an untrained detector: keep every box

@@ -150,7 +150,7 @@ def test_isic_classifier_writes_the_release_submission_and_refuses_grey_images(
         str(REPO / "experiments/demo/isic_classifier.yaml"),
         *cli_args(root, tracking_uri),
         "--data.image_size=32",
-        "--data.batch_size=8",
+        "--data.loader.batch_size=8",
         "--model.model=test_resnet",
         "--model.num_classes=8",
         "--model.num_cam_images=0",
@@ -186,7 +186,7 @@ def test_isic_lesion_masks_come_at_each_image_size(tmp_path: Path, tracking_uri:
         str(REPO / "experiments/demo/isic_unet.yaml"),
         *cli_args(root, tracking_uri),
         "--data.image_size=32",
-        "--data.batch_size=4",
+        "--data.loader.batch_size=4",
         "--model.encoder=tu-test_resnet",
         "--model.model_kwargs={decoder_channels: [32, 16, 16, 8, 8]}",
     ]

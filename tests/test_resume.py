@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 
 from tests.test_fit import tiny
 
@@ -157,6 +158,28 @@ BEFORE_DEFAULTS_LEFT_OUT = {
 }
 
 
+# The current hash of each shipped experiment (defaults left out), as tagged on runs since
+# 394c375; the loader and split settings moving into groups left every one unchanged.
+DEFAULTS_LEFT_OUT = {
+    "experiments/brats_deeplabv3plus.yaml": "0ece9a6eb85aa8a0",
+    "experiments/brats_pix2pix.yaml": "c107f944bc801e3f",
+    "experiments/brats_unet.yaml": "5295a9e556affc7b",
+    "experiments/demo/brats_pix2pix.yaml": "eeb1852e616e3ff6",
+    "experiments/demo/brats_unet.yaml": "3e35a98c79de9092",
+    "experiments/demo/isic_classifier.yaml": "ecccb9b91a97c31e",
+    "experiments/demo/isic_gan.yaml": "f4d292d3eea1d286",
+    "experiments/demo/isic_unet.yaml": "ec2276dce65707a7",
+    "experiments/demo/luna16_fpr.yaml": "ebe65b4c73dc42bf",
+    "experiments/demo/luna16_yolo.yaml": "6331a4f29d8118ba",
+    "experiments/isic2019_classifier.yaml": "aed04a03d92a1e7d",
+    "experiments/isic_classifier.yaml": "72bf2c8bb6bfba86",
+    "experiments/isic_gan.yaml": "6335ae68ea850116",
+    "experiments/isic_unet.yaml": "baac3cc55a63cb8f",
+    "experiments/luna16_fpr.yaml": "1200fa7cf9bb9673",
+    "experiments/luna16_yolo.yaml": "fb3cfdeaa24858aa",
+}
+
+
 def test_runs_started_by_an_older_medlit_are_still_found_by_their_config_hash() -> None:
     from medlit.cli import config_hashes
     from medlit.tuning.worker import resolve
@@ -172,7 +195,57 @@ def test_runs_started_by_an_older_medlit_are_still_found_by_their_config_hash() 
         config, _ = resolve([str(repo / name)])
         current, legacy = config_hashes(config)
         assert legacy == before, name
+        assert current == DEFAULTS_LEFT_OUT[name], name
         assert current != legacy, name  # the current hash leaves the defaults out
+
+
+def _flat(config: Path, out: Path) -> Path:
+    """The shipped config as it was written before the loader and split groups: their
+    fields as flat data arguments (LUNA16's subsets as ``<split>_subsets``)."""
+    content = yaml.safe_load(config.read_text())
+    init = content["data"]["init_args"]
+    for group in ("split", "loader"):
+        for key, value in (init.pop(group, None) or {}).items():
+            init[f"{key}_subsets" if key in ("train", "val", "test") else key] = value
+    out.write_text(yaml.safe_dump(content))
+    return out
+
+
+@pytest.mark.parametrize("name", ["brats_unet", "luna16_yolo"])
+def test_a_config_with_the_flat_data_keys_still_runs_says_the_new_keys_and_is_the_same_experiment(
+    tmp_path: Path, name: str
+) -> None:
+    from medlit.cli import config_hashes
+    from medlit.tuning.worker import resolve
+
+    new = Path(__file__).parents[1] / f"experiments/demo/{name}.yaml"
+    old = _flat(new, tmp_path / "old.yaml")
+    assert "batch_size" in yaml.safe_load(old.read_text())["data"]["init_args"]
+    with pytest.warns(
+        FutureWarning,
+        match=r"`batch_size` moved into the `loader` group .* use `data.loader.batch_size`",
+    ):
+        before, _ = resolve([str(old), "--data.num_workers=0", "--data.init_args.batch_size=4"])
+    after, _ = resolve([str(new), "--data.loader.num_workers=0", "--data.loader.batch_size=4"])
+    assert before == {**after, "config": before["config"]}
+    assert before["data"]["init_args"]["loader"] == {"batch_size": 4, "num_workers": 0}
+    assert config_hashes(before) == config_hashes(after)
+
+
+def test_python_callers_may_still_pass_the_flat_data_arguments() -> None:
+    from medlit.datamodules import BraTSDataModule, Loader, LUNA16DataModule, Split
+
+    with pytest.warns(FutureWarning, match="`val_fraction` moved into the `split` group"):
+        dm = BraTSDataModule(root="x", val_fraction=0.3, batch_size=4)
+    assert dm.split_settings == Split(val_fraction=0.3)
+    assert (dm.loader, dm.batch_size) == (Loader(batch_size=4), 4)
+    assert dm.hparams["loader"] == {"batch_size": 4, "num_workers": 2}
+    assert "batch_size" not in dm.hparams and "val_fraction" not in dm.hparams
+    with pytest.warns(FutureWarning, match="`test_subsets` moved into the `split` group"):
+        luna = LUNA16DataModule(root="x", test_subsets=[7])
+    assert luna.subsets["test"] == [7] and luna.subsets["val"] == [8]
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['val_fractoin'\]"):
+        BraTSDataModule(root="x", val_fractoin=0.3)
 
 
 class Widened:

@@ -11,10 +11,12 @@ dataset provides (``docs/adding-a-dataset.md`` lists the methods in the order th
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -26,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRa
 
 from medlit.datasets.io.cache import CacheEntry, VolumeCache
 from medlit.datasets.io.files import atomic_write, is_synthetic
+from medlit.deprecation import moved
 from medlit.errors import ConfigError, Report
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,20 @@ class ShareSampler(DistributedSampler):
         return self.num_samples
 
 
+@dataclass(frozen=True)
+class Loader:
+    """How the data loaders batch and read (every data module's ``loader:`` group).
+
+    Args:
+        batch_size: training items (slices, patches, images, candidates) per batch;
+            evaluation takes one whole case per batch where cases are volumes.
+        num_workers: data loader worker processes (0: load in the main process).
+    """
+
+    batch_size: int = 16
+    num_workers: int = 2
+
+
 class Scored(Protocol):
     """A challenge's score of a set of predictions (e.g. :class:`~medlit.metrics.froc.FROCResult`)."""
 
@@ -117,12 +134,17 @@ class BaseDataModule(LightningDataModule):
 
     # Renamed constructor arguments, new name -> old (medlit.deprecation).
     renamed_arguments: ClassVar[dict[str, str]] = {}
+    # Arguments moved into a settings group, old name -> new key (medlit.deprecation).
+    moved_arguments: ClassVar[dict[str, str]] = {
+        "batch_size": "loader.batch_size",
+        "num_workers": "loader.num_workers",
+    }
 
-    def __init__(self, root: str, batch_size: int, num_workers: int) -> None:
+    def __init__(self, root: str) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
-        self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.loader = Loader()
+        self.batch_size, self.num_workers = self.loader.batch_size, self.loader.num_workers
         self.datasets: dict[str, Dataset] = {}
         # Set by ``predict_from``: prediction reads this input, never ``root``.
         self.predict_input: Path | None = None
@@ -133,6 +155,26 @@ class BaseDataModule(LightningDataModule):
         self.entries: dict[str, CacheEntry] = {}
         self.prepared = False
         self._indexed = False
+
+    def settings(self, legacy: dict[str, Any], **groups: Any) -> dict[str, Any]:
+        """The constructor's settings groups (``loader``, ``split``: dataclasses), after
+        ``save_hyperparameters``: a group given as a mapping (from Python) is converted,
+        and arguments that moved into a group but were passed the old way (``**legacy``)
+        are applied with a deprecation warning (:func:`medlit.deprecation.moved`).
+        ``hparams`` then hold each group as a plain dict (no medlit class in a
+        checkpoint) and none of the old names; ``loader`` is applied."""
+        defaults = inspect.signature(type(self).__init__).parameters
+        out = {
+            name: type(defaults[name].default)(**value) if isinstance(value, dict) else value
+            for name, value in groups.items()
+        }
+        out = moved(self, legacy, out)
+        for old in legacy:
+            self.hparams.pop(old, None)
+        self.hparams.update({name: asdict(value) for name, value in out.items()})
+        self.loader = out["loader"]
+        self.batch_size, self.num_workers = self.loader.batch_size, self.loader.num_workers
+        return out
 
     # ---- what the data are --------------------------------------------------------------
 

@@ -9,15 +9,15 @@ from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from medlit.datamodules.base import BaseDataModule, cache_root, one_item_batch
-from medlit.datamodules.splits import check_split_file, split_groups
+from medlit.datamodules.base import BaseDataModule, Loader, cache_root, one_item_batch
+from medlit.datamodules.splits import SPLIT_KEYS, Split, check_split_file, split_groups
 from medlit.datasets.brats.phantom import write_brats
 from medlit.datasets.brats.source import (
     BRATS_HELP,
@@ -65,18 +65,19 @@ class BraTSDataModule(BaseDataModule):
         foreground_fraction: share of training patches forced to contain tumour.
         samples_per_epoch: training patches per epoch.
         augment: random flips, affine warps and per-channel intensity scaling.
-        val_fraction: share of cases for validation (ignored with num_folds).
-        test_fraction: share of cases held out for the final test.
-        split_file: YAML/JSON ``{train: [...], val: [...], test: [...]}`` of case ids;
-            overrides the ratios.
-        num_folds: k for k-fold cross-validation over the non-test cases.
-        fold: which fold validates (0-based).
+        split: which cases train, validate and test (a group is a case): ``val_fraction``,
+            ``test_fraction``, ``split_file``, ``num_folds``, ``fold``.
         seed: seed of the split and of the demo data.
         cache_dir: cache of preprocessed cases; default ``$MEDLIT_CACHE_DIR`` or
             ``~/.cache/medlit``.
-        batch_size: training patches per batch (evaluation uses one case per batch).
-        num_workers: data loader worker processes.
+        loader: ``batch_size`` (training patches per batch; evaluation takes one case
+            per batch) and ``num_workers``.
     """
+
+    moved_arguments: ClassVar[dict[str, str]] = {
+        **BaseDataModule.moved_arguments,
+        **{k: f"split.{k}" for k in SPLIT_KEYS},
+    }
 
     def __init__(
         self,
@@ -94,18 +95,15 @@ class BraTSDataModule(BaseDataModule):
         foreground_fraction: float = 0.33,
         samples_per_epoch: int = 2000,
         augment: bool = True,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        split_file: str | None = None,
-        num_folds: int | None = None,
-        fold: int = 0,
+        split: Split = Split(),
         seed: int = 42,
         cache_dir: str | None = None,
-        batch_size: int = 16,
-        num_workers: int = 2,
+        loader: Loader = Loader(batch_size=16),
+        **legacy: Any,
     ) -> None:
-        super().__init__(root, batch_size, num_workers)
+        super().__init__(root)
         self.save_hyperparameters(logger=False)  # the resolved config is logged whole
+        self.split_settings: Split = self.settings(legacy, split=split, loader=loader)["split"]
         self.modalities = tuple(modalities or MODALITIES)
         self.synthesis = target == "modality"
         if self.synthesis:
@@ -177,19 +175,11 @@ class BraTSDataModule(BaseDataModule):
         unlabelled ones are for prediction."""
         h = self.hparams
         labelled = [i for i, c in cases.items() if c.seg is not None]
-        if not check_split_file(h["split_file"], labelled, report) or not labelled:
+        if not check_split_file(self.split_settings.split_file, labelled, report) or not labelled:
             # only a collecting report gets here
             ids = {"train": [], "val": [], "test": []}
         else:
-            ids = split_groups(
-                labelled,
-                h["split_file"],
-                h["val_fraction"],
-                h["test_fraction"],
-                h["seed"],
-                h["num_folds"],
-                h["fold"],
-            )
+            ids = split_groups(labelled, self.split_settings, h["seed"])
         self.cases = {s: [cases[i] for i in v] for s, v in ids.items()}
         self.cases["predict"] = list(cases.values())
         return ids

@@ -7,15 +7,15 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import albumentations as A
 import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from medlit.datamodules.base import BaseDataModule, balanced_sampler, cache_root
-from medlit.datamodules.splits import check_split_file, split_groups
+from medlit.datamodules.base import BaseDataModule, Loader, balanced_sampler, cache_root
+from medlit.datamodules.splits import SPLIT_KEYS, Split, check_split_file, split_groups
 from medlit.datasets.io.files import MARKER
 from medlit.datasets.isic.phantom import write_isic
 from medlit.datasets.isic.source import (
@@ -59,17 +59,19 @@ class ISICDataModule(BaseDataModule):
             ``none``.
         balance: ``sampler`` draws training images with inverse class frequency;
             ``none`` leaves imbalance to the loss (ClassificationTask.class_weights).
-        val_fraction: share of groups (lesions/patients) for validation.
-        test_fraction: share of groups held out for testing.
-        split_file: YAML/JSON ``{train, val, test}`` of group ids (lesion_id/patient_id,
-            or image ids where the release has no groups); overrides the ratios.
-        num_folds: k for k-fold cross-validation over the non-test groups.
-        fold: which fold validates.
+        split: which images train, validate and test, by group (lesion_id/patient_id, or
+            image where the release has no groups): ``val_fraction``, ``test_fraction``,
+            ``split_file`` (of group ids), ``num_folds``, ``fold``.
         seed: seed of the split and of the demo data.
         cache_dir: where the record of verified images is kept.
-        batch_size: images per training batch (segmentation evaluation: one per batch).
-        num_workers: data loader workers.
+        loader: ``batch_size`` (images per training batch; segmentation evaluation: one
+            per batch) and ``num_workers``.
     """
+
+    moved_arguments: ClassVar[dict[str, str]] = {
+        **BaseDataModule.moved_arguments,
+        **{k: f"split.{k}" for k in SPLIT_KEYS},
+    }
 
     def __init__(
         self,
@@ -83,18 +85,15 @@ class ISICDataModule(BaseDataModule):
         normalize: Literal["imagenet", "symmetric"] = "imagenet",
         augment: Literal["full", "flips", "none"] = "full",
         balance: Literal["none", "sampler"] = "none",
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        split_file: str | None = None,
-        num_folds: int | None = None,
-        fold: int = 0,
+        split: Split = Split(),
         seed: int = 42,
         cache_dir: str | None = None,
-        batch_size: int = 32,
-        num_workers: int = 2,
+        loader: Loader = Loader(batch_size=32),
+        **legacy: Any,
     ) -> None:
-        super().__init__(root, batch_size, num_workers)
+        super().__init__(root)
         self.save_hyperparameters(logger=False)  # the resolved config is logged whole
+        self.split_settings: Split = self.settings(legacy, split=split, loader=loader)["split"]
         self.records: ISICRecords | None = None
         # The release a predicted folder's submission is written as (set by predict_from).
         self._predict_year: str | None = None
@@ -168,18 +167,10 @@ class ISICDataModule(BaseDataModule):
         if records.group_kind == "image":
             log.info("ISIC %s has no lesion/patient ids: splitting by image", records.year)
         names = sorted(set(groups.values()))
-        if not check_split_file(h["split_file"], names, report) or not names:
+        if not check_split_file(self.split_settings.split_file, names, report) or not names:
             # only a collecting report gets here
             return {"train": [], "val": [], "test": []}
-        parts = split_groups(
-            names,
-            h["split_file"],
-            h["val_fraction"],
-            h["test_fraction"],
-            h["seed"],
-            h["num_folds"],
-            h["fold"],
-        )
+        parts = split_groups(names, self.split_settings, h["seed"])
         return {
             s: sorted(i for i in records.images if groups[i] in set(g)) for s, g in parts.items()
         }

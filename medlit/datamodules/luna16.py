@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from medlit.datamodules.base import BaseDataModule, balanced_sampler, cache_root
+from medlit.datamodules.base import BaseDataModule, Loader, balanced_sampler, cache_root
 from medlit.datasets.io.cache import OnTheFly, VolumeCache
 from medlit.datasets.io.files import atomic_write
 from medlit.datasets.io.volume import Geometry
@@ -55,6 +55,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Subsets:
+    """LUNA16's official subsets as folds: which train, validate and test.
+
+    Args:
+        train: subsets (0-9) to train on; default every subset that is neither
+            validation nor test.
+        val: subsets that validate (checkpoint selection); default [8].
+        test: held-out subsets, scored once with the best checkpoint; default [9].
+    """
+
+    train: list[int] | None = None
+    val: list[int] | None = None
+    test: list[int] | None = None
+
+
 class LUNA16DataModule(BaseDataModule):
     """LUNA16 lung CT: nodule detection and candidate false-positive reduction.
 
@@ -64,10 +80,8 @@ class LUNA16DataModule(BaseDataModule):
         demo: when ``root`` is empty or missing, first write a seeded synthetic release
             there in the official layout.
         demo_scans: scans written by ``demo`` (spread round-robin over the 10 subsets).
-        train_subsets: subsets (folds, 0-9) to train on; default every subset that is
-            neither validation nor test.
-        val_subsets: subsets that validate (checkpoint selection).
-        test_subsets: held-out subsets, scored once with the best checkpoint.
+        split: the official subsets (folds 0-9) of ``train`` (default: every subset that
+            is neither validation nor test), ``val`` (default [8]) and ``test`` ([9]).
         target: ``boxes``: 2.5D slices with YOLO boxes (DetectionTask); ``candidates``:
             patches around ``candidates_file`` entries (ClassificationTask, false-positive
             reduction).
@@ -90,19 +104,23 @@ class LUNA16DataModule(BaseDataModule):
         seed: seed of the demo data.
         cache_dir: cache of decoded (and resampled) scans; default ``$MEDLIT_CACHE_DIR``
             or ``~/.cache/medlit``.
-        batch_size: training samples per batch (evaluation: one scan, or this many
-            candidates, per batch).
-        num_workers: data loader workers.
+        loader: ``batch_size`` (training samples per batch; evaluation: one scan, or this
+            many candidates, per batch) and ``num_workers``.
     """
+
+    moved_arguments: ClassVar[dict[str, str]] = {
+        **BaseDataModule.moved_arguments,
+        "train_subsets": "split.train",
+        "val_subsets": "split.val",
+        "test_subsets": "split.test",
+    }
 
     def __init__(
         self,
         root: str = "data/LUNA16",
         demo: bool = False,
         demo_scans: int = 80,
-        train_subsets: list[int] | None = None,
-        val_subsets: list[int] | None = None,
-        test_subsets: list[int] | None = None,
+        split: Subsets = Subsets(),
         target: Literal["boxes", "candidates"] = "boxes",
         candidates_file: str = "candidates_V2.csv",
         spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.0),
@@ -117,21 +135,22 @@ class LUNA16DataModule(BaseDataModule):
         balance: Literal["sampler", "none"] = "sampler",
         seed: int = 42,
         cache_dir: str | None = None,
-        batch_size: int = 16,
-        num_workers: int = 2,
+        loader: Loader = Loader(batch_size=16),
+        **legacy: Any,
     ) -> None:
-        super().__init__(root, batch_size, num_workers)
+        super().__init__(root)
         self.save_hyperparameters(logger=False)
-        val = list(val_subsets if val_subsets is not None else [8])
-        test = list(test_subsets if test_subsets is not None else [9])
+        split = self.settings(legacy, split=split, loader=loader)["split"]
+        val = list(split.val if split.val is not None else [8])
+        test = list(split.test if split.test is not None else [9])
         train = list(
-            train_subsets
-            if train_subsets is not None
+            split.train
+            if split.train is not None
             else [k for k in range(N_SUBSETS) if k not in val + test]
         )
         for name, subsets in (("train", train), ("val", val), ("test", test)):
             if bad := [k for k in subsets if not 0 <= k < N_SUBSETS]:
-                raise ConfigError(f"data.{name}_subsets: {bad} are not subsets 0-9")
+                raise ConfigError(f"data.split.{name}: {bad} are not subsets 0-9")
         if overlap := (set(train) & set(val)) | (set(train) & set(test)) | (set(val) & set(test)):
             raise ConfigError(
                 f"data: subsets {sorted(overlap)} are in two of train {train}, val {val}, "
@@ -232,8 +251,8 @@ class LUNA16DataModule(BaseDataModule):
         return scans
 
     def split(self, cases: dict[str, LunaScan], report: Report) -> dict[str, list[str]]:
-        """The official subsets as folds: ``train_subsets``, ``val_subsets``,
-        ``test_subsets``."""
+        """The official subsets as folds: ``split.train``, ``split.val``, ``split.test``;
+        neither a training nor a test scan is an error."""
         ids = {
             split: sorted(u for u, s in cases.items() if s.subset in subsets)
             for split, subsets in self.subsets.items()

@@ -7,6 +7,7 @@ splits; for BraTS a group is a case.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,32 @@ import yaml
 from medlit.errors import ConfigError, Report
 
 SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which cases train, validate and test: seeded ratios, k folds, or a split file, over
+    groups (a case, a lesion, a patient), so that no group is in two splits. The data
+    module's ``seed`` seeds it.
+
+    Args:
+        val_fraction: share of groups for validation (ignored with num_folds).
+        test_fraction: share of groups held out for the final test.
+        split_file: YAML/JSON ``{train: [...], val: [...], test: [...]}`` of group ids;
+            overrides the ratios.
+        num_folds: k for k-fold cross-validation over the non-test groups.
+        fold: which fold validates (0-based).
+    """
+
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_file: str | None = None
+    num_folds: int | None = None
+    fold: int = 0
+
+
+# The fields of Split, once flat arguments of the data modules (medlit.deprecation.moved).
+SPLIT_KEYS = ("val_fraction", "test_fraction", "split_file", "num_folds", "fold")
 
 
 def split_file_problems(path: str | Path, known: Sequence[str]) -> list[tuple[str, str]]:
@@ -111,16 +138,11 @@ def make_splits(
     return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
 
 
-def split_groups(
-    groups: Sequence[str],
-    split_file: str | None,
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
-    num_folds: int | None,
-    fold: int,
-) -> dict[str, list[str]]:
-    """A data module's split of ``groups``: from ``split_file`` when given, else seeded."""
-    if split_file:
-        return read_split_file(split_file, list(groups))
-    return make_splits(groups, val_fraction, test_fraction, seed, num_folds, fold)
+def split_groups(groups: Sequence[str], split: Split, seed: int) -> dict[str, list[str]]:
+    """A data module's split of ``groups``: from ``split.split_file`` when given, else
+    seeded ratios or folds."""
+    if split.split_file:
+        return read_split_file(split.split_file, list(groups))
+    return make_splits(
+        groups, split.val_fraction, split.test_fraction, seed, split.num_folds, split.fold
+    )

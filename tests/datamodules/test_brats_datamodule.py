@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from medlit.datamodules import BraTSDataModule
+from medlit.datamodules import BraTSDataModule, Split
 from medlit.datamodules.splits import make_splits, read_split_file
 from medlit.datasets.slices import stack_slices
 from medlit.errors import ConfigError
@@ -63,8 +63,7 @@ def test_training_slices_oversample_foreground(brats_root: Path) -> None:
         patch_size=32,
         foreground_fraction=1.0,
         samples_per_epoch=40,
-        val_fraction=0.25,
-        test_fraction=0.25,
+        split=Split(val_fraction=0.25, test_fraction=0.25),
         context_slices=1,
         augment=True,
     )
@@ -84,7 +83,7 @@ def test_training_slices_oversample_foreground(brats_root: Path) -> None:
 
 
 def test_evaluation_batches_are_whole_cases(brats_root: Path) -> None:
-    dm = BraTSDataModule(root=str(brats_root), val_fraction=0.25, test_fraction=0.25)
+    dm = BraTSDataModule(root=str(brats_root), split=Split(val_fraction=0.25, test_fraction=0.25))
     dm.prepare_data()
     dm.setup("test")
     assert not set(c.case_id for c in dm.cases["test"]) & set(c.case_id for c in dm.cases["train"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medlit.datamodules import BraTSDataModule
+from medlit.datamodules import BraTSDataModule, Split
 from medlit.datasets.brats.source import (
     LAYOUTS,
     Preprocessing,
@@ -171,7 +171,7 @@ def test_broken_case_is_refused_with_case_and_file(
 ) -> None:
     case = sorted(p.name for p in brats_root.iterdir() if p.is_dir())[2]
     path, what = breaker(_case_files(brats_root, case))
-    dm = BraTSDataModule(root=str(brats_root), val_fraction=0.25, test_fraction=0.25)
+    dm = BraTSDataModule(root=str(brats_root), split=Split(val_fraction=0.25, test_fraction=0.25))
     with pytest.raises(InvalidCaseError, match=what) as info:
         dm.prepare_data()
     assert info.value.case == case and info.value.path == path
@@ -192,7 +192,7 @@ def test_unlabelled_cases_are_kept_for_prediction_only(tmp_path: Path) -> None:
     make_brats(tmp_path / "d", "2021", cases=6, seed=1)
     unlabelled = sorted((tmp_path / "d").glob("*/*_seg.nii.gz"))[0]
     unlabelled.unlink()
-    dm = BraTSDataModule(root=str(tmp_path / "d"), val_fraction=0.2, test_fraction=0.2)
+    dm = BraTSDataModule(root=str(tmp_path / "d"), split=Split(val_fraction=0.2, test_fraction=0.2))
     dm.prepare_data()
     case = unlabelled.parent.name
     assert all(case not in [c.case_id for c in dm.cases[s]] for s in ("train", "val", "test"))

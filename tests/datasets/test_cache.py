@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import medlit.datasets.brats.source as brats
-from medlit.datamodules import BraTSDataModule
+from medlit.datamodules import BraTSDataModule, Split
 from medlit.datasets.io.volume import read_volume, write_volume
 
 
@@ -37,7 +37,9 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def _prepare(root: Path, **kwargs) -> BraTSDataModule:
-    dm = BraTSDataModule(root=str(root), val_fraction=0.25, test_fraction=0.25, **kwargs)
+    dm = BraTSDataModule(
+        root=str(root), split=Split(val_fraction=0.25, test_fraction=0.25), **kwargs
+    )
     dm.prepare_data()
     return dm
 
@@ -173,7 +175,7 @@ def save(path, array):
         open(sys.argv[2], "w").close()
         time.sleep(600)
 cache.np.save = save
-BraTSDataModule(root=sys.argv[1], val_fraction=0.25, test_fraction=0.25).prepare_data()
+BraTSDataModule(root=sys.argv[1], split={"val_fraction": 0.25, "test_fraction": 0.25}).prepare_data()
 """
 
 

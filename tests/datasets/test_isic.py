@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medlit.datamodules import ISICDataModule
+from medlit.datamodules import ISICDataModule, Loader, Split
 from medlit.datasets.isic.source import CLASSES, check_records, read_records
 from medlit.errors import DatasetNotFoundError, InvalidCaseError
 from tests.data.isic.data import make_isic
@@ -121,7 +121,9 @@ def test_images_are_decoded_once(tmp_path: Path) -> None:
 @pytest.mark.parametrize("year", ["2018_task3", "2019", "2020"])
 def test_no_group_is_in_two_splits(tmp_path: Path, year: str) -> None:
     make_isic(tmp_path, year, lesions=40, seed=2)
-    dm = ISICDataModule(root=str(tmp_path), image_size=32, val_fraction=0.2, test_fraction=0.2)
+    dm = ISICDataModule(
+        root=str(tmp_path), image_size=32, split=Split(val_fraction=0.2, test_fraction=0.2)
+    )
     dm.prepare_data()
     records = dm.records
     groups = {s: {records.groups[i] for i in dm.split_ids[s]} for s in ("train", "val", "test")}
@@ -135,7 +137,10 @@ def test_no_group_is_in_two_splits(tmp_path: Path, year: str) -> None:
 def test_datamodule_batches(tmp_path: Path) -> None:
     make_isic(tmp_path / "c", "2018_task3", lesions=20)
     dm = ISICDataModule(
-        root=str(tmp_path / "c"), image_size=32, batch_size=4, num_workers=0, balance="sampler"
+        root=str(tmp_path / "c"),
+        image_size=32,
+        loader=Loader(batch_size=4, num_workers=0),
+        balance="sampler",
     )
     dm.prepare_data()
     dm.setup("fit")
@@ -143,7 +148,9 @@ def test_datamodule_batches(tmp_path: Path) -> None:
     assert batch["image"].shape == (4, 3, 32, 32) and batch["label"].shape == (4,)
     assert sum(dm.class_counts) == len(dm.split_ids["train"])
     make_isic(tmp_path / "s", "2018_task1", lesions=8)
-    seg = ISICDataModule(root=str(tmp_path / "s"), target="mask", image_size=32, num_workers=0)
+    seg = ISICDataModule(
+        root=str(tmp_path / "s"), target="mask", image_size=32, loader=Loader(num_workers=0)
+    )
     seg.prepare_data()
     seg.setup("fit")
     item = seg.datasets["val"][0]

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from medlit.datamodules.luna16 import LUNA16DataModule
+from medlit.datamodules import Loader, LUNA16DataModule, Subsets
 from medlit.datasets.io.volume import Geometry
 from medlit.datasets.luna16.source import (
     ANNOTATION_COLUMNS,
@@ -75,13 +75,10 @@ def make_root(root: Path, scans: dict = SCANS, shape=(24, 40, 48)) -> pd.DataFra
 def datamodule(root: Path, **kw) -> LUNA16DataModule:
     args = {
         "root": str(root),
-        "train_subsets": [0],
-        "val_subsets": [1],
-        "test_subsets": [2],
+        "split": Subsets(train=[0], val=[1], test=[2]),
         "spacing": None,
         "patch_size": 32,
-        "num_workers": 0,
-        "batch_size": 4,
+        "loader": Loader(batch_size=4, num_workers=0),
         "samples_per_epoch": 8,
     }
     return LUNA16DataModule(**{**args, **kw})
@@ -229,7 +226,7 @@ def test_candidate_class_must_be_binary(tmp_path):
 
 def test_overlapping_folds_are_a_config_error():
     with pytest.raises(ConfigError, match=r"subsets \[8\] are in two of"):
-        LUNA16DataModule(train_subsets=[0, 8], val_subsets=[8], test_subsets=[9])
+        LUNA16DataModule(split=Subsets(train=[0, 8], val=[8], test=[9]))
 
 
 def test_warm_start_decodes_nothing(tmp_path, caplog):

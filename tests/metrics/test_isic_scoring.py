@@ -13,9 +13,9 @@ import torch
 # The official scorer is a dev dependency: these tests must run, never skip.
 from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
 from isic_challenge_scoring.segmentation import SegmentationScore
-from medlit.datasets.io.images import read_mask
 from PIL import Image
 
+from medlit.datasets.io.images import read_mask
 from medlit.datasets.isic.source import CLASSES, write_mask, write_submission
 from medlit.metrics.classification import balanced_accuracy, per_class_auc
 from medlit.metrics.segmentation import dice, jaccard, threshold_jaccard
