@@ -382,17 +382,22 @@ def upgrade_keys(args: list[str]) -> list[str]:
     YAML text (jsonargparse's ``--config`` takes a path or the YAML itself)."""
     import yaml
 
+    from medlit import yamlsafe
+
     configs: list[tuple[int, dict]] = []  # (index in args, the file's content)
     for i, arg in enumerate(args):
         path = args[i + 1] if arg == "--config" and i + 1 < len(args) else None
         path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
         if path and Path(path).is_file():
             try:
-                content = yaml.safe_load(Path(path).read_text())
-            except (OSError, yaml.YAMLError):
+                text = Path(path).read_text()
+            except OSError:
                 continue  # jsonargparse reports it, naming the file
+            content = yamlsafe.load(text, path)
             if isinstance(content, dict):
                 configs.append((i, content))
+        elif path:  # the YAML itself (jsonargparse takes that too)
+            yamlsafe.check(path, "--config")
     cls = _data_class(args, [c for _, c in configs])
     moves = cls.moved_arguments if isinstance(cls, type) and issubclass(cls, BaseDataModule) else {}
     if not moves:

@@ -38,6 +38,7 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ArgumentParser
 from jsonargparse.typing import Path_fr
 
+from medlit import yamlsafe
 from medlit.errors import ConfigError, run_main
 from medlit.tuning import space as sp
 from medlit.tuning.worker import SweepConfig, Worker
@@ -86,6 +87,9 @@ def _normalise(argv: list[str]) -> list[str]:
 
 def load(argv: list[str]) -> tuple[SweepConfig, int]:
     args = _normalise(argv)
+    for key, value in zip(args, args[1:], strict=False):
+        if key == "--config" and Path(value).is_file():
+            yamlsafe.check(Path(value).read_text(), value)  # before jsonargparse expands it
     ns = parser().parse_args(args)
     init = parser().instantiate(ns)
     source = str(Path(str(ns.config[0])).resolve()) if ns.get("config") else ""

@@ -10,6 +10,7 @@ Warnings (exit 0) must not stop a run."""
 from __future__ import annotations
 
 import gzip
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -136,6 +137,21 @@ def brats_missing(ds):
     return f
 
 
+def brats_fifo(ds):
+    """A modality that is a named pipe: opening it would block until someone writes."""
+    f = _brats_case(ds)["flair"]
+    f.unlink()
+    os.mkfifo(f)
+    return f
+
+
+def brats_folder(ds):
+    f = _brats_case(ds)["t1"]
+    f.unlink()
+    f.mkdir()
+    return f
+
+
 def brats_truncated(ds):
     f = _brats_case(ds)["flair"]
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
@@ -226,6 +242,17 @@ def brats_split_file(ds):
     return f
 
 
+def brats_split_bomb(ds):
+    """A split file that is a YAML alias bomb (its ids would expand to 9^9 strings)."""
+    f = ds.root.parent / "split.yaml"
+    text = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n'
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        text += f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]\n"
+    f.write_text(text + "train: *i\n")
+    ds.extra.append(f"--data.split.split_file={f}")
+    return f
+
+
 def brats_empty_seg(ds):  # a warning: the run goes on
     return _rewrite(_brats_case(ds)["seg"], lambda a, ref: _like(np.zeros_like(a), ref))
 
@@ -295,6 +322,20 @@ def isic_mask_size(ds):
     return f
 
 
+def isic_mask_16bit(ds):
+    f = _masks(ds)[3]
+    a = np.asarray(Image.open(f)).astype(np.uint16) * 257
+    Image.fromarray(a).save(f)  # mode I;16
+    return f
+
+
+def isic_mask_fifo(ds):
+    f = _masks(ds)[4]
+    f.unlink()
+    os.mkfifo(f)
+    return f
+
+
 def isic_mask_crc(ds):
     """One flipped byte inside the image data (IDAT) of a mask."""
     f = _masks(ds)[0]
@@ -324,6 +365,30 @@ def _edit_header(mhd: Path, key: str, value: str) -> Path:
     text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", mhd.read_text())
     mhd.write_text(text)
     return mhd
+
+
+def luna_data_file_outside(ds):
+    """A header naming a file outside the dataset (it would be read as a scan)."""
+    return _edit_header(_scans(ds)[6], "ElementDataFile", "/etc/passwd")
+
+
+def luna_data_file_parent(ds):
+    mhd = _scans(ds)[7]
+    shutil.copy(mhd.with_suffix(".raw"), ds.root / "escaped.raw")
+    return _edit_header(mhd, "ElementDataFile", f"../{mhd.parent.name}/../escaped.raw")
+
+
+def luna_dims_overflow(ds):
+    """A DimSize whose product overflows 64 bits."""
+    mhd = _edit_header(_scans(ds)[8], "DimSize", "4294967296 4294967296 4294967296")
+    return mhd.with_suffix(".raw")
+
+
+def luna_fifo_raw(ds):
+    raw = _scans(ds)[9].with_suffix(".raw")
+    raw.unlink()
+    os.mkfifo(raw)
+    return raw
 
 
 def luna_truncated_raw(ds):
@@ -402,6 +467,8 @@ def luna_nan(ds):
 MATRIX = [
     # (dataset, breaker, expected problem (regex), exit status)
     ("brats", brats_missing, r"file is missing", 1),
+    ("brats", brats_fifo, r"is a FIFO \(named pipe\), not a regular file", 1),
+    ("brats", brats_folder, r"is a folder, not a regular file", 1),
     ("brats", brats_truncated, r"truncated gzip stream", 1),
     ("brats", brats_flipped_byte, r"(corrupt|truncated) gzip stream", 1),
     ("brats", brats_header_lies, r"longer than the \d+ its header declares", 1),
@@ -413,6 +480,7 @@ MATRIX = [
     ("brats", brats_labels, r"label values \[3\] are not in the configured set \[0, 1, 2, 4\]", 1),
     ("brats", brats_garbage, r"unreadable NIfTI header", 1),
     ("brats", brats_split_file, r"BraTS2021_\d+ is in both train and val", 1),
+    ("brats", brats_split_bomb, r"its YAML aliases expand to more than 1,000,000 values", 1),
     ("brats", brats_empty_seg, r"segmentation is empty \(no tumour voxels\)", 0),
     ("isic-labels", isic_row_without_image, r"row has no image ISIC_\d+\.jpg under", 1),
     ("isic-labels", isic_image_without_row, r"image has no row in .*GroundTruth.csv", 0),
@@ -422,9 +490,35 @@ MATRIX = [
     ("isic-labels", isic_missing_column, r"columns \['VASC'\] are missing", 1),
     ("isic-masks", isic_mask_not_binary, r"mask values \[0, 128, 255\] are not binary 0/255", 1),
     ("isic-masks", isic_mask_size, r"mask size \(17, 13\) differs from image size", 1),
+    (
+        "isic-masks",
+        isic_mask_16bit,
+        r"mask is a 16-bit single-channel image \(mode I;16\); ISIC masks are 8-bit",
+        1,
+    ),
+    ("isic-masks", isic_mask_fifo, r"is a FIFO \(named pipe\), not a regular file", 1),
     ("isic-masks", isic_mask_crc, r"damaged PNG \(chunk b'IDAT' at byte \d+ fails its CRC\)", 1),
     ("isic-masks", isic_mask_without_image, r"mask has no image ISIC_\d+\.jpg", 1),
     ("isic-masks", isic_mask_rgb, r"mask mode RGB is not single-channel", 1),
+    (
+        "luna16",
+        luna_data_file_outside,
+        r"ElementDataFile = '/etc/passwd' is not a file name beside",
+        1,
+    ),
+    (
+        "luna16",
+        luna_data_file_parent,
+        r"ElementDataFile = '\.\./.*escaped.raw' is not a file name",
+        1,
+    ),
+    (
+        "luna16",
+        luna_dims_overflow,
+        r"bytes, shorter than the \d{25,} that .*DimSize 4294967296x",
+        1,
+    ),
+    ("luna16", luna_fifo_raw, r"is a FIFO \(named pipe\), not a regular file", 1),
     ("luna16", luna_truncated_raw, r"bytes, shorter than the \d+ that .*\.mhd declares", 1),
     ("luna16", luna_header_lies, r"bytes, shorter than the \d+ that .*\.mhd declares", 1),
     ("luna16", luna_byte_order, r"BinaryDataByteOrderMSB = 'Talse' is neither True nor", 1),

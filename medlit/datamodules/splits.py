@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
+from medlit import yamlsafe
 from medlit.errors import ConfigError, Report
 
 SPLITS = ("train", "val", "test")
@@ -51,9 +51,9 @@ def split_file_problems(path: str | Path, known: Sequence[str]) -> list[tuple[st
     if not path.is_file():
         return [("split_file", "split file does not exist")]
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        return [("split_file", f"not valid YAML/JSON ({e})")]
+        data = yamlsafe.load(path.read_text(), str(path)) or {}
+    except ConfigError as e:
+        return [("split_file", str(e).removeprefix(f"{path}: "))]
     if not isinstance(data, dict) or not set(data) <= set(SPLITS) or "train" not in data:
         found = sorted(data) if isinstance(data, dict) else type(data).__name__
         return [
@@ -97,7 +97,7 @@ def read_split_file(path: str | Path, known: Sequence[str]) -> dict[str, list[st
     """Read ``{train: [...], val: [...], test: [...]}`` (YAML or JSON) and check it."""
     if problems := split_file_problems(path, known):
         raise ConfigError(_summary(path, problems))
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = yamlsafe.load(Path(path).read_text(), str(path)) or {}
     return {s: [str(x) for x in data.get(s) or []] for s in SPLITS}
 
 

@@ -19,6 +19,7 @@ from typing import Literal
 
 import numpy as np
 
+from medlit.datasets.io.files import file_problem
 from medlit.datasets.io.volume import Geometry, count_nonfinite, nifti_problem, read_volume
 from medlit.errors import DatasetNotFoundError, InvalidCaseError, Report
 
@@ -130,8 +131,8 @@ def _check_and_read(
     case: BraTSCase, path: Path, report: Report
 ) -> tuple[np.ndarray, Geometry] | None:
     """Read one file of a case, or report why it cannot be read (and return None)."""
-    if not path.exists():
-        report.error(case.case_id, path, "file is missing")
+    if problem := file_problem(path):
+        report.error(case.case_id, path, problem)
         return None
     if problem := nifti_problem(path):
         report.error(case.case_id, path, problem)

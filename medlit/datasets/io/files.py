@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,3 +32,30 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be read as a data file, found without opening it, or None.
+
+    Opening a FIFO blocks until something writes to it, and a device can stream forever,
+    so every data file is checked to be a regular file first (``os.stat`` follows links:
+    a symlinked file or root is fine)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "file is missing"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((what for test, what in _KINDS if test(mode)), "not a regular file")
+    return f"is {kind}, not a regular file"

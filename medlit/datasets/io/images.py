@@ -70,10 +70,12 @@ def png_problem(path: str | Path) -> str | None:
     depth, colour, interlace = header[8], header[9], header[12]
     if colour not in _PNG_CHANNELS:
         return f"damaged PNG (colour type {colour})"
-    try:
-        pixels = zlib.decompress(b"".join(idat))
-    except zlib.error as e:
-        return f"damaged PNG image data ({e})"
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        # Before inflating anything: a few MB of zeros can inflate to gigabytes.
+        return (
+            f"{width}x{height} pixels, more than Pillow's decompression-bomb limit of "
+            f"{Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS)"
+        )
     bits = _PNG_CHANNELS[colour] * depth
     passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
     expected = 0
@@ -81,9 +83,26 @@ def png_problem(path: str | Path) -> str | None:
         w, h = -(-(width - x0) // dx), -(-(height - y0) // dy)
         if w > 0 and h > 0:
             expected += h * (1 + -(-w * bits // 8))
-    if len(pixels) != expected:
+    # Inflated in bounded pieces and only counted, so memory stays small whatever the
+    # stream holds; more bytes than the header implies stops it at once.
+    inflate, size = zlib.decompressobj(), 0
+    try:
+        for body in idat:
+            while body and size <= expected:
+                size += len(inflate.decompress(body, 1 << 20))
+                body = inflate.unconsumed_tail
+            if size > expected:
+                break
+        if size <= expected:
+            size += len(inflate.flush())
+    except zlib.error as e:
+        return f"damaged PNG image data ({e})"
+    if size <= expected and not inflate.eof:
+        return "damaged PNG image data (the compressed stream is truncated)"
+    if size != expected:
+        found = f"more than {expected}" if size > expected else str(size)
         return (
-            f"damaged PNG ({len(pixels)} bytes of image data, {expected} expected for "
+            f"damaged PNG ({found} bytes of image data, {expected} expected for "
             f"{width}x{height} at {bits} bits per pixel)"
         )
     return None

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from medlit.datasets.io.files import atomic_write
+from medlit.datasets.io.files import atomic_write, file_problem
 from medlit.datasets.io.images import png_problem
 from medlit.errors import DatasetNotFoundError, Report
 
@@ -242,18 +242,27 @@ def check_image(
     of the same size. Problems go to ``report`` (strict by default: the first raises)."""
     report = report or Report()
     size = None
-    if path.suffix.lower() == ".png" and (problem := png_problem(path)):
+    if (
+        (problem := file_problem(path))
+        or path.suffix.lower() == ".png"
+        and (problem := png_problem(path))
+    ):
         report.error(image_id, path, problem)
     else:
         try:
             with Image.open(path) as im:
+                if im.width * im.height > Image.MAX_IMAGE_PIXELS:  # header only, so far
+                    raise ValueError(
+                        f"{im.width}x{im.height} pixels, more than Pillow's decompression-"
+                        f"bomb limit of {Image.MAX_IMAGE_PIXELS}"
+                    )
                 im.load()
                 size = im.size
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for damaged files
             report.error(image_id, path, f"image does not decode ({type(e).__name__}: {e})")
     if mask is None:
         return
-    if problem := png_problem(mask):
+    if problem := file_problem(mask) or png_problem(mask):
         report.error(image_id, mask, problem)
         return
     try:
@@ -263,6 +272,15 @@ def check_image(
             values = np.unique(np.asarray(m.convert("L")))
     except Exception as e:  # noqa: BLE001 - as above
         report.error(image_id, mask, f"mask does not decode ({type(e).__name__}: {e})")
+        return
+    if mode.startswith("I") or mode == "F":
+        bits = "16-bit" if mode.startswith("I;16") else f"{mode} (32-bit)"
+        report.error(
+            image_id,
+            mask,
+            f"mask is a {bits} single-channel image (mode {mode}); ISIC masks are 8-bit "
+            "single-channel PNGs (mode L) with values 0 and 255",
+        )
         return
     if mode not in ("L", "1", "P"):
         report.error(image_id, mask, f"mask mode {mode} is not single-channel")

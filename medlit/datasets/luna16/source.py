@@ -16,14 +16,16 @@ carries the scan's origin, spacing and direction, so flipped scans (direction
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from medlit.datasets.io.files import file_problem
 from medlit.datasets.io.volume import Geometry
 from medlit.errors import DatasetNotFoundError, InvalidCaseError, Report
 
@@ -82,6 +84,8 @@ class LunaScan:
 
 def read_header(mhd: Path) -> dict[str, str]:
     """The ``key = value`` lines of a MetaImage header (``.mhd``)."""
+    if problem := file_problem(mhd):
+        raise InvalidCaseError(mhd.stem, mhd, f"MetaImage header {problem}")
     try:
         text = mhd.read_text(errors="replace")
     except OSError as e:
@@ -139,10 +143,22 @@ def header_problem(header: dict[str, str]) -> str | None:
 
 
 def data_file(mhd: Path, header: dict[str, str]) -> Path:
+    """The data file a header names, beside it. The name must be relative and stay in the
+    header's folder (no ``..``, checked on the name itself, not on the resolved path, so
+    symlinked roots and folders keep working): a header naming ``/etc/passwd`` or
+    ``../../x`` would read a file outside the dataset as a scan."""
     name = header.get("ElementDataFile")
     if not name or name == "LOCAL":
         raise InvalidCaseError(
             mhd.stem, mhd, "header has no ElementDataFile (LUNA16 headers name their .raw file)"
+        )
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if name.startswith(("/", "\\")) or ":" in name or ".." in parts or "LIST" in name.split():
+        raise InvalidCaseError(
+            mhd.stem,
+            mhd,
+            f"ElementDataFile = {name!r} is not a file name beside the header (an absolute "
+            "path, a drive, '..' or a LIST of files); a LUNA16 header names its .raw file",
         )
     return mhd.parent / name
 
@@ -155,8 +171,10 @@ def check_data_size(uid: str, mhd: Path, header: dict[str, str], report: Report)
     size to compare with and is left to the reader. Returns whether the sizes agree.
     """
     data = data_file(mhd, header)
-    if not data.is_file():
-        report.error(uid, data, f"data file named by {mhd.name} does not exist")
+    if problem := file_problem(data):
+        if problem == "file is missing":
+            problem = f"data file named by {mhd.name} does not exist"
+        report.error(uid, data, problem)
         return False
     if problem := header_problem(header):
         report.error(uid, mhd, f"damaged MetaImage header: {problem}")
@@ -173,7 +191,7 @@ def check_data_size(uid: str, mhd: Path, header: dict[str, str], report: Report)
     except (KeyError, ValueError) as e:
         report.error(uid, mhd, f"header lacks a valid DimSize/ElementType ({e})")
         return False
-    expected = int(np.prod(dims, dtype=np.int64)) * nbytes * channels + offset
+    expected = math.prod(dims) * nbytes * channels + offset  # Python ints: no overflow
     size = data.stat().st_size
     if size != expected:
         what = "shorter" if size < expected else "longer"
@@ -206,7 +224,7 @@ def discover_scans(root: Path, report: Report | None = None) -> dict[str, LunaSc
             try:
                 data = data_file(mhd, read_header(mhd))
                 lungs = lungs_dir / f"{uid}.mhd"
-                lungs_data = data_file(lungs, read_header(lungs)) if lungs.is_file() else None
+                lungs_data = data_file(lungs, read_header(lungs)) if lungs.exists() else None
             except InvalidCaseError as e:
                 report.error(uid, e.path, e.problem)
                 continue
