@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medlit.datasets.io.files import usual_mode
 from medlit.errors import MedlitError
 from medlit.tracking.retry import fail_fast_over_http, retrying
 
@@ -58,6 +59,7 @@ def write_spool(spool_dir: Path, header: dict[str, Any], records: list[dict]) ->
     spool_dir.mkdir(parents=True, exist_ok=True)
     name = f"{stamp()}-{header['run_id'] or 'new-run'}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=spool_dir))
+    usual_mode(tmp, folder=True)
     lines = [header]
     for i, record in enumerate(records):
         record = dict(record)

@@ -3,6 +3,7 @@ safe when two processes build it at once."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import re
@@ -229,9 +230,77 @@ def test_deep_check_finds_a_damaged_cache_entry_and_removes_it(
         out,
     ), out
     assert re.search(
-        rf"ERROR +{entries[2].meta['case_id']}: {entries[2].path}: cache entry: unreadable", out
+        rf"ERROR +{entries[2].meta['case_id']}: {entries[2].path}: cache entry: seg.npy holds "
+        r"\d+ bytes, its header declares \d+; removed",
+        out,
     ), out
     assert not entries[1].path.exists() and not entries[2].path.exists()
     assert check_main([*argv, "--deep"]) == 0  # the next run rebuilt nothing wrong
     rebuilt = _prepare(brats_root)._entries(dm.cases["train"])
     assert all(e.path.exists() for e in rebuilt)
+
+
+def test_a_damaged_entry_is_found_before_use_removed_and_rebuilt(
+    brats_root: Path, _private_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A truncated array (it used to end in a bare ``mmap length is greater than file
+    size`` in a loader worker) and a deleted meta.json (every later run then failed with
+    "cannot write ... free space there"): the next run names the case, removes the entry
+    and builds it again."""
+    dm = _prepare(brats_root)
+    entries = dm._entries(dm.cases["train"])
+    truncated = entries[0].path / "image.npy"
+    truncated.write_bytes(truncated.read_bytes()[:-4096])
+    (entries[1].path / "meta.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        again = _prepare(brats_root)
+    warned = [r.getMessage() for r in caplog.records if "removed and rebuilt" in r.getMessage()]
+    assert len(warned) == 1 and entries[0].meta["case_id"] in warned[0], warned
+    assert "image.npy holds" in warned[0] and "its header declares" in warned[0]
+    rebuilt = again._entries(dm.cases["train"])
+    assert [e.path for e in rebuilt] == [e.path for e in entries]
+    for before, after in zip(entries[:2], rebuilt[:2], strict=True):
+        assert (after.path / "meta.json").is_file()
+        assert np.asarray(after.arrays["image"]).shape == before.arrays["image"].shape
+    again.setup("fit")
+    again.datasets["train"][0]  # reads the rebuilt entries
+
+
+def test_deep_check_reports_an_entry_without_meta_json(
+    brats_root: Path, _private_cache: Path, tracking_uri: str, capsys: pytest.CaptureFixture
+) -> None:
+    from medlit.check import main as check_main
+    from tests.test_fit import tiny
+
+    dm = _prepare(brats_root)
+    entry = dm._entries(dm.cases["train"])[1]
+    (entry.path / "meta.json").unlink()
+    assert check_main([*tiny(brats_root, tracking_uri), "--deep"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(
+        rf"ERROR +{entry.meta['case_id']}: {entry.path}: cache entry: incomplete: meta.json is "
+        "missing; removed",
+        out,
+    ), out
+    assert not entry.path.exists()
+
+
+def test_cache_and_outputs_get_the_umask_s_modes_not_mkstemp_s(
+    brats_root: Path, _private_cache: Path, tmp_path: Path
+) -> None:
+    from medlit.datasets.io.files import atomic_write
+    from medlit.datasets.io.volume import Geometry, write_volume
+
+    old = os.umask(0o022)
+    try:
+        dm = _prepare(brats_root)
+        entry = dm._entries(dm.cases["train"])[0]
+        atomic_write(tmp_path / "out.csv", lambda p: p.write_text("a\n"))
+        geometry = Geometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+        write_volume(np.zeros((2, 2, 2), np.uint8), geometry, tmp_path / "v.nii.gz")
+    finally:
+        os.umask(old)
+    assert oct(entry.path.stat().st_mode & 0o777) == "0o755"
+    assert {oct(f.stat().st_mode & 0o777) for f in entry.path.iterdir()} == {"0o644"}
+    assert oct((tmp_path / "out.csv").stat().st_mode & 0o777) == "0o644"
+    assert oct((tmp_path / "v.nii.gz").stat().st_mode & 0o777) == "0o644"

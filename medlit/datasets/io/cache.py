@@ -29,6 +29,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
+import math
 import os
 import shutil
 import tempfile
@@ -40,7 +42,10 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from medlit.datasets.io.files import usual_mode
 from medlit.errors import CacheWriteError
+
+log = logging.getLogger(__name__)
 
 BuildFn = Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]]
 
@@ -76,9 +81,48 @@ def _stats(paths: Sequence[Path]) -> dict[str, list[int]]:
     return out
 
 
+def entry_problem(entry: Path) -> str | None:
+    """What is wrong with a cache entry, found without reading its arrays, or None: no or
+    unreadable ``meta.json``, a listed array missing (``arrays.json``; entries written
+    before it have none), or an ``.npy`` whose size differs from what its own header
+    says (truncated, or grown). Reading a few hundred header bytes per array costs
+    microseconds; a damaged entry would otherwise fail later, deep in a data loader,
+    without naming the case (``mmap length is greater than file size``)."""
+    try:
+        json.loads((entry / "meta.json").read_text())
+    except FileNotFoundError:
+        return "incomplete: meta.json is missing"
+    except (OSError, ValueError) as e:
+        return f"meta.json is unreadable ({type(e).__name__}: {e})"
+    try:
+        listed = json.loads((entry / "arrays.json").read_text())
+    except (OSError, ValueError):
+        listed = []
+    if missing := [n for n in listed if not (entry / f"{n}.npy").is_file()]:
+        return f"arrays {missing} are missing"
+    for path in sorted(entry.glob("*.npy")):
+        try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    continue  # a format this check does not know; np.load decides
+                expected = f.tell() + math.prod(shape) * dtype.itemsize
+                size = os.fstat(f.fileno()).st_size
+        except (OSError, ValueError) as e:
+            return f"{path.name} is unreadable ({type(e).__name__}: {e})"
+        if not dtype.hasobject and size != expected:
+            return f"{path.name} holds {size} bytes, its header declares {expected}"
+    return None
+
+
 def _atomic_write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=".json", dir=path.parent)
+    usual_mode(tmp)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1)
@@ -147,6 +191,10 @@ class VolumeCache:
         group = self.directory / self.params_hash
         final = group / f"{case}-{content_hash[:16]}"
         built = not (final / "meta.json").exists()
+        if not built and (problem := entry_problem(final)):
+            log.warning("case %s: cache entry %s %s: removed and rebuilt", case, final, problem)
+            shutil.rmtree(final, ignore_errors=True)
+            built = True
         if built:
             arrays, meta = build()
             try:
@@ -180,8 +228,14 @@ class VolumeCache:
         try:
             for name, array in arrays.items():
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
+            (tmp / "arrays.json").write_text(json.dumps(sorted(arrays)))
             # meta.json last: an entry without it is never read (see ``get``).
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            usual_mode(tmp, folder=True)  # mkdtemp makes it 0700
+            if final.is_dir() and not (final / "meta.json").exists():
+                # Entries only appear whole (by rename), so one without meta.json was
+                # damaged after it was written: it would block the rename forever.
+                shutil.rmtree(final, ignore_errors=True)
             try:
                 os.rename(tmp, final)
             except OSError as e:
@@ -196,7 +250,7 @@ class VolumeCache:
 
     def cached(self, case: str) -> Path | None:
         """The entry of ``case`` that a run would read now (its sources unchanged by size and
-        mtime), or None."""
+        mtime), complete or damaged, or None."""
         index = self.directory / "sources" / f"{case}.json"
         try:
             known = json.loads(index.read_text())
@@ -206,7 +260,7 @@ class VolumeCache:
             entry = self.directory / self.params_hash / f"{case}-{known['hash'][:16]}"
         except (OSError, ValueError, KeyError):
             return None
-        return entry if (entry / "meta.json").exists() else None
+        return entry if entry.is_dir() else None
 
     def verify(self, case: str, sources: Sequence[Path], build: BuildFn) -> str | None:
         """Re-check the cached entry of ``case`` against its sources: their content hash,
@@ -216,9 +270,11 @@ class VolumeCache:
         entry = self.cached(case)
         if entry is None:
             return None
-        problem = None
+        problem = entry_problem(entry)
         content = _hash_files([Path(s) for s in sources])
-        if not entry.name.endswith(content[:16]):
+        if problem:
+            pass
+        elif not entry.name.endswith(content[:16]):
             problem = "its source files changed since it was cached (same size and mtime)"
         else:
             try:
@@ -249,6 +305,7 @@ class VolumeCache:
     def load(path: Path) -> CacheEntry:
         meta = json.loads((path / "meta.json").read_text())
         arrays = {p.stem: np.load(p, mmap_mode="r") for p in sorted(path.glob("*.npy"))}
+        # (``get`` checked the entry with ``entry_problem`` first.)
         return CacheEntry(path, arrays, meta)
 
 

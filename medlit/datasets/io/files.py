@@ -19,6 +19,27 @@ def is_synthetic(root: str | Path) -> bool:
     return (Path(root) / MARKER).exists()
 
 
+def umask() -> int:
+    """The process's umask (Linux reads it from /proc, without changing it even for a
+    moment; elsewhere it is set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(path: str | Path, folder: bool = False) -> None:
+    """Give a file made by ``mkstemp`` (0600) or a folder made by ``mkdtemp`` (0700) the
+    mode an ordinary ``open``/``mkdir`` would have (0644/0755 under the usual umask), so
+    that other users, or a container's unprivileged user, can read outputs and caches."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask())
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a hidden temporary name beside ``path``, then rename it into
     place: readers see the old file or the whole new one, never a half-written one."""
@@ -27,6 +48,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     fd, name = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
+    usual_mode(tmp)
     try:
         write(tmp)
         tmp.replace(path)

@@ -19,6 +19,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from medlit.datasets.io.files import usual_mode
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -124,6 +126,7 @@ def write_image(image: sitk.Image, path: str | Path, compress: bool | None = Non
         return
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
     os.close(fd)
+    usual_mode(tmp)
     try:
         sitk.WriteImage(image, tmp, useCompression=compress)
         os.replace(tmp, path)
