@@ -223,7 +223,7 @@ class MedlitCLI(LightningCLI):
             LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            save_config_callback=TrackConfig,
+            save_config_callback=kwargs.pop("save_config_callback", TrackConfig),
             save_config_kwargs={"save_to_log_dir": False},
             trainer_defaults={
                 "logger": {
@@ -449,6 +449,22 @@ def check_compatible(model: LightningModule, datamodule: LightningDataModule) ->
         )
 
 
+def check_schedule(model: LightningModule, trainer: Trainer) -> None:
+    """The task's learning-rate schedule has a length: medlit's warm-up + cosine runs per
+    epoch over ``trainer.max_epochs``, and Lightning's ``max_epochs: -1`` ("until
+    max_steps or forever") would give it none (the rate then flips between the peak and
+    the floor every epoch). Refused with the fix, before a run is opened."""
+    if not isinstance(model, BaseTask) or model.hparams.get("scheduler", "cosine") == "none":
+        return
+    if trainer.max_epochs is None or trainer.max_epochs < 1:
+        steps = f" (max_steps={trainer.max_steps})" if trainer.max_steps > 0 else ""
+        raise ConfigError(
+            f"trainer.max_epochs={trainer.max_epochs}{steps} leaves the cosine learning-rate "
+            "schedule without a length: set trainer.max_epochs to the epochs to train, or "
+            "model.scheduler=none for a constant rate"
+        )
+
+
 @dataclass
 class Experiment:
     """One experiment, parsed and built: the checked task, data module and trainer."""
@@ -484,7 +500,11 @@ def build(argv: Sequence[str], *, defaults: Sequence[str] = (), track: bool = Tr
     head, rest = (args[:2], args[2:]) if args[:1] == ["--config"] else ([], args)
     # Last, so that no config's logger settings bring a logger back.
     tail = [] if track else ["--trainer.logger=false"]
-    cli = MedlitCLI(args=[*head, *defaults, *rest, *tail])
+    # Untracked (predict, check): no config/versions files either; they would otherwise
+    # land in the working folder (the log folder of a trainer without a logger).
+    cli = MedlitCLI(
+        args=[*head, *defaults, *rest, *tail], **({} if track else {"save_config_callback": None})
+    )
     check_compatible(cli.model, cli.datamodule)
     return Experiment(cli, cli.model, cli.datamodule, cli.trainer)
 

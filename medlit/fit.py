@@ -13,7 +13,7 @@ import sys
 
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from medlit.cli import build, prepare
+from medlit.cli import build, check_schedule, prepare
 from medlit.errors import run_main
 from medlit.tracking import MLflowTracker
 from medlit.tracking.resume import resume_from
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     experiment = build(sys.argv[1:] if argv is None else argv)
     model, datamodule, trainer = experiment.model, experiment.datamodule, experiment.trainer
+    check_schedule(model, trainer)
     prepare(datamodule)  # every case checked and cached before a run is opened
     resume = None
     if (asked := experiment.config.get("ckpt_path")) is not None:

@@ -29,8 +29,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
+
+import torch
 
 from medlit.checkpoints import load_checkpoint
 from medlit.cli import build, normalise_args
@@ -102,16 +103,14 @@ def main(argv: list[str] | None = None) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--output {out}: cannot create it ({e.strerror})") from None
-    start = time.time()
     trainer.callbacks.append(writer)
     model.eval()
     trainer.predict(model, datamodule=dm, return_predictions=False)
-    written = sorted(p for p in out.rglob("*") if p.is_file() and p.stat().st_mtime >= start)
+    # What this run's writer wrote (every rank's count), not whatever else is in the folder.
+    count = int(trainer.strategy.reduce(torch.tensor(len(writer.written)), reduce_op="sum"))
     if trainer.is_global_zero:
-        print(
-            f"medlit.predict: {len(dm.datasets['predict'])} inputs, wrote {len(written)} files to {out}"
-        )
-    return written
+        print(f"medlit.predict: {len(dm.datasets['predict'])} inputs, wrote {count} files to {out}")
+    return sorted(writer.written)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ def parser() -> ArgumentParser:
     p.add_argument("--max_retry", type=int, default=2, help="retries of a dead worker's trial")
     p.add_argument("--test_trials", type=bool, default=False, help="also test each trial")
     p.add_argument("--workers", type=int, default=1, help="worker processes to start here")
-    p.add_argument("--worker_index", type=int, default=0, help="offsets the sampler seed")
+    # Accepted from older commands; each trial's draw is now seeded by its trial number.
+    p.add_argument("--worker_index", type=int, default=0, help="(no longer needed)")
     return p
 
 
@@ -112,7 +113,6 @@ def load(argv: list[str]) -> tuple[SweepConfig, int]:
         output_dir=Path(init.output_dir) if init.output_dir else None,
         max_retry=init.max_retry,
         test_trials=init.test_trials,
-        worker_index=init.worker_index,
         source=source,
     )
     return cfg, init.workers
@@ -121,10 +121,8 @@ def load(argv: list[str]) -> tuple[SweepConfig, int]:
 def spawn_workers(argv: list[str], n: int) -> int:
     """``--workers N``: N worker processes of this same sweep on this host."""
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "medlit.sweep", *argv, "--workers=1", f"--worker_index={i}"]
-        )
-        for i in range(n)
+        subprocess.Popen([sys.executable, "-m", "medlit.sweep", *argv, "--workers=1"])
+        for _ in range(n)
     ]
     try:
         codes = [p.wait() for p in procs]

@@ -38,6 +38,7 @@ class _Writer(BasePredictionWriter):
     def __init__(self, output: Path) -> None:
         super().__init__(self.interval_name)
         self.output = output
+        self.written: list[Path] = []  # by this process, in this run
 
 
 class CaseWriter(_Writer):
@@ -56,7 +57,9 @@ class CaseWriter(_Writer):
     ) -> None:
         dm = _data(trainer)
         for case in prediction:
-            dm.write_prediction(case["case_id"], case["regions"], self.output, case.get("meta"))
+            self.written.append(
+                dm.write_prediction(case["case_id"], case["regions"], self.output, case.get("meta"))
+            )
 
 
 class _Gathered(_Writer):
@@ -75,9 +78,9 @@ class _Gathered(_Writer):
         rows = [row for batch in predictions for row in batch]
         rows = pl_module.gather_rows(rows)  # every rank's items once, sorted by id
         if trainer.is_global_zero and rows:
-            self.write(_data(trainer), pl_module, rows)
+            self.written.append(self.write(_data(trainer), pl_module, rows))
 
-    def write(self, dm: BaseDataModule, pl_module: LightningModule, rows: list[dict]) -> None:
+    def write(self, dm: BaseDataModule, pl_module: LightningModule, rows: list[dict]) -> Path:
         raise NotImplementedError
 
 
@@ -85,15 +88,19 @@ class SubmissionWriter(_Gathered):
     """Classification: ``submission.csv`` of every item's class probabilities, in the
     dataset's submission format (``write_submission``); rows ``{"case_id", "probs"}``."""
 
-    def write(self, dm: BaseDataModule, pl_module: LightningModule, rows: list[dict]) -> None:
+    def write(self, dm: BaseDataModule, pl_module: LightningModule, rows: list[dict]) -> Path:
         ids = [r["case_id"] for r in rows]
         probs = np.array([r["probs"] for r in rows], dtype=np.float64)
-        dm.write_submission(self.output / "submission.csv", ids, probs, pl_module.class_names)
+        path = self.output / "submission.csv"
+        dm.write_submission(path, ids, probs, pl_module.class_names)
+        return path
 
 
 class DetectionWriter(_Gathered):
     """Detection: ``submission.csv`` of every scan's scored findings, in the dataset's
     format (``write_detections``); rows ``{"case_id", "marks"}``."""
 
-    def write(self, dm: BaseDataModule, pl_module: LightningModule, rows: list[dict]) -> None:
-        dm.write_detections(self.output / "submission.csv", pd.concat([r["marks"] for r in rows]))
+    def write(self, dm: BaseDataModule, pl_module: LightningModule, rows: list[dict]) -> Path:
+        path = self.output / "submission.csv"
+        dm.write_detections(path, pd.concat([r["marks"] for r in rows]))
+        return path

@@ -210,6 +210,18 @@ def test_channel_mismatch_is_refused_before_training(brats_root: Path, tracking_
         main(tiny(brats_root, tracking_uri, "--data.context_slices=1"))
 
 
+@pytest.mark.parametrize("extra", [[], ["--trainer.max_steps=50"]], ids=["forever", "steps"])
+def test_max_epochs_forever_is_refused_before_a_run_opens(
+    brats_root: Path, tracking_uri: str, extra: list[str]
+) -> None:
+    """Lightning's max_epochs=-1 gave the per-epoch cosine schedule a length of one epoch:
+    the learning rate flipped between its peak and its floor every epoch."""
+    before = len(_runs(tracking_uri))
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs=-1.* leaves the cosine"):
+        main(tiny(brats_root, tracking_uri, "--trainer.max_epochs=-1", *extra))
+    assert len(_runs(tracking_uri)) == before
+
+
 def test_real_data_experiments_point_to_the_demo(
     tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

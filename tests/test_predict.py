@@ -5,9 +5,11 @@ model are refused before anything runs, naming the file."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +56,11 @@ def with_direction(case: Path, out: Path) -> Path:
 
 @pytest.mark.slow
 def test_brats_predictions_keep_the_grid_and_match_the_test_stage(
-    brats_unet: Trained, tracking_uri: str, tmp_path: Path
+    brats_unet: Trained,
+    tracking_uri: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     """The session's trained U-Net; its test stage wrote the held-out cases' labels."""
     tested, ckpt = brats_unet.folder / "predictions", brats_unet.ckpt
@@ -69,9 +75,22 @@ def test_brats_predictions_keep_the_grid_and_match_the_test_stage(
 
     out = tmp_path / "out"
     config = [base[0], *base[1:], MISSING]
+    # Predict writes nothing outside --output (it used to leave config.yaml and
+    # versions.yaml in the working folder, over the user's own), and counts only its own
+    # files (it counted by mtime: another writer's new file too).
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "config.yaml").write_text("mine: true\n")
+    out.mkdir()
+    (out / "other.txt").write_text("another process's file")
+    os.utime(out / "other.txt", (time.time() + 3600,) * 2)
+    monkeypatch.chdir(work)
     written = predict(
         [*config, "--ckpt_path", str(ckpt), "--input", str(new), "--output", str(out)]
     )
+    assert sorted(p.name for p in work.iterdir()) == ["config.yaml"]
+    assert (work / "config.yaml").read_text() == "mine: true\n"
+    assert f"wrote {len(cases)} files to {out}" in capsys.readouterr().out
     assert [p.name for p in written] == [f"{c}.nii.gz" for c in cases]
     for case in cases:
         pred, geom = read_volume(out / f"{case}.nii.gz")
@@ -136,7 +155,7 @@ def test_brats_predictions_keep_the_grid_and_match_the_test_stage(
         predict([*args, "--model.encoder=tu-test_efficientnet"])
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="not a checkpoint that loads with weights_only=True"):
+    with pytest.raises(ConfigError, match="bad.ckpt: not a PyTorch checkpoint"):
         predict([*config, "--ckpt_path", str(bad), "--input", str(new), "--output", str(out4)])
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -202,11 +203,45 @@ def test_grid_covers_every_step_and_choice() -> None:
     with pytest.raises(ConfigError, match="grid sampler needs choices or a step"):
         sp.grid(sp.distributions({"lr": sp.Param("float", low=1e-4, high=1e-2, log=True)}))
     for name in ("tpe", "random", "cmaes", "grid"):
-        sampler = sp.make_sampler(sp.SamplerConfig(name=name, seed=3), space, worker_index=1)
+        sampler = sp.make_sampler(sp.SamplerConfig(name=name, seed=3), space, offset=1)
         assert sampler is not None
     assert isinstance(sp.make_pruner(sp.PrunerConfig("hyperband")), optuna.pruners.HyperbandPruner)
     with pytest.raises(ConfigError, match="pruner.kwargs for 'median'"):
         sp.make_pruner(sp.PrunerConfig("median", {"n_startup": 3}))
+
+
+@pytest.mark.parametrize("name", ["tpe", "random", "cmaes"])
+def test_workers_with_the_same_seed_draw_different_reproducible_values(name: str) -> None:
+    """Two workers started with the same command (same sampler seed) used to draw the
+    same values; each trial's draw is seeded with its trial number instead."""
+    space = sp.distributions(
+        {
+            "lr": sp.Param("float", low=1e-4, high=1e-1, log=True),
+            "depth": sp.Param("int", low=2, high=6),
+            "loss": sp.Param("categorical", choices=["dice", "dice_ce"]),
+        }
+    )
+    cfg = sp.SamplerConfig(name=name, seed=0)
+
+    def draw() -> list[dict[str, Any]]:
+        storage = optuna.storages.InMemoryStorage()
+        optuna.create_study(study_name="s", storage=storage)
+        a, b = (  # two workers of one study
+            optuna.load_study(study_name="s", storage=storage, sampler=sp.make_sampler(cfg, space))
+            for _ in range(2)
+        )
+        out = []
+        for study in (a, b, a, b):
+            trial = sp.ask(study, cfg, space)
+            study.tell(trial, trial.params["lr"])
+            out.append(trial.params)
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's experimental-feature notices
+        first, again = draw(), draw()
+    assert len({p["lr"] for p in first}) == 4, first
+    assert first == again  # a seeded sweep stays reproducible
 
 
 def test_sweep_file_flags_win_and_paths_are_relative_to_the_file(
@@ -463,7 +498,8 @@ def two_worker_sweep(
         make_brats(root, "2021", cases=8, seed=3)
         storage = {"storage": postgres_url} if postgres_url else {}
         sweep = write_sweep(tmp, root, shared_store, name="pair", n_trials=5, **storage)
-        workers = [start_worker(sweep, f"--worker_index={i}") for i in range(2)]
+        # The same command twice, as the README says to add a worker by hand.
+        workers = [start_worker(sweep) for _ in range(2)]
         logs = [finish(w) for w in workers]
         return {"sweep": str(sweep), "codes": [w.returncode for w in workers], "logs": logs}
 
@@ -480,6 +516,8 @@ def test_two_workers_share_the_trials_without_losing_or_repeating_one(
     trials = [t for t in study.trials if not t.system_attrs.get(SURPLUS)]
     assert [t.number for t in trials] == list(range(5))
     assert all(t.state == TrialState.COMPLETE for t in trials)
+    # Same command, same sampler seed: still no two trials with the same values.
+    assert len({t.params["model.lr"] for t in trials}) == 5
     uri = two_worker_sweep["uri"]
     _, children = runs_of(uri)
     by_trial = sorted(int(r.data.tags["optuna.trial"]) for r in children)

@@ -214,11 +214,11 @@ class BaseDataModule(LightningDataModule):
 
     def write_prediction(
         self, case_id: str, regions: np.ndarray, folder: Path, meta: dict | None = None
-    ) -> None:
+    ) -> Path:
         """Write one case's segmentation (``regions``: (R, Z, Y, X) booleans, the task's
         regions) into ``folder`` as the dataset's label files are written, on the input's
-        exact grid. ``meta``: the case's metadata when it is not one of the data module's
-        own cases (``medlit.predict``)."""
+        exact grid; returns the file. ``meta``: the case's metadata when it is not one of
+        the data module's own cases (``medlit.predict``)."""
         raise ConfigError(
             f"{type(self).__name__} cannot write segmentations; unset model.predictions_dir"
         )

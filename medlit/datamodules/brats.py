@@ -257,7 +257,7 @@ class BraTSDataModule(BaseDataModule):
 
     def write_prediction(
         self, case_id: str, regions: np.ndarray, folder: Path, meta: dict | None = None
-    ) -> None:
+    ) -> Path:
         """Write predicted WT/TC/ET regions of a cropped case as ``<case>.nii.gz``: the
         release's label values, uncropped, with the exact geometry of the input images.
         ``meta`` is the case's metadata when it is not one of the data module's own."""
@@ -275,7 +275,8 @@ class BraTSDataModule(BaseDataModule):
         labels = np.zeros(meta["shape"], np.uint8)
         labels[tuple(slice(a, b) for a, b in meta["bbox"])] = labels_from_regions(regions, et)
         geometry = Geometry.from_dict(meta["geometry"])
-        write_volume(labels, geometry, folder / f"{case_id}.nii.gz")
+        write_volume(labels, geometry, path := folder / f"{case_id}.nii.gz")
+        return path
 
     def write_synthesis(self, case_id: str, volume: np.ndarray, folder: Path) -> Path:
         """The synthesised target modality (the last of ``modalities``) of a case as

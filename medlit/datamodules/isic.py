@@ -291,9 +291,10 @@ class ISICDataModule(BaseDataModule):
 
     def write_prediction(
         self, image_id: str, regions: np.ndarray, folder: Path, meta: dict | None = None
-    ) -> None:
+    ) -> Path:
         """A predicted lesion (regions (1, 1, H, W)) as ``<id>_segmentation.png``, 0/255."""
-        write_mask(folder / f"{image_id}_segmentation.png", regions[0, 0])
+        write_mask(path := folder / f"{image_id}_segmentation.png", regions[0, 0])
+        return path
 
     def write_submission(
         self, path: Path, ids: list[str], probs: np.ndarray, class_names: Sequence[str] = ()

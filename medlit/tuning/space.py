@@ -63,8 +63,9 @@ class Objective:
 class SamplerConfig:
     """Args:
     name: ``tpe`` (default), ``random``, ``cmaes`` or ``grid``.
-    seed: seed of the sampler; worker ``i`` uses ``seed + i`` so that parallel
-        workers never draw the same values.
+    seed: seed of the sampler; trial ``k`` is drawn with ``seed + k``, so that a sweep
+        is reproducible and parallel workers (started by ``--workers`` or by hand with
+        the same command) never draw the same values.
     kwargs: further keyword arguments of the Optuna sampler, e.g.
         ``{n_startup_trials: 5}`` for TPE.
     """
@@ -169,9 +170,11 @@ def grid_size(space: dict[str, BaseDistribution]) -> int:
 
 
 def make_sampler(
-    cfg: SamplerConfig, space: dict[str, BaseDistribution], worker_index: int
+    cfg: SamplerConfig, space: dict[str, BaseDistribution], offset: int = 0
 ) -> optuna.samplers.BaseSampler:
-    seed = None if cfg.seed is None else cfg.seed + worker_index
+    """The sweep's sampler, seeded with ``seed + offset`` (the trial number, see
+    :func:`ask`)."""
+    seed = None if cfg.seed is None else cfg.seed + offset
     kwargs = dict(cfg.kwargs)
     try:
         if cfg.name == "tpe":
@@ -190,6 +193,30 @@ def make_sampler(
         return optuna.samplers.GridSampler(grid(space), seed=seed, **kwargs)
     except TypeError as e:
         raise ConfigError(f"sampler.kwargs for '{cfg.name}': {e}") from None
+
+
+def ask(
+    study: optuna.Study, cfg: SamplerConfig, space: dict[str, BaseDistribution]
+) -> optuna.Trial:
+    """A new trial with its values drawn by a sampler seeded with ``seed + trial number``.
+
+    Two workers started with the same command used to build the same seeded sampler and
+    draw identical values. The trial number is unique in the study (the storage gives it
+    out), so seeding each trial's draw with it keeps the values of a seeded sweep
+    reproducible and different in every trial, whichever worker draws them. Values are
+    drawn after ``ask`` through the public ``suggest_*`` calls, so the sampler in place
+    is the trial's own; what a multivariate sampler draws jointly at ``ask`` comes from the
+    sampler of this worker's previous trial, also seeded by a unique number."""
+    trial = study.ask()
+    study.sampler = make_sampler(cfg, space, trial.number)
+    for name, dist in space.items():
+        if isinstance(dist, CategoricalDistribution):
+            trial.suggest_categorical(name, dist.choices)
+        elif isinstance(dist, IntDistribution):
+            trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+        else:
+            trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    return trial
 
 
 def make_pruner(cfg: PrunerConfig) -> optuna.pruners.BasePruner:

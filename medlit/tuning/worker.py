@@ -73,7 +73,6 @@ class SweepConfig:
     output_dir: Path | None = None
     max_retry: int = 2
     test_trials: bool = False
-    worker_index: int = 0
     source: str = ""
 
     @property
@@ -240,7 +239,7 @@ class Worker:
 
     def _open_study(self) -> optuna.Study:
         cfg = self.cfg
-        sampler = sp.make_sampler(cfg.sampler, self.dists, cfg.worker_index)
+        sampler = sp.make_sampler(cfg.sampler, self.dists)
         pruner = sp.make_pruner(cfg.pruner)
         self.created = False
         try:
@@ -365,7 +364,7 @@ class Worker:
                 if not self._waiting() and not self._budget_left():
                     break
                 with _quiet_optuna():
-                    trial = self.study.ask(self.dists)
+                    trial = sp.ask(self.study, self.cfg.sampler, self.dists)
                 if self._surplus(trial):
                     self.storage.set_trial_system_attr(trial._trial_id, SURPLUS, True)
                     self.study.tell(trial, state=TrialState.FAIL)
