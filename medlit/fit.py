@@ -9,10 +9,16 @@ stops the command with the case and file named and leaves no MLflow run behind.
 from __future__ import annotations
 
 import logging
+import shlex
+import signal
 import sys
+from pathlib import Path
 
+from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from medlit.callbacks import LastCheckpoint
 from medlit.cli import build, check_schedule, prepare
 from medlit.errors import run_main
 from medlit.tracking import MLflowTracker
@@ -42,10 +48,47 @@ def summary(
     return "\n".join(lines)
 
 
+def interrupted_by(exit_: SystemExit) -> str | None:
+    """The signal behind Lightning's exit from ``fit``: SIGTERM raises its
+    ``SIGTERMException`` (a ``SystemExit`` with status 0, so a preempted job looked
+    successful), SIGINT becomes ``sys.exit(1)`` after its ``KeyboardInterrupt``."""
+    if isinstance(exit_, SIGTERMException):
+        return "SIGTERM"
+    if isinstance(exit_.__context__, KeyboardInterrupt):
+        return "SIGINT"
+    return None
+
+
+def interrupted(
+    signame: str, args: list[str], trainer: Trainer, trackers: list[MLflowTracker]
+) -> int:
+    """Say how to continue an interrupted run, and the exit status (128 + the signal's
+    number: 143 for SIGTERM, 130 for SIGINT). Lightning has finalised the run by then;
+    medlit's tracker marks it KILLED, so ``--ckpt_path=last`` continues it."""
+    callback = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+    last = Path(callback.dirpath or "") / "last.ckpt" if callback is not None else None
+    if trainer.is_global_zero:
+        command = shlex.join([sys.executable, "-m", "medlit.fit", *args, "--ckpt_path=last"])
+        where = (
+            f"from {last}, the end of the last completed epoch (the interrupted epoch is "
+            "trained again, exactly as it would have been)"
+            if last is not None and last.is_file()
+            else "from the start: no epoch had completed"
+        )
+        runs = ", ".join(f"MLflow run {t.run_id} is marked KILLED" for t in trackers if t.run_id)
+        print(
+            f"\nmedlit.fit: interrupted by {signame}{'; ' + runs if runs else ''}. Continue "
+            f"it {where}:\n  {command}",
+            file=sys.stderr,
+        )
+    return 128 + int(getattr(signal, signame))
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run one experiment; returns the test metrics of the best checkpoint."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    experiment = build(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    experiment = build(args)
     model, datamodule, trainer = experiment.model, experiment.datamodule, experiment.trainer
     check_schedule(model, trainer)
     prepare(datamodule)  # every case checked and cached before a run is opened
@@ -53,7 +96,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if (asked := experiment.config.get("ckpt_path")) is not None:
         resume = resume_from(asked, trainer, experiment.fingerprints)
     # Every checkpoint medlit writes holds tensors and plain values only.
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    except SystemExit as e:  # Lightning's ways out on a signal (SIGTERMException, exit(1))
+        signame = interrupted_by(e)
+        if signame is None:
+            raise
+        raise SystemExit(
+            interrupted(
+                signame,
+                args,
+                trainer,
+                [lg for lg in trainer.loggers if isinstance(lg, MLflowTracker)],
+            )
+        ) from None
     reporter = next((c for c in trainer.callbacks if isinstance(c, TrialReporter)), None)
     if reporter is not None:  # one trial of a sweep: hand the objective to the worker
         if trainer.is_global_zero:

@@ -1,9 +1,12 @@
-"""``medlit.fit CONFIG --ckpt_path=last`` continues a run killed with SIGKILL: the same
-MLflow run, every metric step, and the same numbers as a run that was never stopped."""
+"""``medlit.fit CONFIG --ckpt_path=last`` continues a run killed with SIGKILL or stopped
+by SIGTERM: the same MLflow run, every metric step, and the same numbers as a run that was
+never stopped."""
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -54,25 +57,43 @@ def history(client: mlflow.MlflowClient, run_id: str, key: str) -> dict[int, lis
     return out
 
 
-@pytest.mark.slow
-def test_a_killed_run_resumes_into_the_same_run_with_the_same_numbers(
-    brats_root: Path, tmp_path: Path
-) -> None:
-    db = tmp_path / "mlruns" / "mlflow.db"
-    uri = f"sqlite:///{db}"
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory, _brats_pristine: Path) -> dict:
+    """One uninterrupted run of the schedule, in a store the killed runs copy."""
+    work = tmp_path_factory.mktemp("straight")
+    root = shutil.copytree(_brats_pristine, work / "BraTS2021")
+    db = work / "mlruns" / "mlflow.db"
     start = time.monotonic()
-    straight = subprocess.run(
-        fit_command(brats_root, uri, "straight"), cwd=tmp_path, capture_output=True, text=True
+    done = subprocess.run(
+        fit_command(root, f"sqlite:///{db}", "straight"),
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MEDLIT_CACHE_DIR": str(work / "cache")},
     )
-    straight_s = time.monotonic() - start
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"db": db, "seconds": time.monotonic() - start}
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_run_resumes_into_the_same_run_with_the_same_numbers(
+    straight_run: dict, brats_root: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """SIGKILL (a crash) and SIGTERM (what SLURM sends before preemption or at the time
+    limit): the run is continued from last.ckpt into the same MLflow run, with the same
+    numbers. SIGTERM used to exit with status 0, the run marked FINISHED."""
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(straight_run["db"], db)
+    uri = f"sqlite:///{db}"
     start = time.monotonic()
     victim = subprocess.Popen(
         fit_command(brats_root, uri, "resumed"),
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     # Kill it a few steps into epoch 2, after epoch 1's validation wrote last.ckpt
     # (the store also holds the uninterrupted run's EPOCHS * STEPS values).
@@ -80,8 +101,21 @@ def test_a_killed_run_resumes_into_the_same_run_with_the_same_numbers(
     while logged_steps(db, "train/loss_step") < EPOCHS * STEPS + 2 * STEPS + 5:
         assert victim.poll() is None and time.monotonic() < deadline, "the run ended early"
         time.sleep(0.1)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    victim.send_signal(sig)
+    _, victim_err = victim.communicate(timeout=300)
+    client = mlflow.MlflowClient(uri)
+    resumed_experiment = client.get_experiment_by_name("resumed").experiment_id
+    if sig == signal.SIGTERM:
+        assert victim.returncode == 143, victim_err[-3000:]  # 128 + 15: did not finish
+        [killed] = client.search_runs([resumed_experiment])
+        assert killed.info.status == "KILLED"
+        assert f"interrupted by SIGTERM; MLflow run {killed.info.run_id} is marked KILLED" in (
+            victim_err
+        )
+        assert "last.ckpt, the end of the last completed epoch" in victim_err
+        assert victim_err.rstrip().endswith("--ckpt_path=last")
+    else:
+        assert victim.returncode == -signal.SIGKILL
     resumed = subprocess.run(
         fit_command(brats_root, uri, "resumed", "--ckpt_path=last"),
         cwd=tmp_path,
@@ -90,11 +124,10 @@ def test_a_killed_run_resumes_into_the_same_run_with_the_same_numbers(
     )
     resumed_s = time.monotonic() - start
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    print(f"uninterrupted {straight_s:.1f} s; killed + resumed {resumed_s:.1f} s")
+    print(f"uninterrupted {straight_run['seconds']:.1f} s; killed + resumed {resumed_s:.1f} s")
 
-    client = mlflow.MlflowClient(uri)
     [a] = client.search_runs([client.get_experiment_by_name("straight").experiment_id])
-    runs = client.search_runs([client.get_experiment_by_name("resumed").experiment_id])
+    runs = client.search_runs([resumed_experiment])
     assert len(runs) == 1  # the resumed run logged into the killed one
     b = runs[0]
     assert b.info.status == "FINISHED"
@@ -109,6 +142,22 @@ def test_a_killed_run_resumes_into_the_same_run_with_the_same_numbers(
     for key, value in a.data.metrics.items():
         if key.startswith("test/"):
             assert b.data.metrics[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_the_signal_behind_lightning_s_exit_is_told_apart_from_other_exits() -> None:
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from medlit.fit import interrupted_by
+
+    assert interrupted_by(SIGTERMException()) == "SIGTERM"
+    try:  # Lightning's Ctrl-C path: sys.exit(1) while handling the KeyboardInterrupt
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit(1)
+    except SystemExit as e:
+        assert interrupted_by(e) == "SIGINT"
+    assert interrupted_by(SystemExit(2)) is None
 
 
 def test_last_without_an_unfinished_run_names_the_experiment(

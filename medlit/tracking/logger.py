@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from typing import Any, Literal, TypeVar
 
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from medlit.tracking.retry import fail_fast_over_http, rejected, retrying
 from medlit.tracking.spool import write_spool
@@ -299,6 +301,13 @@ class MLflowTracker(MLFlowLogger):
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
+        # Lightning finalises with "failed" while it handles the exception that stopped
+        # fit; a signal (SIGTERM from a scheduler, Ctrl-C) is not a failure of the run:
+        # KILLED, which --ckpt_path=last continues like any unfinished run.
+        if status == "failed" and isinstance(
+            sys.exc_info()[1], KeyboardInterrupt | SIGTERMException
+        ):
+            status = "KILLED"
         final = {"success": "FINISHED", "failed": "FAILED", "finished": "FINISHED"}
         callback = getattr(self, "_checkpoint_callback", None)
         best = getattr(callback, "best_model_path", "") if callback is not None else ""
