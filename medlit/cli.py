@@ -456,7 +456,7 @@ def check_schedule(model: LightningModule, trainer: Trainer) -> None:
     the floor every epoch). Refused with the fix, before a run is opened."""
     if not isinstance(model, BaseTask) or model.hparams.get("scheduler", "cosine") == "none":
         return
-    if trainer.max_epochs is None or trainer.max_epochs < 1:
+    if trainer.max_epochs is None or trainer.max_epochs < 0:  # 0: no training, fine
         steps = f" (max_steps={trainer.max_steps})" if trainer.max_steps > 0 else ""
         raise ConfigError(
             f"trainer.max_epochs={trainer.max_epochs}{steps} leaves the cosine learning-rate "

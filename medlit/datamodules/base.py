@@ -26,6 +26,7 @@ import torch
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler
 
+from medlit.constraints import NonNegativeInt, PositiveInt
 from medlit.datasets.io.cache import CacheEntry, VolumeCache
 from medlit.datasets.io.files import atomic_write, is_synthetic
 from medlit.deprecation import moved
@@ -97,8 +98,8 @@ class Loader:
         num_workers: data loader worker processes (0: load in the main process).
     """
 
-    batch_size: int = 16
-    num_workers: int = 2
+    batch_size: PositiveInt = 16
+    num_workers: NonNegativeInt = 2
 
 
 class Scored(Protocol):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from medlit.constraints import ClosedUnitInterval, NonNegativeInt, PositiveInt
 from medlit.datamodules.base import BaseDataModule, Loader, cache_root, one_item_batch
 from medlit.datamodules.splits import SPLIT_KEYS, Split, check_split_file, split_groups
 from medlit.datasets.brats.phantom import write_brats
@@ -83,17 +84,17 @@ class BraTSDataModule(BaseDataModule):
         self,
         root: str = "data/BraTS2021",
         demo: bool = False,
-        demo_cases: int = 30,
+        demo_cases: PositiveInt = 30,
         year: Literal["2020", "2021", "2023"] | None = None,
         modalities: list[Modality] | None = None,
-        et_label: int | None = None,
-        label_values: list[int] | None = None,
+        et_label: PositiveInt | None = None,
+        label_values: list[NonNegativeInt] | None = None,
         target: Literal["regions", "labels", "modality"] = "regions",
         target_modality: Modality = "flair",
-        context_slices: int = 0,
-        patch_size: int = 128,
-        foreground_fraction: float = 0.33,
-        samples_per_epoch: int = 2000,
+        context_slices: NonNegativeInt = 0,
+        patch_size: PositiveInt = 128,
+        foreground_fraction: ClosedUnitInterval = 0.33,
+        samples_per_epoch: PositiveInt = 2000,
         augment: bool = True,
         split: Split = Split(),
         seed: int = 42,

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from medlit.constraints import PositiveInt
 from medlit.datamodules.base import BaseDataModule, Loader, balanced_sampler, cache_root
 from medlit.datamodules.splits import SPLIT_KEYS, Split, check_split_file, split_groups
 from medlit.datasets.io.files import MARKER
@@ -78,10 +79,10 @@ class ISICDataModule(BaseDataModule):
         root: str = "data/ISIC2018",
         demo: bool = False,
         demo_year: Literal["2018_task1", "2018_task3", "2019", "2020"] = "2018_task3",
-        demo_lesions: int = 300,
+        demo_lesions: PositiveInt = 300,
         year: Literal["2018_task1", "2018_task3", "2019", "2020"] | None = None,
         target: Literal["label", "mask"] = "label",
-        image_size: int = 224,
+        image_size: PositiveInt = 224,
         normalize: Literal["imagenet", "symmetric"] = "imagenet",
         augment: Literal["full", "flips", "none"] = "full",
         balance: Literal["none", "sampler"] = "none",

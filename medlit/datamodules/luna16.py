@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from medlit.constraints import ClosedUnitInterval, NonNegativeInt, PositiveFloat, PositiveInt
 from medlit.datamodules.base import BaseDataModule, Loader, balanced_sampler, cache_root
 from medlit.datasets.io.cache import OnTheFly, VolumeCache
 from medlit.datasets.io.files import atomic_write
@@ -66,9 +67,9 @@ class Subsets:
         test: held-out subsets, scored once with the best checkpoint; default [9].
     """
 
-    train: list[int] | None = None
-    val: list[int] | None = None
-    test: list[int] | None = None
+    train: list[NonNegativeInt] | None = None
+    val: list[NonNegativeInt] | None = None
+    test: list[NonNegativeInt] | None = None
 
 
 class LUNA16DataModule(BaseDataModule):
@@ -119,18 +120,18 @@ class LUNA16DataModule(BaseDataModule):
         self,
         root: str = "data/LUNA16",
         demo: bool = False,
-        demo_scans: int = 80,
+        demo_scans: PositiveInt = 80,
         split: Subsets = Subsets(),
         target: Literal["boxes", "candidates"] = "boxes",
         candidates_file: str = "candidates_V2.csv",
-        spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.0),
+        spacing: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = (1.0, 1.0, 1.0),
         hu_window: tuple[float, float] = LUNG_WINDOW,
-        context_slices: int = 1,
-        patch_size: int = 256,
-        positive_fraction: float = 0.5,
-        samples_per_epoch: int = 4000,
+        context_slices: NonNegativeInt = 1,
+        patch_size: PositiveInt = 256,
+        positive_fraction: ClosedUnitInterval = 0.5,
+        samples_per_epoch: PositiveInt = 4000,
         augment: bool = True,
-        candidate_size: int = 48,
+        candidate_size: PositiveInt = 48,
         candidate_input: Literal["planes", "slices"] = "planes",
         balance: Literal["sampler", "none"] = "sampler",
         seed: int = 42,

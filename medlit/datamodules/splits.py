@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from medlit import yamlsafe
+from medlit.constraints import Folds, Fraction, NonNegativeInt
 from medlit.errors import ConfigError, Report
 
 SPLITS = ("train", "val", "test")
@@ -33,11 +34,11 @@ class Split:
         fold: which fold validates (0-based).
     """
 
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
+    val_fraction: Fraction = 0.15
+    test_fraction: Fraction = 0.15
     split_file: str | None = None
-    num_folds: int | None = None
-    fold: int = 0
+    num_folds: Folds | None = None
+    fold: NonNegativeInt = 0
 
 
 # The fields of Split, once flat arguments of the data modules (medlit.deprecation.moved).
@@ -106,8 +107,8 @@ def make_splits(
     val_fraction: float,
     test_fraction: float,
     seed: int,
-    num_folds: int | None = None,
-    fold: int = 0,
+    num_folds: Folds | None = None,
+    fold: NonNegativeInt = 0,
 ) -> dict[str, list[str]]:
     """Split unique ``groups`` by seeded shuffling.
 

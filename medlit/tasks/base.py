@@ -17,6 +17,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 from medlit.artifacts import log_file
+from medlit.constraints import plain
 from medlit.datamodules.base import BaseDataModule
 from medlit.datasets.slices import stack_slices
 from medlit.errors import ConfigError
@@ -106,6 +107,13 @@ class BaseTask(LightningModule):
         attached or with another kind of data module."""
         dm = self._trainer.datamodule if self._trainer is not None else None
         return dm if isinstance(dm, BaseDataModule) else None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Parsed arguments are jsonargparse's range types (medlit.constraints); the
+        # checkpoint keeps plain numbers, so that weights_only=True loads it anywhere.
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if key in checkpoint:
+                checkpoint[key] = plain(checkpoint[key])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Drop loss buffers this module does not have: they are derived from the training

@@ -15,6 +15,13 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch import Tensor
 
 from medlit.artifacts import log_file
+from medlit.constraints import (
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+)
 from medlit.deprecation import renamed
 from medlit.errors import ConfigError
 from medlit.metrics.classification import balanced_accuracy, confusion, per_class_auc
@@ -58,20 +65,20 @@ class ClassificationTask(BaseTask):
         self,
         model: str = "resnet18",
         weights: str | None = None,
-        in_channels: int = 3,
-        num_classes: int = 7,
+        in_channels: PositiveInt = 3,
+        num_classes: PositiveInt = 7,
         class_names: list[str] | None = None,
         freeze_backbone: bool = False,
-        label_smoothing: float = 0.0,
-        class_weights: Literal["none", "balanced"] | list[float] = "none",
-        drop_rate: float = 0.0,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
+        label_smoothing: Fraction = 0.0,
+        class_weights: Literal["none", "balanced"] | list[NonNegativeFloat] = "none",
+        drop_rate: Fraction = 0.0,
+        lr: PositiveFloat = 1e-3,
+        weight_decay: NonNegativeFloat = 1e-4,
         scheduler: Literal["cosine", "none"] = "cosine",
-        warmup_epochs: int = 1,
+        warmup_epochs: NonNegativeInt = 1,
         log_images: bool = True,
-        num_cam_images: int = 6,
-        in_chans: int | None = None,
+        num_cam_images: NonNegativeInt = 6,
+        in_chans: PositiveInt | None = None,
     ) -> None:
         in_channels = renamed(self, "in_chans", in_chans, "in_channels", in_channels, 3)
         in_chans = None  # noqa: F841 - the hyperparameters keep the new name only

@@ -24,6 +24,13 @@ from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
 from medlit.artifacts import log_file
+from medlit.constraints import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+)
 from medlit.datamodules.base import BaseDataModule
 from medlit.datasets.io.volume import Geometry
 from medlit.datasets.slices import slice_boxes, spacing_zyx, stack_slices
@@ -155,27 +162,27 @@ class DetectionTask(BaseTask):
         self,
         model: str = "yolov8n.yaml",
         weights: str | None = None,
-        in_channels: int = 3,
-        num_classes: int = 1,
-        box_gain: float = 7.5,
-        cls_gain: float = 0.5,
-        dfl_gain: float = 1.5,
-        lr: float = 1e-3,
-        weight_decay: float = 5e-4,
+        in_channels: PositiveInt = 3,
+        num_classes: PositiveInt = 1,
+        box_gain: NonNegativeFloat = 7.5,
+        cls_gain: NonNegativeFloat = 0.5,
+        dfl_gain: NonNegativeFloat = 1.5,
+        lr: PositiveFloat = 1e-3,
+        weight_decay: NonNegativeFloat = 5e-4,
         scheduler: Literal["cosine", "none"] = "cosine",
-        warmup_epochs: int = 1,
-        conf_threshold: float = 0.01,
-        iou_threshold: float = 0.5,
-        max_det: int = 30,
-        inference_batch_size: int = 32,
-        merge_tolerance: float = 1.0,
-        max_candidates: int = 100,
+        warmup_epochs: NonNegativeInt = 1,
+        conf_threshold: ClosedUnitInterval = 0.01,
+        iou_threshold: ClosedUnitInterval = 0.5,
+        max_det: PositiveInt = 30,
+        inference_batch_size: PositiveInt = 32,
+        merge_tolerance: NonNegativeFloat = 1.0,
+        max_candidates: PositiveInt = 100,
         fpr_checkpoint: str | None = None,
-        fpr_weight: float = 0.5,
-        lung_margin_mm: float | None = None,
+        fpr_weight: ClosedUnitInterval = 0.5,
+        lung_margin_mm: NonNegativeFloat | None = None,
         predictions_dir: str | None = None,
         log_images: bool = True,
-        eval_batch_size: int | None = None,
+        eval_batch_size: PositiveInt | None = None,
     ) -> None:
         inference_batch_size = renamed(
             self,

@@ -15,6 +15,13 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch import Tensor
 
 from medlit.artifacts import log_file, log_folder
+from medlit.constraints import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+)
 from medlit.errors import ConfigError
 from medlit.metrics.segmentation import region_metrics, volume_diagonal
 from medlit.models import load_weights, smp_names
@@ -98,22 +105,22 @@ class SegmentationTask(BaseTask):
         arch: str = "unet",
         encoder: str = "resnet18",
         encoder_weights: str | None = None,
-        in_channels: int = 4,
-        num_classes: int = 3,
+        in_channels: PositiveInt = 4,
+        num_classes: PositiveInt = 3,
         target: Literal["regions", "labels"] = "regions",
         region_names: list[str] | None = None,
-        class_to_region: list[list[int]] | None = None,
+        class_to_region: list[list[NonNegativeInt]] | None = None,
         loss: Literal["dice_ce", "dice", "ce"] = "dice_ce",
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
+        lr: PositiveFloat = 1e-3,
+        weight_decay: NonNegativeFloat = 1e-4,
         scheduler: Literal["cosine", "none"] = "cosine",
-        warmup_epochs: int = 1,
-        threshold: float = 0.5,
-        inference_batch_size: int = 32,
+        warmup_epochs: NonNegativeInt = 1,
+        threshold: ClosedUnitInterval = 0.5,
+        inference_batch_size: PositiveInt = 32,
         model_kwargs: dict[str, Any] | None = None,
         display_channel: int = -1,
         log_images: bool = True,
-        num_log_cases: int = 3,
+        num_log_cases: NonNegativeInt = 3,
         metrics: list[Literal["dice", "hd95", "jaccard", "threshold_jaccard"]] | None = None,
         predictions_dir: str | None = None,
     ) -> None:

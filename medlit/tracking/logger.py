@@ -18,6 +18,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from medlit.constraints import NonNegativeFloat, NonNegativeInt
 from medlit.tracking.retry import fail_fast_over_http, rejected, retrying
 from medlit.tracking.spool import write_spool
 from medlit.tracking.store import DEFAULT_TRACKING_URI, init_store, sqlite_dir
@@ -68,10 +69,10 @@ class MLflowTracker(MLFlowLogger):
         tags: dict[str, Any] | None = None,
         log_model: Literal[True, False, "all"] = True,
         run_id: str | None = None,
-        retries: int = 6,
-        retry_delay: float = 0.5,
-        outage_probe: float = 10.0,
-        flush_timeout: float = 120.0,
+        retries: NonNegativeInt = 6,
+        retry_delay: NonNegativeFloat = 0.5,
+        outage_probe: NonNegativeFloat = 10.0,
+        flush_timeout: NonNegativeFloat = 120.0,
         spool_dir: str | None = None,
     ) -> None:
         fail_fast_over_http(tracking_uri)

@@ -109,7 +109,12 @@ def resolve(args: list[str]) -> tuple[dict[str, Any], str]:
             warnings.filterwarnings("ignore", "LightningCLI's args parameter")
             cli = ParseOnly(args=normalise_args(args))
     except SystemExit:  # jsonargparse's message names the key and the value
-        error = [ln for ln in stderr.getvalue().splitlines() if ln.startswith("error:")]
+        lines = [ln.strip() for ln in stderr.getvalue().splitlines()]
+        error = [ln for ln in lines if ln.startswith("error:")]
+        # jsonargparse puts which key and which rule deep in its Union-subtype message.
+        error += list(
+            dict.fromkeys(ln for ln in lines if ln.startswith(("Parser key", "Not of type")))
+        )
         raise ConfigError(
             f"{args[0]} with overrides {' '.join(args[1:])}: "
             + (" ".join(error) or stderr.getvalue()[-2000:])
@@ -226,9 +231,14 @@ class Worker:
             cfg.n_trials = sp.grid_size(self.dists)
         if cfg.n_trials is None and cfg.timeout is None:
             raise ConfigError("a sweep needs n_trials or timeout (or both)")
-        # The base experiment, and every search-space key at one of its values, must parse.
-        probe = {k: sp.decode(_some_value(d), d) for k, d in self.dists.items()}
-        config, _ = resolve(self.cfg.base_args() + [sp.to_cli(k, v) for k, v in probe.items()])
+        # The base experiment, and every search-space key at both ends of its range and at
+        # each of its choices, must parse: a range that leaves an argument's own bounds
+        # (lr from -1, a batch size of 0) is refused now, naming the key, not in a trial.
+        config = None
+        for probe in _probes(self.dists):
+            overrides = [sp.to_cli(k, sp.decode(v, self.dists[k])) for k, v in probe.items()]
+            parsed, _ = resolve(self.cfg.base_args() + overrides)
+            config = config or parsed
         uri, experiment = tracking_of(config)
         self.tracking = Tracking(uri, experiment)
         self.storage = make_storage(cfg.storage_spec, self._on_stale_trial)
@@ -641,10 +651,19 @@ def _short(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _some_value(d: optuna.distributions.BaseDistribution) -> Any:
-    if isinstance(d, optuna.distributions.CategoricalDistribution):
-        return d.choices[0]
-    return d.low
+def _probes(dists: dict[str, optuna.distributions.BaseDistribution]) -> list[dict[str, Any]]:
+    """Search-space points that together reach every key's low and high end and each of
+    its choices (as few parses as the longest list of those)."""
+    ends = {
+        k: list(d.choices)
+        if isinstance(d, optuna.distributions.CategoricalDistribution)
+        else [d.low, d.high]
+        for k, d in dists.items()
+    }
+    return [
+        {k: values[min(i, len(values) - 1)] for k, values in ends.items()}
+        for i in range(max(len(v) for v in ends.values()))
+    ]
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -77,6 +77,8 @@ def file_problem(path: str | Path) -> str | None:
         return "file is missing"
     except OSError as e:
         return f"cannot be read ({e.strerror or e})"
+    except ValueError:  # a NUL byte in the name (a damaged header names it)
+        return "is not a valid file name (it holds a NUL byte)"
     if stat.S_ISREG(mode):
         return None
     kind = next((what for test, what in _KINDS if test(mode)), "not a regular file")
