@@ -4,10 +4,13 @@ never stopped."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -335,6 +338,126 @@ def test_last_finds_an_unfinished_run_by_either_hash(tmp_path: Path, tracking_ur
         last_unfinished(tracker, tmp_path, ["currenthash"])
 
 
+def _owned_run(client, exp: str, root: Path, owner: str, heartbeat: float) -> tuple[str, Path]:
+    run = client.create_run(
+        exp,
+        tags={
+            "medlit.config_hash": "h",
+            "medlit.owner": owner,
+            "medlit.heartbeat": f"{heartbeat:.0f}",
+        },
+    ).info.run_id
+    last = root / exp / run / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"")
+    return run, last
+
+
+def test_last_never_joins_a_run_a_live_process_is_training(
+    tmp_path: Path, tracking_uri: str
+) -> None:
+    """Two processes used to write one run and one checkpoint folder: a RUNNING run is
+    continued only once its owner is gone (same host: pid and its start time; another
+    host: no heartbeat for HEARTBEAT_GRACE)."""
+    from medlit.errors import ConfigError
+    from medlit.liveness import process_start
+    from medlit.tracking import MLflowTracker
+    from medlit.tracking.logger import HEARTBEAT_GRACE
+    from medlit.tracking.resume import last_unfinished
+
+    tracker = MLflowTracker(experiment_name="owned", tracking_uri=tracking_uri)
+    client = tracker.experiment
+    exp = client.get_experiment_by_name("owned").experiment_id
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        local = json.dumps(
+            {"host": socket.gethostname(), "pid": trainer.pid, "start": process_start(trainer.pid)}
+        )
+        busy, busy_last = _owned_run(client, exp, tmp_path, local, time.time())
+        with pytest.raises(ConfigError, match="1 still being trained by live processes"):
+            last_unfinished(tracker, tmp_path, ["h"])
+        elsewhere = '{"host": "node-7", "pid": 4242, "start": "1"}'
+        _owned_run(client, exp, tmp_path, elsewhere, time.time() - 60)  # beating: alive
+        with pytest.raises(ConfigError, match="2 still being trained"):
+            last_unfinished(tracker, tmp_path, ["h"])
+        stale, stale_last = _owned_run(
+            client, exp, tmp_path, elsewhere, time.time() - HEARTBEAT_GRACE - 60
+        )
+        assert last_unfinished(tracker, tmp_path, ["h"]) == (stale_last, stale)
+    finally:
+        trainer.kill()
+        trainer.wait()
+    client.delete_run(stale)
+    # Its owner gone (the pid is dead), the local run is continued; the other host's
+    # run, still beating, is not.
+    assert last_unfinished(tracker, tmp_path, ["h"]) == (busy_last, busy)
+
+
+def test_a_checkpoint_of_a_finished_run_or_another_config_starts_a_new_run(
+    tmp_path: Path, tracking_uri: str
+) -> None:
+    """``--ckpt_path=PATH`` used to reopen whatever run wrote the checkpoint, even a
+    FINISHED one of another experiment, and log a second test result into it."""
+    import torch
+
+    from medlit.errors import ConfigError
+    from medlit.liveness import me
+    from medlit.tracking import MLflowTracker
+    from medlit.tracking.resume import resume_from
+
+    class Trainer:  # what resume_from reads of a trainer
+        def __init__(self, tracker: MLflowTracker) -> None:
+            self.loggers, self.default_root_dir = [tracker], str(tmp_path)
+
+    tracker = MLflowTracker(experiment_name="paths", tracking_uri=tracking_uri)
+    client = tracker.experiment
+    exp = client.get_experiment_by_name("paths").experiment_id
+
+    def checkpoint_of(tags: dict, status: str | None = None) -> tuple[str, Path]:
+        run = client.create_run(exp, tags=tags).info.run_id
+        if status:
+            client.set_terminated(run, status)
+        path = tmp_path / f"{run}.ckpt"
+        torch.save({"medlit": {"mlflow_run_id": run}}, path)
+        return run, path
+
+    finished, ckpt = checkpoint_of({"medlit.config_hash": "h"}, "FINISHED")
+    resume_from(
+        str(ckpt), Trainer(fresh := MLflowTracker("paths", tracking_uri=tracking_uri)), ["h"]
+    )
+    assert not fresh.reopened and fresh.run_id != finished
+    assert client.get_run(finished).info.status == "FINISHED"  # left as it was
+    assert (
+        client.get_run(fresh.run_id).data.tags["medlit.resumed_from"].endswith(f"(run {finished})")
+    )
+
+    other, ckpt = checkpoint_of({"medlit.config_hash": "another"})
+    resume_from(
+        str(ckpt), Trainer(fresh := MLflowTracker("paths", tracking_uri=tracking_uri)), ["h"]
+    )
+    assert not fresh.reopened and fresh.run_id != other
+
+    mine, ckpt = checkpoint_of({"medlit.config_hash": "h"}, "KILLED")
+    resume_from(
+        str(ckpt), Trainer(same := MLflowTracker("paths", tracking_uri=tracking_uri)), ["h"]
+    )
+    assert same.reopened and same.run_id == mine
+
+    live = (
+        me()
+        .replace(f'"pid": {os.getpid()}', f'"pid": {os.getppid()}')
+        .replace(
+            '"start": ',
+            '"start_": ',  # the parent process: alive, and not this one
+        )
+    )
+    busy, ckpt = checkpoint_of(
+        {"medlit.config_hash": "h", "medlit.owner": live, "medlit.heartbeat": "0"}
+    )
+    with pytest.raises(ConfigError, match=f"its run {busy} is still being trained by process"):
+        resume_from(str(ckpt), Trainer(MLflowTracker("paths", tracking_uri=tracking_uri)), ["h"])
+
+
 def _hand_written_factor(epoch: int, total: int, warmup: int) -> float:
     """The warm-up + cosine factor medlit computed by hand (LambdaLR) up to c9de9f4."""
     if epoch < warmup:
@@ -402,3 +525,32 @@ def test_a_renamed_key_still_works_says_its_new_name_and_is_the_same_experiment(
     assert task.hparams["in_channels"] == 1 and task.hparams["in_chans"] is None
     with pytest.raises(ConfigError, match="both in_chans=1 .* and in_channels=4"):
         ClassificationTask(model="test_resnet", in_channels=4, in_chans=1)
+
+
+def test_a_resumed_run_records_the_settings_it_changed(
+    tmp_path: Path, tracking_uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MLflow keeps a param's first value: resuming with a longer ``trainer.max_epochs``
+    used to be refused ("dropped") and left the old value as if nothing had changed."""
+    from medlit.tracking import MLflowTracker
+    from medlit.tracking.metadata import log_run_metadata
+
+    first = MLflowTracker(experiment_name="longer", tracking_uri=tracking_uri)
+    first.log_hyperparams({"trainer.max_epochs": 4, "model.lr": 0.001})
+    run_id = first.run_id
+    resumed = MLflowTracker(experiment_name="longer", tracking_uri=tracking_uri)
+    resumed.reopen(run_id)
+
+    class Trainer:
+        loggers, is_global_zero, fast_dev_run = [resumed], True, False
+        log_dir = default_root_dir = str(tmp_path)
+
+    config = {"trainer": {"max_epochs": 6}, "model": {"lr": 0.001, "added": 2}}
+    with caplog.at_level(logging.WARNING):
+        log_run_metadata(Trainer(), config, "trainer: {max_epochs: 6}\n", {"task": "t"})
+    assert not [r for r in caplog.records if "refused" in r.getMessage()]
+    run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
+    assert run.data.params["trainer.max_epochs"] == "4"  # MLflow's, unchanged
+    assert run.data.tags["medlit.resumed.trainer.max_epochs"] == "4 -> 6"
+    assert run.data.params["model.added"] == "2" and "medlit.resumed.model.lr" not in run.data.tags
+    assert run.data.tags["medlit.owner"] and run.data.tags["medlit.heartbeat"]

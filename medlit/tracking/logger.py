@@ -19,9 +19,15 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from medlit.constraints import NonNegativeFloat, NonNegativeInt
+from medlit.liveness import me
 from medlit.tracking.retry import fail_fast_over_http, rejected, retrying
 from medlit.tracking.spool import write_spool
 from medlit.tracking.store import DEFAULT_TRACKING_URI, init_store, sqlite_dir
+
+HEARTBEAT_EVERY = 60.0  # seconds between a run's heartbeats (while it logs metrics)
+# Another host's run is taken for dead after this long without a heartbeat: generous,
+# since a long validation logs nothing until it ends.
+HEARTBEAT_GRACE = 30 * 60.0
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,6 +98,8 @@ class MLflowTracker(MLFlowLogger):
         self._pending: list[tuple[str, Callable[[], Any], dict | None]] = []
         self._down_since: float | None = None
         self._next_probe = 0.0
+        self.reopened = False  # logging into an earlier run (--ckpt_path)
+        self._last_beat = 0.0
         super().__init__(
             experiment_name=experiment_name,
             run_name=run_name,
@@ -233,8 +241,26 @@ class MLflowTracker(MLFlowLogger):
             order_by=["attributes.start_time DESC"],
         )
 
+    def run(self, run_id: str) -> Any | None:
+        """The MLflow run ``run_id`` (status, tags, params), or None when the store has
+        none by that id."""
+        try:
+            return self._mlflow_client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - MlflowException RESOURCE_DOES_NOT_EXIST
+            return None
+
+    def beat(self, force: bool = False) -> None:
+        """Record that this process owns the run and is alive (``medlit.owner``, and
+        ``medlit.heartbeat`` at most every :data:`HEARTBEAT_EVERY` seconds), so that
+        ``--ckpt_path`` never joins a run that is still being trained."""
+        now = time.time()
+        if force or now - self._last_beat >= HEARTBEAT_EVERY:
+            self._last_beat = now
+            self.set_tags({"medlit.owner": me(), "medlit.heartbeat": f"{now:.0f}"})
+
     def reopen(self, run_id: str) -> None:
         """Log into the existing run ``run_id`` (a resumed run), marked running again."""
+        self.reopened = True
         self._run_id = run_id
         self._safely("reopen run", lambda: self.experiment.update_run(run_id, "RUNNING"))
 
@@ -272,6 +298,7 @@ class MLflowTracker(MLFlowLogger):
             for k, v in metrics.items()
             if not isinstance(v, str)
         ]
+        self.beat()
         self._safely(
             "log_metrics",
             lambda: self.experiment.log_batch(

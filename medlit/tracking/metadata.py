@@ -89,14 +89,28 @@ def log_run_metadata(
             for k, v in flatten(config).items()
             if not k.startswith("trainer.logger") and k != "ckpt_path"
         }
-        tracker.log_hyperparams(params)
+        changed: dict[str, str] = {}
+        if tracker.reopened and (run := tracker.run(tracker.run_id)) is not None:
+            # MLflow keeps a param's first value: a resumed run that trains longer
+            # (trainer.max_epochs) records what changed as tags, and logs only new params.
+            before = run.data.params
+            changed = {
+                f"medlit.resumed.{k}": f"{before[k]} -> {str(v)[:250]}"
+                for k, v in params.items()
+                if k in before and before[k] != str(v)[:250]
+            }
+            params = {k: v for k, v in params.items() if k not in before}
+        if params:
+            tracker.log_hyperparams(params)
         tracker.set_tags(
             {
                 "git_commit": git_commit(),
                 **tags,
+                **changed,
                 **{f"version.{k}": v for k, v in package_versions().items()},
             }
         )
+        tracker.beat(force=True)
     log_file(trainer, "config.yaml", lambda p: p.write_text(config_yaml))
     log_file(
         trainer,

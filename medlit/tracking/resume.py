@@ -9,7 +9,8 @@ from typing import Any
 
 from medlit.checkpoints import load_checkpoint, run_id_of
 from medlit.errors import ConfigError
-from medlit.tracking.logger import MLflowTracker
+from medlit.liveness import me, owner_alive
+from medlit.tracking.logger import HEARTBEAT_GRACE, MLflowTracker
 
 log = logging.getLogger("medlit")
 
@@ -30,10 +31,57 @@ def resume_from(asked: str, trainer: Any, fingerprints: list[str]) -> str:
     else:
         path = Path(asked)
         run_id = run_id_of(load_checkpoint(path))
+        if tracker is not None and run_id:
+            run_id = _continued_run(tracker, path, run_id, fingerprints)
     if tracker is not None and run_id:
         tracker.reopen(run_id)
         log.info("resuming MLflow run %s from %s", run_id, path)
     return str(path)
+
+
+def _owner(run: Any) -> dict | None:
+    """The live process training ``run`` (RUNNING, its owner alive), or None."""
+    if run.info.status != "RUNNING":
+        return None
+    tags = run.data.tags
+    if tags.get("medlit.owner") == me():  # this process (an earlier fit in it): not another
+        return None
+    return owner_alive(tags.get("medlit.owner"), tags.get("medlit.heartbeat"), HEARTBEAT_GRACE)
+
+
+def _who(owner: dict) -> str:
+    if "age" in owner:
+        return (
+            f"process {owner.get('pid')} on {owner.get('host')} (its last heartbeat "
+            f"{owner['age'] / 60:.0f} min ago; taken for gone after "
+            f"{HEARTBEAT_GRACE / 60:.0f} min without one)"
+        )
+    return f"process {owner.get('pid')} on this host"
+
+
+def _continued_run(
+    tracker: MLflowTracker, path: Path, run_id: str, fingerprints: list[str]
+) -> str | None:
+    """The run a checkpoint's training continues in: its own when unfinished and of this
+    config; else None, a new run (the old one is left as it is). A run still being
+    trained by a live process is refused."""
+    run = tracker.run(run_id)
+    if run is None:
+        reason = f"its run {run_id} is not in {tracker.tracking_uri}"
+    elif run.info.status == "FINISHED":
+        reason = f"its run {run_id} has finished"
+    elif run.data.tags.get("medlit.config_hash") not in fingerprints:
+        reason = f"its run {run_id} is of another config"
+    elif owner := _owner(run):
+        raise ConfigError(
+            f"--ckpt_path {path}: its run {run_id} is still being trained by {_who(owner)}; "
+            "two processes would write one run and one checkpoint folder. Stop it first"
+        )
+    else:
+        return run_id
+    log.warning("--ckpt_path %s: %s; training continues from it in a new run", path, reason)
+    tracker.set_tags({"medlit.resumed_from": f"{path} (run {run_id})"})
+    return None
 
 
 def last_unfinished(
@@ -48,12 +96,21 @@ def last_unfinished(
         key=lambda r: r.info.start_time,
         reverse=True,
     )
+    busy = []
     for run in runs:
         last = root / run.info.experiment_id / run.info.run_id / "checkpoints" / "last.ckpt"
-        if run.info.status != "FINISHED" and last.is_file():
-            return last, run.info.run_id
+        if run.info.status == "FINISHED" or not last.is_file():
+            continue
+        if owner := _owner(run):  # another live process is training it: never join it
+            log.warning(
+                "run %s is still being trained by %s: skipped", run.info.run_id, _who(owner)
+            )
+            busy.append(run.info.run_id)
+            continue
+        return last, run.info.run_id
+    alive = f"; {len(busy)} still being trained by live processes" if busy else ""
     raise ConfigError(
         f"--ckpt_path=last: experiment '{tracker.experiment_name}' at {tracker.tracking_uri} "
         f"has no unfinished run of this config with a last.ckpt ({len(runs)} runs of this "
-        "config, all finished or without one); give the checkpoint's path instead"
+        f"config, all finished or without one{alive}); give the checkpoint's path instead"
     )

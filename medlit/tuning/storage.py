@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,38 +29,15 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from medlit.errors import ConfigError
+from medlit.liveness import HOST, alive, process_start
 
 log = logging.getLogger(__name__)
 
-HOST = socket.gethostname()
 OWNER_KEY = "medlit:owner"
 HEARTBEAT_INTERVAL = 10  # seconds between heartbeats
 GRACE_PERIOD = 60  # seconds without a heartbeat before another host's trial is stale
 
 StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
-
-
-def process_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), which tells a live
-    process from a later one that reused its pid; None when there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after "pid (comm)"
-
-
-def alive(pid: int, start: str | None) -> bool:
-    if not Path("/proc").is_dir():  # no procfs: fall back to a signal probe
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    now = process_start(pid)
-    return now is not None and (start is None or now == start)
 
 
 def owner_record(trial_id: int) -> dict[str, Any]:
