@@ -24,7 +24,7 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from medlit.callbacks import FiniteLossGuard, LastCheckpoint, ResumeState, Speedups
 from medlit.datamodules.base import BaseDataModule
-from medlit.errors import ConfigError, MedlitError
+from medlit.errors import ConfigError, MedlitError, Unburied
 from medlit.tasks.base import BaseTask
 from medlit.tracking import DEFAULT_TRACKING_URI, flatten, log_run_metadata
 from medlit.tuning.trial import TrialReporter
@@ -502,9 +502,13 @@ def build(argv: Sequence[str], *, defaults: Sequence[str] = (), track: bool = Tr
     tail = [] if track else ["--trainer.logger=false"]
     # Untracked (predict, check): no config/versions files either; they would otherwise
     # land in the working folder (the log folder of a trainer without a logger).
-    cli = MedlitCLI(
-        args=[*head, *defaults, *rest, *tail], **({} if track else {"save_config_callback": None})
-    )
+    try:
+        cli = MedlitCLI(
+            args=[*head, *defaults, *rest, *tail],
+            **({} if track else {"save_config_callback": None}),
+        )
+    except Unburied as e:  # a damaged tracking store, say: its own one-line error
+        raise e.error from None
     check_compatible(cli.model, cli.datamodule)
     return Experiment(cli, cli.model, cli.datamodule, cli.trainer)
 

@@ -49,6 +49,18 @@ class CacheWriteError(MedlitError):
     half-written is left behind."""
 
 
+class Unburied(BaseException):
+    """Carries a :class:`MedlitError` out of a constructor that jsonargparse calls while it
+    builds the config (the logger): jsonargparse catches every ``Exception`` a Union
+    subtype's constructor raises and reports only "Does not validate against any of the
+    Union subtypes", with the cause buried in its text. ``medlit.cli.build`` raises the
+    error it carries."""
+
+    def __init__(self, error: MedlitError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 @dataclass(frozen=True)
 class Problem:
     """One problem found in a dataset: an error stops training, a warning does not."""

@@ -554,3 +554,27 @@ def test_a_resumed_run_records_the_settings_it_changed(
     assert run.data.tags["medlit.resumed.trainer.max_epochs"] == "4 -> 6"
     assert run.data.params["model.added"] == "2" and "medlit.resumed.model.lr" not in run.data.tags
     assert run.data.tags["medlit.owner"] and run.data.tags["medlit.heartbeat"]
+
+
+def test_last_with_the_store_down_names_the_checkpoint_it_would_use(tmp_path: Path) -> None:
+    from medlit.errors import ConfigError
+    from medlit.tracking import MLflowTracker
+    from medlit.tracking.resume import resume_from
+    from tests.helpers.shared import free_port
+
+    tracker = MLflowTracker(
+        experiment_name="x", tracking_uri=f"http://127.0.0.1:{free_port()}", retries=1
+    )
+    last = tmp_path / "3" / "abc123" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"")
+
+    class Trainer:
+        loggers, default_root_dir = [tracker], str(tmp_path)
+
+    with pytest.raises(
+        ConfigError,
+        match=rf"cannot be reached to look up the run .* newest local last.ckpt is {last} "
+        rf"\(run abc123\): pass --ckpt_path={last}",
+    ):
+        resume_from("last", Trainer(), ["h"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -294,3 +295,67 @@ def test_calls_still_undelivered_at_the_end_are_spooled_and_synced_later(
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_store_down_as_the_run_starts_does_not_stop_training_and_syncs_later(
+    brats_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``medlit.fit`` with the server down from the start used to die with a 100-line
+    traceback and no spool. Now it trains, keeps every call, spools them at each
+    finalize (after fit, after test), and one sync creates exactly one run with them."""
+    from medlit.tracking.spool import sync_spool
+
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    spool = tmp_path / "spool"
+    metrics = main(
+        tiny(
+            brats_root,
+            down,
+            "--trainer.max_epochs=1",
+            "--trainer.logger.init_args.retries=1",
+            "--trainer.logger.init_args.outage_probe=0.2",
+            "--trainer.logger.init_args.flush_timeout=0.5",
+            f"--trainer.logger.init_args.spool_dir={spool}",
+            f"--trainer.default_root_dir={tmp_path}",
+        )
+    )
+    assert "test/dice_mean" in metrics  # trained and tested
+    folders = sorted(spool.glob("*-new-run"))
+    assert len(folders) == 2, sorted(spool.iterdir())  # after fit, after test
+    store = f"sqlite:///{tmp_path}/later/mlflow.db"
+    assert sync_spool(spool, tracking_uri=store) > 0
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test/dice_mean"] == pytest.approx(metrics["test/dice_mean"])
+    assert client.get_metric_history(run.info.run_id, "val/dice_mean")
+    assert not list(spool.glob("*/calls.jsonl"))  # delivered, removed
+
+
+def test_a_damaged_sqlite_store_is_one_clear_error(
+    brats_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from medlit.errors import run_main
+
+    damaged = tmp_path / "damaged" / "mlflow.db"
+    damaged.parent.mkdir()
+    damaged.write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 16)
+    args = tiny(brats_root, f"sqlite:///{damaged}", "--trainer.max_epochs=1")
+    assert run_main(lambda: main(args)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"medlit: error: tracking store {damaged} "), err
+    assert "Restore it from a backup or move it aside" in err[0]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes a read-only file anyway")
+def test_a_read_only_sqlite_store_is_one_clear_error(brats_root: Path, tmp_path: Path) -> None:
+    from medlit.errors import ConfigError
+
+    good = tmp_path / "ro" / "mlflow.db"
+    MlflowClient(f"sqlite:///{good}").search_experiments()  # a valid store
+    good.chmod(0o444)
+    try:
+        with pytest.raises(ConfigError, match=rf"tracking store {good} is read-only"):
+            main(tiny(brats_root, f"sqlite:///{good}", "--trainer.max_epochs=1"))
+    finally:
+        good.chmod(0o644)

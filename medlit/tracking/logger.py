@@ -9,16 +9,19 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from medlit.constraints import NonNegativeFloat, NonNegativeInt
+from medlit.errors import MedlitError, Unburied
 from medlit.liveness import me
 from medlit.tracking.retry import fail_fast_over_http, rejected, retrying
 from medlit.tracking.spool import write_spool
@@ -82,7 +85,11 @@ class MLflowTracker(MLFlowLogger):
         spool_dir: str | None = None,
     ) -> None:
         fail_fast_over_http(tracking_uri)
-        init_store(tracking_uri)
+        try:  # before MLFlowLogger's client opens it
+            init_store(tracking_uri)
+        except MedlitError as e:
+            raise Unburied(e) from None
+        self._offline_id: str | None = None
         self._local_dir = sqlite_dir(tracking_uri)
         self.retries = retries
         self.retry_delay = retry_delay
@@ -147,6 +154,12 @@ class MLflowTracker(MLFlowLogger):
         fails. Probes at most every ``outage_probe`` seconds."""
         if time.monotonic() < self._next_probe:
             return False
+        if not self._initialized:  # down since the start: the run comes first
+            try:
+                MLFlowLogger.experiment.fget(self)
+            except Exception:  # noqa: BLE001 - still down
+                self._next_probe = time.monotonic() + self.outage_probe
+                return False
         sent = 0
         while self._pending:
             what, call, _ = self._pending[0]
@@ -214,12 +227,57 @@ class MLflowTracker(MLFlowLogger):
             "tracking_uri": self._tracking_uri,
             "experiment_name": self._experiment_name,
             "run_id": self._run_id,
+            "offline_id": self._offline_id,  # a run never created: one run for all spools
             "run_name": self._run_name,
             "tags": self.tags,
         }
         return write_spool(self.spool_dir, header, records)
 
     # ------------------------------------------------------------------ the run
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        """MLflow's client, with the run created (Lightning's), or, when the store cannot
+        be reached as the run starts, the client without a run: training starts anyway,
+        every call is kept as during an outage mid-run, and the run is created when the
+        store answers again (or by ``python -m medlit.tracking sync`` from the spool)."""
+        if self._initialized or (self._down_since is not None and self._offline_id):
+            return self._mlflow_client
+        try:
+            return retrying(
+                "open the run",
+                lambda: MLFlowLogger.experiment.fget(self),
+                retries=self.retries,
+                delay=self.retry_delay,
+            )
+        except Exception as e:  # noqa: BLE001 - the store does not answer: run offline
+            if rejected(e):
+                raise
+            now = time.monotonic()
+            self._down_since, self._next_probe = now, now + self.outage_probe
+            self._offline_id = f"offline-{uuid.uuid4().hex[:12]}"
+            log.warning(
+                "MLflow at %s cannot be reached as the run starts (%s: %s): training goes "
+                "on; its tracking calls are kept, and the run is created when the store "
+                "answers (or from the spool: python -m medlit.tracking sync). Checkpoints: "
+                "%s",
+                self._tracking_uri,
+                type(e).__name__,
+                str(e)[:200],
+                Path(self.save_dir or ".") / "offline" / self._offline_id,
+            )
+            return self._mlflow_client
+
+    @property
+    def name(self) -> str | None:
+        _ = self.experiment
+        return self._experiment_id or ("offline" if self._offline_id else None)
+
+    @property
+    def version(self) -> str | None:
+        _ = self.experiment
+        return self._run_id or self._offline_id
 
     @property
     def experiment_name(self) -> str:

@@ -25,9 +25,24 @@ def resume_from(asked: str, trainer: Any, fingerprints: list[str]) -> str:
     if asked == "last":
         if tracker is None:
             raise ConfigError("--ckpt_path=last finds runs through MLflow; give a file path")
-        path, run_id = last_unfinished(
-            tracker, Path(tracker.save_dir or trainer.default_root_dir), fingerprints
-        )
+        root = Path(tracker.save_dir or trainer.default_root_dir)
+        try:
+            path, run_id = last_unfinished(tracker, root, fingerprints)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the store does not answer
+            newest = max(root.glob("*/*/checkpoints/last.ckpt"), key=_mtime, default=None)
+            use = (
+                f"the newest local last.ckpt is {newest} (run {newest.parents[1].name}): pass "
+                f"--ckpt_path={newest} to continue from it"
+                if newest is not None
+                else f"there is no last.ckpt under {root}"
+            )
+            raise ConfigError(
+                f"--ckpt_path=last: MLflow at {tracker.tracking_uri} cannot be reached to look "
+                f"up the run ({type(e).__name__}: {str(e)[:160]}); {use}, or retry when the "
+                "store answers"
+            ) from None
     else:
         path = Path(asked)
         run_id = run_id_of(load_checkpoint(path))
@@ -37,6 +52,10 @@ def resume_from(asked: str, trainer: Any, fingerprints: list[str]) -> str:
         tracker.reopen(run_id)
         log.info("resuming MLflow run %s from %s", run_id, path)
     return str(path)
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime
 
 
 def _owner(run: Any) -> dict | None:

@@ -118,9 +118,27 @@ def sync_spool(path: str | Path, tracking_uri: str | None = None) -> int:
                     if exp
                     else client.create_experiment(header["experiment_name"])
                 )
-                run_id = client.create_run(
-                    exp_id, run_name=header["run_name"], tags=header["tags"] or {}
-                ).info.run_id
+                # A run that started offline spools at each finalize (after fit, after
+                # test): every folder of it goes to the one run the first one created.
+                offline = header.get("offline_id")
+                found = (
+                    client.search_runs(
+                        [exp_id], filter_string=f"tags.`medlit.offline_id` = '{offline}'"
+                    )
+                    if offline
+                    else []
+                )
+                tags = {
+                    **(header["tags"] or {}),
+                    **({"medlit.offline_id": offline} if offline else {}),
+                }
+                run_id = (
+                    found[0].info.run_id
+                    if found
+                    else client.create_run(
+                        exp_id, run_name=header["run_name"], tags=tags
+                    ).info.run_id
+                )
                 header["run_id"] = run_id
             while records:
                 retrying(records[0]["op"], replay, client, run_id, records[0], folder)
