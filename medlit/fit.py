@@ -9,6 +9,7 @@ stops the command with the case and file named and leaves no MLflow run behind.
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import signal
 import sys
@@ -16,11 +17,12 @@ from pathlib import Path
 
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from medlit.callbacks import LastCheckpoint
 from medlit.cli import build, check_schedule, prepare
-from medlit.errors import run_main
+from medlit.errors import ConfigError, run_main
 from medlit.tracking import MLflowTracker
 from medlit.tracking.resume import resume_from
 from medlit.tuning.trial import TrialReporter, write_result
@@ -46,6 +48,21 @@ def summary(
         if t.dropped:
             lines.append(f"  warning: {t.dropped} tracking calls failed and were dropped")
     return "\n".join(lines)
+
+
+def slurm_requeue_checkpoint(trainer: Trainer) -> Path | None:
+    """The newest ``hpc_ckpt_N.ckpt`` that Lightning's SLURM auto-requeue handler saved in
+    ``default_root_dir``, when this process is a SLURM job; None otherwise. Lightning
+    would restore it by itself, behind the tracker's back, into a new MLflow run: medlit
+    resumes from it explicitly, into the run that wrote it."""
+    if not SLURMEnvironment.detect():
+        return None
+    found = {
+        int(m.group(1)): p
+        for p in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")
+        if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))
+    }
+    return found[max(found)] if found else None
 
 
 def interrupted_by(exit_: SystemExit) -> str | None:
@@ -93,7 +110,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     check_schedule(model, trainer)
     prepare(datamodule)  # every case checked and cached before a run is opened
     resume = None
-    if (asked := experiment.config.get("ckpt_path")) is not None:
+    asked = experiment.config.get("ckpt_path")
+    if asked is None and (requeued := slurm_requeue_checkpoint(trainer)) is not None:
+        # The run's last.ckpt (the end of its last epoch) resumes exactly; Lightning's
+        # mid-epoch hpc checkpoint does not (one step is trained twice): it is used only
+        # when no epoch had ended yet.
+        try:
+            resume = resume_from("last", trainer, experiment.fingerprints)
+        except ConfigError:
+            resume = resume_from(str(requeued), trainer, experiment.fingerprints)
+        log.info("SLURM job requeued: continuing from %s", resume)
+    elif asked is not None:
         resume = resume_from(asked, trainer, experiment.fingerprints)
     # Every checkpoint medlit writes holds tensors and plain values only.
     try:

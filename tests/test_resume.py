@@ -163,6 +163,75 @@ def test_the_signal_behind_lightning_s_exit_is_told_apart_from_other_exits() -> 
     assert interrupted_by(SystemExit(2)) is None
 
 
+@pytest.mark.slow
+def test_a_slurm_requeue_continues_the_same_run(
+    straight_run: dict, brats_root: Path, tmp_path: Path
+) -> None:
+    """Lightning's SLURM auto-requeue (SIGUSR1) finalised the run as finished and, once
+    requeued, restored its hpc checkpoint into a new MLflow run. The run now stays
+    unfinished, and the requeued job (the same command) continues it."""
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(straight_run["db"], db)
+    uri = f"sqlite:///{db}"
+    slurm = {
+        **os.environ,
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "medlit",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }
+    job = subprocess.Popen(
+        fit_command(brats_root, uri, "requeued"),
+        cwd=tmp_path,
+        env=slurm,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 600
+    while logged_steps(db, "train/loss_step") < EPOCHS * STEPS + 2 * STEPS + 5:
+        assert job.poll() is None and time.monotonic() < deadline, "the run ended early"
+        time.sleep(0.1)
+    job.send_signal(signal.SIGUSR1)  # SLURM's warning before the time limit
+    hpc = brats_root.parent / "hpc_ckpt_1.ckpt"
+    while not hpc.is_file():
+        assert job.poll() is None and time.monotonic() < deadline, "no hpc checkpoint"
+        time.sleep(0.1)
+    time.sleep(2)  # the handler finishes writing it (atomically), then SLURM kills the job
+    job.kill()
+    job.wait()
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("requeued").experiment_id
+    [before] = client.search_runs([exp])
+    assert before.info.status == "RUNNING" and before.data.tags["medlit.requeued"]
+
+    again = subprocess.run(  # the requeued job: the same command
+        fit_command(brats_root, uri, "requeued"),
+        cwd=tmp_path,
+        env=slurm,
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    # From the run's last.ckpt (the end of epoch 2), which resumes exactly; Lightning's
+    # mid-epoch hpc checkpoint would train one step twice.
+    assert "SLURM job requeued: continuing from" in again.stderr
+    assert "last.ckpt" in again.stderr.split("SLURM job requeued: continuing from")[1][:500]
+    [after] = client.search_runs([exp])
+    assert after.info.run_id == before.info.run_id and after.info.status == "FINISHED"
+    [a] = client.search_runs([client.get_experiment_by_name("straight").experiment_id])
+    for key in ("train/loss_step", "val/dice_mean", "train/loss_epoch"):
+        want, got = history(client, a.info.run_id, key), history(client, after.info.run_id, key)
+        assert sorted(got) == sorted(want), key  # no step missing, none extra
+        for step, values in got.items():
+            assert values == pytest.approx([want[step][0]] * len(values), abs=1e-6), (key, step)
+    for key, value in a.data.metrics.items():
+        if key.startswith("test/"):
+            assert after.data.metrics[key] == pytest.approx(value, abs=1e-6), key
+
+
 def test_last_without_an_unfinished_run_names_the_experiment(
     brats_root: Path, tracking_uri: str
 ) -> None:

@@ -394,6 +394,14 @@ class MLflowTracker(MLFlowLogger):
             sys.exc_info()[1], KeyboardInterrupt | SIGTERMException
         ):
             status = "KILLED"
+        if status == "finished":
+            # Only Lightning's SLURM auto-requeue handler finalises with "finished", before
+            # it saves hpc_ckpt_N.ckpt and requeues the job: the run is not over. It stays
+            # unfinished, its calls delivered, its owner released, so the requeued job
+            # continues it (medlit.fit resumes from the hpc checkpoint into this run).
+            self.set_tags({"medlit.owner": "", "medlit.requeued": f"{time.time():.0f}"})
+            self._flush_at_end()
+            return
         final = {"success": "FINISHED", "failed": "FAILED", "finished": "FINISHED"}
         callback = getattr(self, "_checkpoint_callback", None)
         best = getattr(callback, "best_model_path", "") if callback is not None else ""
