@@ -347,15 +347,27 @@ def test_a_damaged_sqlite_store_is_one_clear_error(
     assert "Restore it from a backup or move it aside" in err[0]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes a read-only file anyway")
 def test_a_read_only_sqlite_store_is_one_clear_error(brats_root: Path, tmp_path: Path) -> None:
+    """A store file that cannot be written: by its mode, or, for root (who writes a 0444
+    file anyway), by the file system's immutable flag (``chattr +i``)."""
+    import shutil
+
     from medlit.errors import ConfigError
 
     good = tmp_path / "ro" / "mlflow.db"
     MlflowClient(f"sqlite:///{good}").search_experiments()  # a valid store
-    good.chmod(0o444)
+    immutable = os.geteuid() == 0
+    if immutable:
+        if shutil.which("chattr") is None:
+            pytest.skip("root, and no chattr to make the store read-only")
+        subprocess.run(["chattr", "+i", str(good)], check=True)
+    else:
+        good.chmod(0o444)
     try:
+        assert not os.access(good, os.W_OK)
         with pytest.raises(ConfigError, match=rf"tracking store {good} is read-only"):
             main(tiny(brats_root, f"sqlite:///{good}", "--trainer.max_epochs=1"))
     finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(good)], check=True)
         good.chmod(0o644)
