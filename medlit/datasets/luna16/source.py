@@ -15,7 +15,6 @@ carries the scan's origin, spacing and direction, so flipped scans (direction
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,8 +27,6 @@ import SimpleITK as sitk
 from medlit.datasets.io.files import file_problem
 from medlit.datasets.io.volume import Geometry
 from medlit.errors import DatasetNotFoundError, InvalidCaseError, Report
-
-log = logging.getLogger(__name__)
 
 N_SUBSETS = 10
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
@@ -316,20 +313,6 @@ def read_table(
     if "class" in table:
         table["class"] = table["class"].astype(int)
     return table
-
-
-def keep_present(table: pd.DataFrame, scans: Sequence[str], path: Path) -> pd.DataFrame:
-    """Rows whose scan is present; the rest (subsets not downloaded) in one summary line."""
-    present = table["seriesuid"].isin(set(scans))
-    if skipped := int((~present).sum()):
-        log.info(
-            "%s: %d of %d rows name scans that are not under the root (subsets not "
-            "downloaded?): skipped",
-            path.name,
-            skipped,
-            len(table),
-        )
-    return table[present].reset_index(drop=True)
 
 
 # ---- geometry ----------------------------------------------------------------------------
