@@ -344,6 +344,21 @@ def test_sweep_records_trials_resumes_and_writes_a_runnable_best_config(
     assert "Study 'tiny': 2 trials" in done.stdout
     for t in study.trials:
         assert f"{t.value:.5g}" in done.stdout
+    # As it ran, each trial said where its log is, its values, each epoch and its end.
+    out = done.stdout.splitlines()
+    for t in study.trials:
+        log = tmp_path / "sweeps" / "tiny" / f"trial-{t.number:04d}.log"
+        assert f"trial {t.number} started, log {log}" in out
+        assert f"trial {t.number}  model.lr {t.params['model.lr']:.4g}  model.loss" in done.stdout
+        epochs = [ln for ln in log.read_text().splitlines() if ln.startswith("epoch ")]
+        relayed = [ln for ln in out if ln.startswith(f"trial {t.number}  epoch ")]
+        assert relayed == [f"trial {t.number}  {ln}" for ln in epochs]
+        best_epoch = max(t.intermediate_values, key=t.intermediate_values.get) + 1
+        assert (
+            f"trial {t.number} complete  val/dice_mean {t.value:.4f} "
+            f"(best, epoch {best_epoch}/{MAX_EPOCHS})"
+        ) in done.stdout
+    assert "parameter importance needs at least 10 completed trials; this study has 2" in out
 
     parent, children = runs_of(tracking_uri)
     assert parent.info.status == "FINISHED"
@@ -354,7 +369,7 @@ def test_sweep_records_trials_resumes_and_writes_a_runnable_best_config(
     client = mlflow.MlflowClient(tracking_uri)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"best_config.yaml", "trials.csv", "optimization_history.png"} <= artifacts
-    assert "param_importances.png" in artifacts
+    assert "param_importances.png" not in artifacts  # 2 trials: noise, not importance
     by_trial = {int(r.data.tags["optuna.trial"]): r for r in children}
     assert sorted(by_trial) == [0, 1]
     for t in study.trials:
@@ -526,6 +541,11 @@ def test_two_workers_share_the_trials_without_losing_or_repeating_one(
     for run in children:  # every epoch of every trial reached the shared SQLite store
         assert validations(uri, run.info.run_id) == MAX_EPOCHS
         assert run.info.status == "FINISHED"
+    # Each worker's lines say their trial: between them, every trial started and ended once.
+    said = [ln for log in two_worker_sweep["logs"] for ln in log.splitlines()]
+    for t in trials:
+        assert sum(ln.startswith(f"trial {t.number} started, log ") for ln in said) == 1
+        assert sum(ln.startswith(f"trial {t.number} complete  ") for ln in said) == 1
     trial_logs = (two_worker_sweep["sweep"].parent / "sweeps" / "pair").glob("trial-*.log")
     for log in [*two_worker_sweep["logs"], *(p.read_text() for p in trial_logs)]:
         assert "dropped" not in log  # no tracking call gave up
@@ -661,6 +681,44 @@ def test_a_metric_the_task_does_not_log_stops_the_sweep_with_its_name(
     assert done.returncode == 2
     assert "'val/dise_mean' is not logged" in done.stderr and "val/dice_mean" in done.stderr
     assert [t.state for t in study_of(sweep).trials] == [TrialState.FAIL]  # not 3 failures
+
+
+def test_epoch_lines_are_relayed_with_their_trial_while_the_trial_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The worker's relay of a trial's log: a real process writes an epoch line, waits
+    until the test has seen it on the worker's stdout, then ends on an unfinished line."""
+    import threading
+
+    from medlit.tuning.relay import follow
+
+    go, log = tmp_path / "go", tmp_path / "trial.log"
+    script = (
+        "import pathlib, sys, time\n"
+        "print('epoch 1/2  val/dice_mean 0.1000  best 0.1000 (epoch 1)  1.0 s', flush=True)\n"
+        "print('a warning, not relayed', file=sys.stderr, flush=True)\n"
+        f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.05)\n"
+        "sys.stdout.write('epoch 2/2  val/dice_mean 0.2000  best 0.2000 (epoch 2)  1.0 s')\n"
+    )
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=out)
+    codes: list[int] = []
+    relay = threading.Thread(target=lambda: codes.append(follow(proc, log, "trial 7", 0.05)))
+    relay.start()
+    seen = ""
+    deadline = time.monotonic() + 30
+    while "trial 7  epoch 1/2" not in seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+        seen += capsys.readouterr().out
+    assert proc.poll() is None, "the line came only after the trial ended"
+    go.touch()
+    relay.join(timeout=30)
+    seen += capsys.readouterr().out
+    assert codes == [0]
+    assert seen.splitlines() == [
+        "trial 7  epoch 1/2  val/dice_mean 0.1000  best 0.1000 (epoch 1)  1.0 s",
+        "trial 7  epoch 2/2  val/dice_mean 0.2000  best 0.2000 (epoch 2)  1.0 s",
+    ]
 
 
 def test_every_shipped_sweep_parses_against_its_experiment() -> None:

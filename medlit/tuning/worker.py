@@ -36,6 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from medlit.errors import ConfigError, MedlitError
 from medlit.tracking import MLflowTracker, init_store, retrying
+from medlit.tuning import relay
 from medlit.tuning import space as sp
 from medlit.tuning.storage import (
     HOST,
@@ -50,6 +51,10 @@ log = logging.getLogger("medlit.sweep")
 SURPLUS = "medlit:surplus"
 RETRY_OF = "failed_trial"  # set by Optuna's RetryFailedTrialCallback
 PARENT_ATTR = "mlflow_parent_run_id"
+# Optuna's parameter importance fits a random forest (fANOVA) to the complete trials:
+# on a handful of trials it ranks the parameters by noise, and a plot would look like a
+# finding. Below this many it is not drawn, and the sweep says why.
+MIN_TRIALS_FOR_IMPORTANCE = 10
 
 
 class SweepError(MedlitError):
@@ -392,9 +397,8 @@ class Worker:
         label = f"trial {trial.number}" + (
             f" (retry of {retry_of})" if retry_of is not None else ""
         )
-        log.info("%s: %s", label, " ".join(overrides))
         try:
-            resolve(cfg.base_args() + overrides)
+            config, _ = resolve(cfg.base_args() + overrides)
         except ConfigError as e:
             self.study.tell(trial, state=TrialState.FAIL)
             raise SweepError(f"{label}: {e}") from e
@@ -418,6 +422,8 @@ class Worker:
         log_path = cfg.out / f"trial-{trial.number:04d}.log"
         result_path = cfg.out / f".trial-{trial.number:04d}.json"
         result_path.unlink(missing_ok=True)
+        max_epochs = (config.get("trainer") or {}).get("max_epochs")
+        relay.started(label, values, log_path)
         ctx = {
             "storage": cfg.storage_spec,
             "study": cfg.study_name,
@@ -432,7 +438,9 @@ class Worker:
         cmd = [sys.executable, "-m", "medlit.fit", *cfg.base_args(), *overrides]
         if run_id:
             cmd.append(f"--trainer.logger.init_args.run_id={run_id}")
-        env = {**os.environ, ENV: json.dumps(ctx)}
+        # Unbuffered: the epoch lines reach the log (and this terminal) as they are
+        # printed, and the log's stdout and stderr lines stay in the order they happened.
+        env = {**os.environ, ENV: json.dumps(ctx), "PYTHONUNBUFFERED": "1"}
         start = time.monotonic()
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(
@@ -445,7 +453,7 @@ class Worker:
             )
             try:
                 with _quiet_optuna(), get_heartbeat_thread(trial._trial_id, self.storage):
-                    rc = proc.wait()
+                    rc = relay.follow(proc, log_path, f"trial {trial.number}")
             except KeyboardInterrupt:
                 _stop(proc)
                 self.study.tell(trial, state=TrialState.FAIL)
@@ -464,31 +472,29 @@ class Worker:
             self.study.tell(trial, state=TrialState.FAIL)
             trial_tags = {"medlit.failure": f"exit status {rc}: {tail[-500:]}"}
             self.tracking.end_trial_run(run_id, "FAIL", trial_tags)
-            log.error(
-                "%s failed (exit status %d, %.0f s); log: %s\n%s",
-                label,
-                rc,
-                seconds,
-                log_path,
-                tail,
-            )
+            relay.ended(label, "failed", seconds, f"exit status {rc}, log {log_path}")
             if rc == 2:  # medlit's own error (bad data, bad config): every trial would fail
                 raise SweepError(f"{label} stopped with medlit's error (see {log_path}):\n{tail}")
+            log.error("%s: its log ends\n%s", label, tail)
             return
         value = result[cfg.objective.mode]
         if result["pruned"]:
             self.study.tell(trial, state=TrialState.PRUNED)
             self.tracking.end_trial_run(run_id, "PRUNED", {})
-            log.info(
-                "%s pruned after %d validations (%.0f s)", label, len(result["history"]), seconds
+            last = result["last"]
+            detail = (
+                f"{relay.epoch_of(result, last, max_epochs)}  {cfg.objective.metric} {last:.4f}"
+                if last is not None
+                else f"after {len(result['history'])} validations"
             )
+            relay.ended(label, "pruned", seconds, detail)
             return
         if value is None:
             self.study.tell(trial, state=TrialState.FAIL)
             self.tracking.end_trial_run(
                 run_id, "FAIL", {"medlit.failure": "no finite validation value"}
             )
-            log.error("%s: no finite value of %s was logged", label, cfg.objective.metric)
+            relay.ended(label, "failed", seconds, f"no finite {cfg.objective.metric} logged")
             return
         self.study.tell(trial, value)
         if run_id:
@@ -496,7 +502,9 @@ class Worker:
                 "objective", self.tracking.client.log_metric, run_id, "objective", value
             )
         self.tracking.end_trial_run(run_id, "COMPLETE", {})
-        log.info("%s: %s = %.5g (%.0f s)", label, cfg.objective.metric, value, seconds)
+        where = relay.epoch_of(result, value, max_epochs)
+        detail = f"{cfg.objective.metric} {value:.4f} ({cfg.objective.mode}, {where})"
+        relay.ended(label, "complete", seconds, detail)
 
     def _on_stale_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Optuna failed a trial whose worker is gone: retry it, and say so in MLflow."""
@@ -572,6 +580,7 @@ class Worker:
         from optuna.visualization import matplotlib as ovm
 
         study = self.study
+        complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         with tempfile.TemporaryDirectory() as tmp:
             table = study.trials_dataframe()
             table.to_csv(Path(tmp) / "trials.csv", index=False)
@@ -583,6 +592,12 @@ class Worker:
                 "param_importances.png": partial(ovm.plot_param_importances, target_name=metric),
                 "intermediate_values.png": ovm.plot_intermediate_values,
             }
+            if complete < MIN_TRIALS_FOR_IMPORTANCE:
+                del plots["param_importances.png"]
+                print(
+                    f"parameter importance needs at least {MIN_TRIALS_FOR_IMPORTANCE} "
+                    f"completed trials; this study has {complete}"
+                )
             for name, plot in plots.items():
                 try:
                     with _quiet_optuna():
@@ -629,7 +644,7 @@ def results_table(study: optuna.Study, metric: str) -> str:
                 "" if value is None else f"{value:.5g}",
                 "" if dur is None else f"{dur:.0f}",
                 "" if retry is None else str(retry),
-                *(_short(t.params.get(k)) for k in keys),
+                *(relay.short(t.params.get(k)) for k in keys),
             ]
         )
     head = ["trial", "state", metric, "seconds", "retry_of", *keys]
@@ -643,12 +658,6 @@ def results_table(study: optuna.Study, metric: str) -> str:
     ]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
-
-
-def _short(v: Any) -> str:
-    if v is None:
-        return ""
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _probes(dists: dict[str, optuna.distributions.BaseDistribution]) -> list[dict[str, Any]]:
