@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from medlit.errors import ConfigError, run_main
 from medlit.liveness import HOST
 from medlit.tracking.__main__ import main
-from medlit.tracking.runs import runs_report, short_names
+from medlit.tracking.runs import fit_header, runs_report, short_names, short_value
 
 T0 = 1_700_000_000_000  # ms
 
@@ -224,3 +224,11 @@ def test_short_param_names_are_unique_tails() -> None:
         "data.init_args.batch_size": "data.batch_size",
         "model.init_args.batch_size": "model.batch_size",
     }
+
+
+def test_long_names_and_values_are_shortened_where_it_loses_least() -> None:
+    assert fit_header("sweep.data.foreground_fraction") == "s.d.foreground_fraction"
+    assert fit_header("data.foreground_fraction") == "data.foreground_fraction"
+    assert short_value("0.0017287465812") == "0.001729"  # a sweep's sampled rate
+    assert short_value("medlit.tasks.SegmentationTask") == "SegmentationTask"
+    assert short_value("dice_ce") == "dice_ce"

@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     runs.add_argument(
         "--limit", type=int, default=20, help="runs per experiment, after sorting (0: all)"
     )
-    runs.add_argument("--tracking_uri", default=DEFAULT_TRACKING_URI)
+    runs.add_argument(
+        "--tracking_uri", default=DEFAULT_TRACKING_URI, help=f"default: {DEFAULT_TRACKING_URI}"
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "runs":
         print(runs_report(args.tracking_uri, args.experiment, args.sort, args.limit))

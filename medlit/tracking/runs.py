@@ -52,7 +52,7 @@ class Column:
     cells: list[str]
     priority: int
     numeric: bool = False
-    cap: int | None = None  # widest the column grows, truncating longer values
+    cap: int | None = None  # widest its values grow (longer ones are cut); not the header
 
 
 @dataclass
@@ -218,10 +218,28 @@ def short_names(keys: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def fit_header(name: str, width: int = 24) -> str:
+    """A dotted name in ``width`` characters: its leading parts cut to their initial
+    first (``sweep.data.foreground_fraction`` -> ``s.d.foreground_fraction``), since
+    the last part says what the param is; then cut on the left."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if len(".".join(parts)) <= width:
+            break
+        parts[i] = parts[i][0]
+    name = ".".join(parts)
+    return name if len(name) <= width else "…" + name[len(name) - width + 1 :]
+
+
 def short_value(value: str) -> str:
-    """A class path's class name (``medlit.tasks.SegmentationTask`` -> ``SegmentationTask``):
-    cut from the right it would keep only the package."""
-    return value.rsplit(".", 1)[1] if re.fullmatch(r"[a-z_][\w.]*\.[A-Z]\w*", value) else value
+    """A class path's class name (``medlit.tasks.SegmentationTask`` -> ``SegmentationTask``:
+    cut from the right it would keep only the package), a float to 4 digits (a sweep's
+    learning rates have 17)."""
+    if re.fullmatch(r"[a-z_][\w.]*\.[A-Z]\w*", value):
+        return value.rsplit(".", 1)[1]
+    if re.fullmatch(r"-?\d*\.\d+(e-?\d+)?|-?\d+e-?\d+", value):
+        return f"{float(value):.4g}"
+    return value
 
 
 def number(value: float | None) -> str:
@@ -239,9 +257,9 @@ def layout(columns: list[Column], width: int) -> tuple[list[Column], list[int], 
     kept = list(columns)
     dropped: list[Column] = []
 
-    def natural(c: Column) -> int:
-        w = max([len(c.header), *(len(s) for s in c.cells)])
-        return min(w, c.cap) if c.cap else w
+    def natural(c: Column) -> int:  # the header in full; values cut at the cap
+        w = max(len(s) for s in c.cells) if c.cells else 0
+        return max(len(c.header), min(w, c.cap) if c.cap else w)
 
     while True:
         widths = [natural(c) for c in kept]
@@ -263,7 +281,9 @@ def render(columns: list[Column], width: int) -> list[str]:
             cells.append(text.rjust(w) if c.numeric and row >= 0 else text.ljust(w))
         lines.append((" " * GAP).join(cells).rstrip())
     if dropped:
-        names = ", ".join(c.header for c in dropped)
+        names = ", ".join(c.header for c in dropped[:8])
+        if len(dropped) > 8:
+            names += f" and {len(dropped) - 8} more"
         lines.append(
             textwrap.fill(f"(not shown in {width} columns: {names}; set COLUMNS wider)", width)
         )
@@ -314,9 +334,7 @@ def experiment_table(
     runs = search(client, experiment.experiment_id, None if sort else limit or None)
     if not runs:
         return None
-    rows = [
-        RunRow(r, status_of(r), {k: short_value(v) for k, v in r.data.params.items()}) for r in runs
-    ]
+    rows = [RunRow(r, status_of(r), dict(r.data.params)) for r in runs]
     metric_cols, key, direction = metric_values(client, rows, sort)
     present = [r for r in rows if key is not None and r.values.get(key) is not None]
     if key is not None:  # best first; runs without the metric last
@@ -325,9 +343,10 @@ def experiment_table(
     total = len(rows)
     rows = rows[:limit] if limit else rows
 
-    # Params that differ between the listed runs; a param one run lacks differs too.
+    # Params that differ between the listed runs that have them: a sweep's parent run
+    # logs only the sweep's settings, and would make each of its trials' params differ.
     keys = sorted({k for row in rows for k in row.params})
-    differing = [k for k in keys if len({row.params.get(k) for row in rows}) > 1]
+    differing = [k for k in keys if len({r.params[k] for r in rows if k in r.params}) > 1]
     names = short_names(differing)
     started = [datetime.fromtimestamp(r.run.info.start_time / 1000) for r in rows]
     columns = [
@@ -336,7 +355,12 @@ def experiment_table(
         Column("start", [t.strftime("%Y-%m-%d %H:%M") for t in started], 60),
         Column("duration", [duration(r.run, r.status) for r in rows], 50, numeric=True),
         *(
-            Column(names[k], [r.params.get(k, MISSING) for r in rows], 30, cap=16)
+            Column(
+                fit_header(names[k]),
+                [short_value(r.params.get(k, MISSING)) for r in rows],
+                30,
+                cap=16,
+            )
             for k in differing
         ),
         *(
