@@ -20,6 +20,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from medlit.checkpoints import stored_once
 from medlit.constraints import NonNegativeFloat, NonNegativeInt
 from medlit.errors import MedlitError, Unburied
 from medlit.liveness import me
@@ -57,7 +58,8 @@ class MLflowTracker(MLFlowLogger):
         tracking_uri: tracking store or server, e.g. ``sqlite:///mlruns/mlflow.db`` or
             ``http://mlflow:5000``.
         tags: extra run tags.
-        log_model: log the best checkpoint as an artifact at the end of training.
+        log_model: log the best checkpoint as an artifact at the end of training (with a
+            local artifact store, a hard link to the file in ``checkpoints/``, not a copy).
         run_id: log into this existing run instead of starting a new one (a sweep
             creates each trial's run as a child of the study's run and passes its id).
         retries: attempts per tracking call before an outage is declared.
@@ -384,6 +386,16 @@ class MLflowTracker(MLFlowLogger):
         if isinstance(checkpoint_callback, LastCheckpoint):
             return  # the resume state stays local; the run's model is the best checkpoint
         self._safely("log checkpoint", super().after_save_checkpoint, checkpoint_callback)
+
+    def _scan_and_log_checkpoints(self, checkpoint_callback: Any) -> None:
+        # Lightning's upload (the checkpoint copied under <stem>/, its metadata.yaml and
+        # aliases.txt beside it), then, with a local artifact store, each copy just made
+        # replaced by a hard link to the checkpoint: the best weights were on disk twice.
+        before = dict(self._logged_model_time)
+        super()._scan_and_log_checkpoints(checkpoint_callback)
+        for path, mtime in self._logged_model_time.items():
+            if before.get(path) != mtime:
+                stored_once(self.experiment, self.run_id, Path(path), Path(path).stem)
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:

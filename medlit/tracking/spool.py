@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medlit.checkpoints import stored_once
 from medlit.datasets.io.files import usual_mode
 from medlit.errors import MedlitError
 from medlit.tracking.retry import fail_fast_over_http, retrying
@@ -40,6 +41,7 @@ def replay(client: Any, run_id: str, record: dict, folder: Path) -> None:
         for ckpt in record["checkpoints"]:
             if Path(ckpt).is_file():
                 client.log_artifact(run_id, ckpt, Path(ckpt).stem)
+                stored_once(client, run_id, Path(ckpt), Path(ckpt).stem)
         client.set_terminated(run_id, record["status"])
     else:
         raise ValueError(f"unknown spooled call {op!r}")
