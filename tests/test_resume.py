@@ -500,6 +500,17 @@ def test_a_checkpoint_of_a_finished_run_or_another_config_starts_a_new_run(
         client.get_run(fresh.run_id).data.tags["medlit.resumed_from"].endswith(f"(run {finished})")
     )
 
+    # A finished run's last.ckpt, removed at its end: said so, not "no such file".
+    best = tmp_path / exp / finished / "checkpoints" / "best-001.ckpt"
+    best.parent.mkdir(parents=True)
+    best.write_bytes(b"")
+    with pytest.raises(
+        ConfigError,
+        match=rf"its run {finished} has finished and its last.ckpt was removed .*best-001.ckpt"
+        r".*--keep_last_checkpoint=true",
+    ):
+        resume_from(str(best.with_name("last.ckpt")), Trainer(tracker), ["h"])
+
     other, ckpt = checkpoint_of({"medlit.config_hash": "another"})
     resume_from(
         str(ckpt), Trainer(fresh := MLflowTracker("paths", tracking_uri=tracking_uri)), ["h"]

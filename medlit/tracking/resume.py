@@ -45,6 +45,8 @@ def resume_from(asked: str, trainer: Any, fingerprints: list[str]) -> str:
             ) from None
     else:
         path = Path(asked)
+        if tracker is not None and not path.exists():
+            _refuse_removed_last(tracker, path)
         run_id = run_id_of(load_checkpoint(path))
         if tracker is not None and run_id:
             run_id = _continued_run(tracker, path, run_id, fingerprints)
@@ -52,6 +54,26 @@ def resume_from(asked: str, trainer: Any, fingerprints: list[str]) -> str:
         tracker.reopen(run_id)
         log.info("resuming MLflow run %s from %s", run_id, path)
     return str(path)
+
+
+def _refuse_removed_last(tracker: MLflowTracker, path: Path) -> None:
+    """A clear error for the ``last.ckpt`` of a finished run (``<store>/<experiment>/<run>/
+    checkpoints/last.ckpt``), which ``medlit.fit`` removes at the run's end: "no such
+    file" alone did not say why. Continuing from the best weights instead would not be
+    the same training (no optimizer or scheduler state, and not the last epoch)."""
+    if path.name != "last.ckpt" or path.parent.name != "checkpoints":
+        return
+    run_id = path.parents[1].name
+    run = tracker.run(run_id)
+    if run is None or run.info.status != "FINISHED":
+        return
+    best = sorted(path.parent.glob("best-*.ckpt"))
+    weights = f"; its best weights ({best[-1]}) serve evaluate and predict" if best else ""
+    raise ConfigError(
+        f"--ckpt_path {path}: its run {run_id} has finished and its last.ckpt was removed at "
+        f"the end (only an unfinished run is resumed from it){weights}. To train a run "
+        "longer once it has finished, run it with --keep_last_checkpoint=true"
+    )
 
 
 def _mtime(path: Path) -> float:
@@ -128,8 +150,15 @@ def last_unfinished(
             continue
         return last, run.info.run_id
     alive = f"; {len(busy)} still being trained by live processes" if busy else ""
+    finished = (
+        "; a finished run is never continued by 'last', and keeps its last.ckpt only when "
+        "run with --keep_last_checkpoint=true"
+        if any(r.info.status == "FINISHED" for r in runs)
+        else ""
+    )
     raise ConfigError(
         f"--ckpt_path=last: experiment '{tracker.experiment_name}' at {tracker.tracking_uri} "
         f"has no unfinished run of this config with a last.ckpt ({len(runs)} runs of this "
-        f"config, all finished or without one{alive}); give the checkpoint's path instead"
+        f"config, all finished or without one{alive}{finished}); give the checkpoint's path "
+        "instead"
     )
