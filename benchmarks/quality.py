@@ -277,6 +277,15 @@ def sweep_criteria() -> tuple[Criterion, ...]:
             _const(0.0),
             "≥ 0.2",
         ),
+        Criterion(
+            # A trial that peaks at its first validation (the warm-up epoch) and only
+            # gets worse was not trained by the search, only started.
+            "best trial's best epoch (0 = the first)",
+            _metric("best_epoch"),
+            _const(1),
+            _const(0),
+            "≥ 1 (past the first)",
+        ),
     )
 
 
@@ -304,11 +313,15 @@ def sweep_outcome(workdir: Path) -> Outcome:
         t.value if t.value is not None else max(t.intermediate_values.values(), default=0.0)
         for t in done
     ]
+    best = done[values.index(max(values))] if done else None
+    curve = best.intermediate_values if best is not None else {}
     return Outcome(
         {
             "finished": float(len(done)),
             "best": max(values, default=0.0),
             "spread": max(values, default=0.0) - min(values, default=0.0),
+            # 0-based, as the trial reported it (its epoch number)
+            "best_epoch": float(max(curve, key=curve.get)) if curve else 0.0,
         }
     )
 

@@ -19,10 +19,12 @@ The sweep file (every key can also be given as a flag, which wins over the file)
     study_name: brats-unet                  # default: the sweep file's name
     storage: null                           # default: mlruns/optuna/<study_name>.journal
 
-Running the command again resumes the study; running it in several terminals (or on
-several hosts against PostgreSQL) adds workers. Each trial is an MLflow child run of the
-study's parent run; the best trial's full config is written to
-``mlruns/sweeps/<study_name>/best_config.yaml``, which ``medlit.fit`` runs unchanged.
+While a trial runs, the worker prints its values and log file, one line per validation
+(``trial 3  epoch 2/3  ...  val/dice_mean 0.61  best 0.61 (epoch 2)``) and its result,
+each line naming its trial. Running the command again resumes the study; running it in
+several terminals (or on several hosts against PostgreSQL) adds workers. Each trial is
+an MLflow child run of the study's parent run; the best trial's full config is written
+to ``mlruns/sweeps/<study_name>/best_config.yaml``, which ``medlit.fit`` runs unchanged.
 """
 
 from __future__ import annotations
