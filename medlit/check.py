@@ -26,6 +26,7 @@ import time
 from medlit.cli import build
 from medlit.datamodules.base import BaseDataModule
 from medlit.errors import ConfigError, Report, run_main
+from medlit.overview import maybe_overview
 
 log = logging.getLogger("medlit")
 
@@ -57,6 +58,8 @@ def check(argv: list[str]) -> Report:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
+    if maybe_overview("medlit.check", args):  # --help without a config
+        return 0
     result: list[Report] = []
     status = run_main(lambda: result.append(check(args)))
     if status:

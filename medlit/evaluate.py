@@ -20,6 +20,7 @@ from medlit.checkpoints import load_checkpoint
 from medlit.cli import build, prepare
 from medlit.errors import run_main
 from medlit.fit import summary
+from medlit.overview import maybe_overview
 from medlit.tracking import MLflowTracker
 
 log = logging.getLogger("medlit")
@@ -31,7 +32,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(prog="python -m medlit.evaluate", add_help=False)
     parser.add_argument("--ckpt_path", required=True)
     parser.add_argument("--split", choices=("val", "test"), default="val")
-    ours, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if maybe_overview("medlit.evaluate", args):  # before --ckpt_path is required
+        return {}
+    ours, rest = parser.parse_known_args(args)
     ckpt = Path(ours.ckpt_path).expanduser()
     load_checkpoint(ckpt)  # refused here, naming the file, if it is not safe to load
     experiment = build(rest)

@@ -25,6 +25,7 @@ import torch
 from medlit.cli import build
 from medlit.datamodules.base import BaseDataModule
 from medlit.errors import ConfigError, run_main
+from medlit.overview import maybe_overview
 from medlit.tasks.gan import GANTask
 
 log = logging.getLogger("medlit")
@@ -38,7 +39,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--output", required=True)
     parser.add_argument("--num_images", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    ours, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if maybe_overview("medlit.generate", args):  # before --ckpt_path is required
+        return []
+    ours, rest = parser.parse_known_args(args)
     experiment = build(rest, track=False)
     model, dm = experiment.model, experiment.datamodule
     if not isinstance(dm, BaseDataModule):

@@ -37,6 +37,7 @@ from medlit.checkpoints import load_checkpoint
 from medlit.cli import build, normalise_args
 from medlit.datamodules.base import BaseDataModule
 from medlit.errors import ConfigError, run_main
+from medlit.overview import maybe_overview
 from medlit.tasks.base import BaseTask
 
 log = logging.getLogger("medlit")
@@ -66,7 +67,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num_workers", type=int, default=None)
     parser.add_argument("--no_progress", action="store_true")
-    ours, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if maybe_overview("medlit.predict", args):  # before --ckpt_path is required
+        return []
+    ours, rest = parser.parse_known_args(args)
     if not rest:
         raise ConfigError("give the experiment's CONFIG file first")
     ckpt = Path(ours.ckpt_path).expanduser()
