@@ -352,6 +352,7 @@ def test_sweep_records_trials_resumes_and_writes_a_runnable_best_config(
         assert f"trial {t.number}  model.lr {t.params['model.lr']:.4g}  model.loss" in done.stdout
         epochs = [ln for ln in log.read_text().splitlines() if ln.startswith("epoch ")]
         relayed = [ln for ln in out if ln.startswith(f"trial {t.number}  epoch ")]
+        assert len(epochs) == MAX_EPOCHS  # medlit.progress's line, one per validation
         assert relayed == [f"trial {t.number}  {ln}" for ln in epochs]
         best_epoch = max(t.intermediate_values, key=t.intermediate_values.get) + 1
         assert (
