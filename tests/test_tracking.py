@@ -371,3 +371,79 @@ def test_a_read_only_sqlite_store_is_one_clear_error(brats_root: Path, tmp_path:
         if immutable:
             subprocess.run(["chattr", "-i", str(good)], check=True)
         good.chmod(0o644)
+
+
+def _as_config(flags: list[str]) -> dict:
+    """``--a.b=v`` overrides as one config (the task's and data module's under
+    ``init_args``), so that the runs below are named by their one real override."""
+    import yaml
+
+    config: dict = {}
+    for flag in flags:
+        key, _, value = flag.removeprefix("--").partition("=")
+        parts = key.split(".")
+        if parts[0] in ("model", "data") and parts[1] != "init_args":
+            parts.insert(1, "init_args")
+        node = config
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return config
+
+
+@pytest.mark.slow
+def test_two_runs_are_told_apart_on_the_mlflow_pages_the_summary_links(
+    brats_root: Path,
+    shared_store: str,
+    mlflow_ui: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each run is named by what it is, and the links the run's summary prints open, in
+    headless Chromium, the model-training pages (not MLflow 3's GenAI traces) with the
+    runs table showing the key metrics; the screenshots are kept in test-artifacts/."""
+    import yaml
+
+    from tests.helpers.browser import ARTIFACTS, page
+
+    demo, *flags = tiny(
+        brats_root,
+        shared_store,
+        "--trainer.max_epochs=1",
+        "--trainer.logger.init_args.experiment_name=two-named-runs",
+    )
+    settings = tmp_path / "tiny.yaml"
+    settings.write_text(yaml.safe_dump(_as_config(flags)))
+    printed = {}
+    for lr in ("0.003", "0.01"):
+        main([demo, "--config", str(settings), f"--model.lr={lr}"])
+        printed[lr] = capsys.readouterr().out
+    client = MlflowClient(shared_store)
+    experiment = client.get_experiment_by_name("two-named-runs")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time"])
+    names = [r.info.run_name for r in runs]
+    assert len(set(names)) == 2
+    assert names[0].startswith("brats_unet lr=0.003 ")
+    assert names[1].startswith("brats_unet lr=0.01 ")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(experiment.tags["mlflow.sharedViewState.medlit"])
+    assert view["selectedColumns"][:2] == ["metrics.`val/dice_mean`", "metrics.`test/dice_mean`"]
+
+    def link(out: str, label: str) -> str:
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(label))
+        return line.split(label, 1)[1].strip().replace("http://127.0.0.1:5000", mlflow_ui)
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with page() as tab:
+        tab.goto(link(printed["0.01"], "its runs:"))
+        for name in names:
+            tab.get_by_text(name, exact=True).wait_for(timeout=60_000)
+        tab.get_by_text("val/dice_mean").first.wait_for(timeout=30_000)
+        text = tab.inner_text("body")
+        tab.screenshot(path=str(ARTIFACTS / "mlflow_ui_runs.png"))
+        assert "Traces" not in text.split("Runs")[0]  # opened on the runs, not GenAI
+        assert "test/dice_mean" in text
+        tab.goto(link(printed["0.01"], "this run:"))
+        tab.get_by_text(names[1]).first.wait_for(timeout=60_000)
+        tab.screenshot(path=str(ARTIFACTS / "mlflow_ui_run.png"))
+    assert (ARTIFACTS / "mlflow_ui_runs.png").stat().st_size > 10_000

@@ -26,7 +26,15 @@ from medlit.errors import MedlitError, Unburied
 from medlit.liveness import me
 from medlit.tracking.retry import fail_fast_over_http, rejected, retrying
 from medlit.tracking.spool import write_spool
-from medlit.tracking.store import DEFAULT_TRACKING_URI, init_store, sqlite_dir
+from medlit.tracking.store import (
+    DEFAULT_TRACKING_URI,
+    experiment_url,
+    init_store,
+    mark_training_experiment,
+    run_url,
+    share_view,
+    sqlite_dir,
+)
 
 HEARTBEAT_EVERY = 60.0  # seconds between a run's heartbeats (while it logs metrics)
 # Another host's run is taken for dead after this long without a heartbeat: generous,
@@ -247,12 +255,22 @@ class MLflowTracker(MLFlowLogger):
         if self._initialized or (self._down_since is not None and self._offline_id):
             return self._mlflow_client
         try:
-            return retrying(
+            client = retrying(
                 "open the run",
                 lambda: MLFlowLogger.experiment.fget(self),
                 retries=self.retries,
                 delay=self.retry_delay,
             )
+            # The experiment opens on its runs (a model-training experiment), not on
+            # MLflow 3's empty GenAI traces page. Cosmetic: never worth failing a run.
+            self._safely(
+                "tag the experiment kind",
+                mark_training_experiment,
+                client,
+                self._experiment_id,
+                record={"op": "experiment_kind"},
+            )
+            return client
         except Exception as e:  # noqa: BLE001 - the store does not answer: run offline
             if rejected(e):
                 raise
@@ -288,6 +306,30 @@ class MLflowTracker(MLFlowLogger):
     @property
     def tracking_uri(self) -> str:
         return self._tracking_uri
+
+    @property
+    def run_url(self) -> str | None:
+        """The run's page in the MLflow UI (for a local store, where ``mlflow ui``
+        serves it by default), or None before the run exists."""
+        return run_url(self._tracking_uri, self._experiment_id, self._run_id)
+
+    @property
+    def experiment_url(self) -> str | None:
+        """The experiment's runs table in the MLflow UI, key metrics as columns."""
+        return experiment_url(self._tracking_uri, self._experiment_id)
+
+    @rank_zero_only
+    def show_metrics(self, metrics: list[str]) -> None:
+        """Make ``metrics`` columns of the experiment's runs table (:func:`share_view`)."""
+        if self._experiment_id:
+            self._safely(
+                "show metrics in the runs table",
+                share_view,
+                self._mlflow_client,
+                self._experiment_id,
+                metrics,
+                record={"op": "show_metrics", "metrics": metrics},
+            )
 
     def runs_of_config(self, fingerprint: str) -> list[Any]:
         """The experiment's runs tagged with config hash ``fingerprint``, newest first."""

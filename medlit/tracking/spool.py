@@ -17,6 +17,7 @@ from medlit.checkpoints import stored_once
 from medlit.datasets.io.files import usual_mode
 from medlit.errors import MedlitError
 from medlit.tracking.retry import fail_fast_over_http, retrying
+from medlit.tracking.store import mark_training_experiment, share_view
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ def replay(client: Any, run_id: str, record: dict, folder: Path) -> None:
             client.log_batch(run_id, params=params[i : i + 100])
     elif op == "set_tag":
         client.set_tag(run_id, record["key"], record["value"])
+    elif op == "experiment_kind":
+        mark_training_experiment(client, client.get_run(run_id).info.experiment_id)
+    elif op == "show_metrics":
+        share_view(client, client.get_run(run_id).info.experiment_id, record["metrics"])
     elif op == "log_artifacts":
         client.log_artifacts(run_id, str(folder / record["folder"]), record["artifact_path"])
     elif op == "finalize":

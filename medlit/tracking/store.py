@@ -68,3 +68,68 @@ def sqlite_dir(uri: str) -> Path | None:
     """The folder of a ``sqlite:///`` store (its artifacts and checkpoints go there), or
     None for a server or another kind of store."""
     return Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
+
+
+# MLflow 3's UI (3.17) opens an experiment on its GenAI pages (traces, an empty overview)
+# and keeps that choice per browser: a link with ``workflowType=machine_learning`` opens
+# the model-training pages. The experiment tag is what the UI reads for the same choice
+# when its global switch is off (and what its own "experiment type" setting writes).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
+# The runs table shows no metric column until the user picks them; a "shared view" (an
+# experiment tag the UI's own "share view" writes, named by ``viewStateShareKey`` in the
+# link) opens it with the run's key metrics as columns.
+VIEW_KEY = "medlit"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+MAX_VIEW_COLUMNS = 8
+
+
+def mark_training_experiment(client: object, experiment_id: str) -> None:
+    """Tag an experiment as model training (:data:`EXPERIMENT_KIND`) unless its kind is
+    already set (a user's choice in the UI stays)."""
+    key, value = EXPERIMENT_KIND
+    experiment = client.get_experiment(experiment_id)  # type: ignore[attr-defined]
+    if key not in (experiment.tags or {}):
+        client.set_experiment_tag(experiment_id, key, value)  # type: ignore[attr-defined]
+
+
+def share_view(client: object, experiment_id: str, metrics: list[str]) -> None:
+    """Add ``metrics`` (first the most important) to the columns of the experiment's
+    shared runs-table view (:data:`VIEW_TAG`), keeping those of earlier runs first, at most
+    :data:`MAX_VIEW_COLUMNS`."""
+    import json
+
+    experiment = client.get_experiment(experiment_id)  # type: ignore[attr-defined]
+    try:
+        view = json.loads((experiment.tags or {}).get(VIEW_TAG, "{}"))
+    except ValueError:
+        view = {}
+    columns = [c for c in view.get("selectedColumns", []) if isinstance(c, str)]
+    for name in metrics:
+        column = f"metrics.`{name}`"
+        if column not in columns:
+            columns.append(column)
+    view["selectedColumns"] = columns[:MAX_VIEW_COLUMNS]
+    client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(view))  # type: ignore[attr-defined]
+
+
+def _base(uri: str) -> str:
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
+
+
+def run_url(uri: str, experiment_id: str | None, run_id: str | None) -> str | None:
+    """The address of a run's page in the MLflow UI: on the server for an ``http(s)``
+    store, on ``mlflow ui``'s default address for a local one."""
+    if not experiment_id or not run_id:
+        return None
+    return f"{_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def experiment_url(uri: str, experiment_id: str | None) -> str | None:
+    """The address of an experiment's runs table, with its key metrics as columns."""
+    if not experiment_id:
+        return None
+    return (
+        f"{_base(uri)}/#/experiments/{experiment_id}/runs"
+        f"?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+    )
