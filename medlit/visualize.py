@@ -52,8 +52,11 @@ def save_overlays(shown: Sequence[dict], region_names: Sequence[str], path: str 
     plt.close(fig)
 
 
-def save_confusion(matrix: np.ndarray, names: Sequence[str], path: str | Path) -> None:
-    """Confusion matrix (rows: truth, columns: prediction), counts and row-normalised colour."""
+def save_confusion(
+    matrix: np.ndarray, names: Sequence[str], path: str | Path, title: str | None = None
+) -> None:
+    """Confusion matrix (rows: truth, columns: prediction), counts and row-normalised
+    colour (the share of each true class), with a title saying which images it counts."""
     k = len(names)
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k))
     rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
@@ -73,6 +76,8 @@ def save_confusion(matrix: np.ndarray, names: Sequence[str], path: str | Path) -
     ax.set_yticks(range(k), names, fontsize=7)
     ax.set_xlabel("prediction")
     ax.set_ylabel("truth")
+    if title:
+        ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -65,8 +65,15 @@ def test_classifier_tracks_isic_metrics_and_writes_the_submission(
         "test_confusion.png",
         "gradcam.png",
         "val_predictions.csv",
+        "val_confusion.png",
+        "test_predictions.csv",
     } <= set(files)
     client = mlflow.MlflowClient(tracking_uri)
+    # Per image, the truth beside the prediction, from the epoch of the best checkpoint.
+    table = pd.read_csv(client.download_artifacts(run.info.run_id, "test_predictions.csv"))
+    assert list(table.columns[:5]) == ["epoch", "image", "truth", "prediction", "correct"]
+    assert set(table["truth"]) <= set(CLASSES[year]) and len(table) > 0
+    assert (table["correct"] == (table["truth"] == table["prediction"])).all()
     submission = pd.read_csv(client.download_artifacts(run.info.run_id, "test_submission.csv"))
     expected = {
         "2018_task3": ["image", *CLASSES[year]],

@@ -84,6 +84,7 @@ class ClassificationTask(BaseTask):
         in_chans = None  # noqa: F841 - the hyperparameters keep the new name only
         super().__init__()
         self._outputs: list[dict[str, Any]] = []
+        self._best_val: float | None = None
 
     def configure_models(self) -> None:
         h = self.hparams
@@ -193,21 +194,70 @@ class ClassificationTask(BaseTask):
             return
         if scored is not None and stage == "test":
             log_file(self.trainer, "test_froc.png", scored.plot)
+        # The validation tables are those of the best epoch so far (the epoch of the best
+        # checkpoint), not of whichever epoch came last.
+        best = stage == "val" and self._new_best(metrics)
+        if stage == "test" or best:
+            table = prediction_table(ids, probs, target, names)
+            table.insert(0, "epoch", self.current_epoch)
+            log_file(
+                self.trainer, f"{stage}_predictions.csv", lambda p: table.to_csv(p, index=False)
+            )
         if stage == "test" and dm is not None:  # the challenge's own submission format
             log_file(
                 self.trainer,
                 "test_submission.csv",
                 lambda p: dm.write_submission(p, ids, probs.numpy(), names),
             )
-        else:
-            table = pd.DataFrame(probs.numpy(), columns=names)
-            table.insert(0, "image", ids)
-            log_file(
-                self.trainer, f"{stage}_predictions.csv", lambda p: table.to_csv(p, index=False)
-            )
-        if self.hparams["log_images"] and stage == "test":
+        if self.hparams["log_images"] and (stage == "test" or best):
             matrix = confusion(probs, target).numpy()
-            log_file(self.trainer, "test_confusion.png", lambda p: save_confusion(matrix, names, p))
+            title = f"{stage}, {len(ids)} images, " + (
+                "best checkpoint" if stage == "test" else f"epoch {self.current_epoch}"
+            )
+            log_file(
+                self.trainer,
+                f"{stage}_confusion.png",
+                lambda p: save_confusion(matrix, names, p, title=title),
+            )
+        if stage == "test":
+            self._log_gradcam()
+
+    def _new_best(self, metrics: dict[str, float]) -> bool:
+        """Whether this validation's monitored value is the best of the run so far."""
+        value = metrics.get(self.monitor.split("/", 1)[-1])
+        if value is None or math.isnan(value):
+            return False
+        old = self._best_val
+        if old is not None and not (value > old if self.mode == "max" else value < old):
+            return False
+        self._best_val = float(value)
+        return True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["medlit_best_val"] = self._best_val  # a resumed run goes on comparing
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._best_val = checkpoint.get("medlit_best_val", self._best_val)
+
+    def _log_gradcam(self) -> None:
+        """Grad-CAM overlays of a few validation images, by the weights being tested: the
+        best checkpoint (``medlit.fit`` tests it), not the final weights."""
+        n = self.hparams["num_cam_images"]
+        dm = self.data
+        if not self.hparams["log_images"] or n <= 0 or dm is None or "val" not in dm.datasets:
+            return
+        # Testing runs under inference mode, which Grad-CAM's backward pass cannot: the
+        # images are read (and the overlays computed) with it switched off.
+        with torch.inference_mode(False), torch.enable_grad():
+            items = [dm.datasets["val"][i] for i in range(min(n, len(dm.datasets["val"])))]
+            if items:
+                log_file(
+                    self.trainer,
+                    "gradcam.png",
+                    lambda p: save_gradcam(self, items, self.class_names, p),
+                )
 
     def prediction_writer(self, output: Path) -> BasePredictionWriter:
         return SubmissionWriter(output)
@@ -221,16 +271,16 @@ class ClassificationTask(BaseTask):
             for c, p in zip(batch["case_id"], probs, strict=True)
         ]
 
-    def on_fit_end(self) -> None:
-        """Grad-CAM overlays of a few validation images with the final weights."""
-        n = self.hparams["num_cam_images"]
-        dm = self.data
-        if not self.hparams["log_images"] or n <= 0 or dm is None or "val" not in dm.datasets:
-            return
-        items = [dm.datasets["val"][i] for i in range(min(n, len(dm.datasets["val"])))]
-        if items:
-            log_file(
-                self.trainer,
-                "gradcam.png",
-                lambda p: save_gradcam(self, items, self.class_names, p),
-            )
+
+def prediction_table(
+    ids: list[str], probs: Tensor, target: Tensor, names: list[str]
+) -> pd.DataFrame:
+    """One row per image: the truth beside the prediction (class names), whether they
+    agree, and each class's probability."""
+    predicted = probs.argmax(1)
+    table = pd.DataFrame(probs.numpy(), columns=[f"p_{n}" for n in names])
+    table.insert(0, "correct", (predicted == target).numpy())
+    table.insert(0, "prediction", [names[int(i)] for i in predicted])
+    table.insert(0, "truth", [names[int(i)] for i in target])
+    table.insert(0, "image", ids)
+    return table
