@@ -106,7 +106,7 @@ def source(key: str, args: Sequence[str]) -> str:
     """Where ``key`` was given: the flag as typed, or the config file that sets it."""
     head, _, rest = key.partition(".")
     spellings = [f"--{key}"] + ([f"--{head}.init_args.{rest}"] if rest else [])
-    for i, arg in enumerate(args):
+    for i, arg in reversed(list(enumerate(args))):  # the last one given wins
         for flag in spellings:
             if arg == flag:
                 value = args[i + 1] if i + 1 < len(args) else ""

@@ -584,7 +584,10 @@ def test_a_clean_dataset_passes(datasets, capsys: pytest.CaptureFixture) -> None
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--data.rooot=/x"], r"rooot"),
+        (
+            ["--data.rooot=/x"],
+            r"unknown key data.rooot \(from flag --data.rooot=/x\): did you mean data.root\?",
+        ),
         (
             ["--model.encoder=tu-test_resnt"],
             r"model.encoder='tu-test_resnt' is not a known "
@@ -618,19 +621,9 @@ def test_config_errors_fail_at_start_up_naming_the_key(
     file = tmp_path / "a-file"
     file.write_text("")
     args = [*ds.argv(), *(e.format(file=file) for e in extra)]
-    with pytest.raises(SystemExit) if "rooot" in extra[0] else _no_raise():
-        status = check_main(args)
-        assert status == 2
+    assert check_main(args) == 2
     captured = capsys.readouterr()
     assert re.search(message, captured.err), captured.err
     # Nothing was created: the test's store is still the empty one it started as.
     [db] = (tmp_path / "mlruns").iterdir()
     assert db.read_bytes() == empty_store.read_bytes()
-
-
-class _no_raise:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
