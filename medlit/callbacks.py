@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +14,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
 from medlit.errors import NonFiniteLossError
+
+log = logging.getLogger("medlit")
 
 
 class FiniteLossGuard(Callback):
@@ -46,7 +50,8 @@ class LastCheckpoint(ModelCheckpoint):
     """``last.ckpt`` after every validation (or epoch): the full training state
     (weights, optimizers, schedulers, loops, callbacks, RNG) that
     ``medlit.fit CONFIG --ckpt_path=last`` continues from. It is kept beside the run's
-    checkpoints and never uploaded as the run's model (that is the best checkpoint)."""
+    checkpoints and never uploaded as the run's model (that is the best checkpoint), and
+    removed once the run has finished (:meth:`run_finished`)."""
 
     def __init__(self) -> None:
         super().__init__(save_last=True, save_top_k=0)
@@ -64,6 +69,34 @@ class LastCheckpoint(ModelCheckpoint):
             trainer
         ) and self._should_save_on_train_epoch_end(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    @classmethod
+    def run_finished(cls, trainer: Trainer, keep: bool = False) -> list[Path]:
+        """Remove the ``last.ckpt`` this run wrote, once the run has finished (its fit, and
+        its test when it has one, completed: the tracker marks it FINISHED), unless
+        ``keep`` (``--keep_last_checkpoint``); returns the files removed.
+
+        Only resuming reads it, and ``--ckpt_path=last`` never continues a finished run:
+        it was three times the best checkpoint's size (optimizer moments) left on disk
+        for nothing. Called by ``medlit.fit`` only after a run completed, never after an
+        interruption, a failure, a requeue or a pruned sweep trial, whose last.ckpt is
+        what continues them; the trainer's state is checked again here."""
+        if keep or not trainer.is_global_zero or not trainer.state.finished or trainer.interrupted:
+            return []
+        removed = []
+        for callback in trainer.callbacks:
+            if isinstance(callback, cls) and callback.last_model_path:
+                last = Path(callback.last_model_path)
+                if last.is_file():
+                    last.unlink()
+                    removed.append(last)
+        if removed:
+            log.info(
+                "the run has finished: removed %s (only resuming reads it; "
+                "--keep_last_checkpoint=true keeps it)",
+                ", ".join(map(str, removed)),
+            )
+        return removed
 
 
 def _rng_states() -> dict[str, Any]:

@@ -19,16 +19,20 @@ from pathlib import Path
 from typing import Any
 
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from medlit.callbacks import FiniteLossGuard, LastCheckpoint, ResumeState, Speedups
+from medlit.completion import PrintCompletion
+from medlit.curves import LearningCurves
 from medlit.datamodules.base import BaseDataModule
 from medlit.errors import ConfigError, MedlitError, Unburied
+from medlit.progress import EpochLine, interactive, progress_bar
 from medlit.tasks.base import BaseTask
-from medlit.tracking import DEFAULT_TRACKING_URI, flatten, log_run_metadata
+from medlit.tracking import DEFAULT_TRACKING_URI, MLflowTracker, flatten, log_run_metadata
 from medlit.tuning.trial import TrialReporter
 from medlit.tuning.trial import context as sweep_trial
+from medlit.usage import UsageError, command, explain
 
 
 class TrackConfig(SaveConfigCallback):
@@ -59,6 +63,8 @@ RESUME_FREE = (
     "channels_last",
     "compile",
     "compile_mode",
+    # what is kept on disk once the run has finished, not what is trained
+    "keep_last_checkpoint",
 )
 
 
@@ -238,13 +244,42 @@ class MedlitCLI(LightningCLI):
             **kwargs,
         )
 
+    def init_parser(self, **kwargs: Any) -> Any:
+        kwargs.setdefault("prog", command())  # argparse would say fit.py
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """As LightningCLI's, less its warning about ``args`` given beside ``sys.argv``
+        (medlit's entry points pass their own normalised argv on purpose), and with a
+        config that does not parse said in a few lines (:mod:`medlit.usage`) instead of
+        the usage text and jsonargparse's union-subtype listing."""
+        from jsonargparse import ArgumentError
+
+        parser.exit_on_error = False
+        try:
+            self.config = parser.parse_args(args)
+        except ArgumentError as e:
+            options = list(getattr(parser, "_option_string_actions", {}))
+            raise UsageError(explain(str(e), list(args or []), options)) from None
+        finally:
+            parser.exit_on_error = True
+
     def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument("--print_completion", action=PrintCompletion)
         parser.add_argument(
             "--ckpt_path",
             type=str | None,
             default=None,
             help="continue a run: 'last' (the latest unfinished run of this config in its "
             "MLflow experiment) or a checkpoint file (its run is continued)",
+        )
+        parser.add_argument(
+            "--keep_last_checkpoint",
+            type=bool,
+            default=False,
+            help="keep last.ckpt (the full training state, about 3x the best checkpoint) "
+            "once the run has finished; by default it is removed then, as only resuming an "
+            "unfinished run reads it",
         )
         parser.add_argument(
             "--channels_last",
@@ -313,6 +348,18 @@ class MedlitCLI(LightningCLI):
             )
         if not any(isinstance(c, LastCheckpoint) for c in user):
             extra.append(LastCheckpoint())
+        if not any(isinstance(c, LearningCurves) for c in user):
+            extra.append(LearningCurves())
+        if not any(isinstance(c, EpochLine) for c in user):
+            extra.append(EpochLine())
+        if trainer_cfg.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in user
+        ):
+            if trainer_cfg.get("enable_progress_bar") is None and not interactive():
+                # A log file (a SLURM job, > run.log): the bar's frames, not epoch lines.
+                kwargs["enable_progress_bar"] = False
+            else:
+                extra.append(progress_bar())
         if trainer_cfg.get("logger") not in (None, False) and not any(
             isinstance(c, LearningRateMonitor) for c in user
         ):
@@ -510,7 +557,50 @@ def build(argv: Sequence[str], *, defaults: Sequence[str] = (), track: bool = Tr
     except Unburied as e:  # a damaged tracking store, say: its own one-line error
         raise e.error from None
     check_compatible(cli.model, cli.datamodule)
+    name = run_name(argv)
+    for tracker in cli.trainer.loggers if track else []:
+        # Lightning's logger leaves the name to MLflow, which draws it from the generator
+        # seed_everything has just seeded: every run of every experiment had one name.
+        if isinstance(tracker, MLflowTracker) and tracker._run_name is None:
+            tracker._run_name = name
     return Experiment(cli, cli.model, cli.datamodule, cli.trainer)
+
+
+# Overrides that say where a run logs or resumes, not what it trains: not in its name.
+UNNAMED = ("--ckpt_path", "--config", "--trainer.logger", "--print_config", "--keep_last")
+
+
+def run_name(argv: Sequence[str], when: float | None = None) -> str:
+    """A run's default MLflow name: what it is, so that runs can be told apart in the
+    UI's table and chart legends: the config file's name, the overrides given on the
+    command line (the last part of each key: ``lr=3e-4``) and the start time, e.g.
+    ``brats_unet lr=3e-4 max_epochs=20 12-01 18:13:05``."""
+    import time
+
+    args = list(argv)
+    stem = "run"
+    if args and not args[0].startswith("-"):
+        stem, args = Path(args[0]).stem, args[1:]
+    parts: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        key, eq, value = arg.partition("=")
+        if not eq and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value, i = args[i + 1], i + 1
+        i += 1
+        if key == "--config":  # the first config names the experiment; later ones add to it
+            if stem == "run" and "\n" not in value:
+                stem = Path(value).stem
+            continue
+        if not key.startswith("--") or key.startswith(UNNAMED):
+            continue
+        parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
+    overrides = " ".join(parts)
+    if len(overrides) > 60:
+        overrides = overrides[:59] + "…"
+    stamp = time.strftime("%m-%d %H:%M:%S", time.localtime(when))
+    return " ".join(p for p in (stem, overrides, stamp) if p)
 
 
 def prepare(datamodule: LightningDataModule) -> None:

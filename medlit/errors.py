@@ -121,7 +121,11 @@ class Report:
 
 def run_main(main: Callable[[], object]) -> int:
     """Exit status of an entry point: 0, or 2 with ``medlit: error: ...`` on stderr for
-    medlit's own errors (bad data, bad config), which need no traceback."""
+    medlit's own errors (bad data, bad config), which need no traceback. The messages
+    that tell a user nothing are silenced first (:mod:`medlit.quiet`)."""
+    from medlit import quiet
+
+    quiet.install()
     try:
         main()
     except MedlitError as e:

@@ -23,6 +23,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from medlit.callbacks import LastCheckpoint
 from medlit.cli import build, check_schedule, prepare
 from medlit.errors import ConfigError, run_main
+from medlit.overview import maybe_overview
+from medlit.progress import EpochLine
 from medlit.tracking import MLflowTracker
 from medlit.tracking.resume import resume_from
 from medlit.tuning.trial import TrialReporter, write_result
@@ -34,20 +36,54 @@ def summary(
     metrics: dict[str, float],
     trackers: list[MLflowTracker],
     title: str = "Test results (best checkpoint)",
+    best: str | None = None,
 ) -> str:
+    """What a run leaves the user with: its test metrics, the best validation value with
+    its epoch and checkpoint (``best``), and the run's page in the MLflow UI."""
     lines = ["", title, "-" * 40]
     width = max((len(k) for k in metrics), default=0)
     lines += [f"{k:<{width}}  {v:10.4f}" for k, v in sorted(metrics.items())]
+    if best:
+        lines.append(best)
     for t in trackers:
         if t.run_id:
-            lines.append(
-                f"MLflow run {t.run_id} (experiment '{t.experiment_name}') at {t.tracking_uri}"
-            )
+            name = t.run(t.run_id)
+            shown = f" '{name.info.run_name}'" if name is not None else ""
+            lines.append(f"MLflow run{shown} (experiment '{t.experiment_name}', id {t.run_id})")
+            if url := t.run_url:
+                lines.append(f"  this run:    {url}")
+            if url := t.experiment_url:
+                lines.append(f"  its runs:    {url}")
             if t.tracking_uri.startswith("sqlite:"):
-                lines.append(f"  view: mlflow ui --backend-store-uri {t.tracking_uri}")
+                lines.append(f"  (serve it first: mlflow ui --backend-store-uri {t.tracking_uri})")
         if t.dropped:
             lines.append(f"  warning: {t.dropped} tracking calls failed and were dropped")
     return "\n".join(lines)
+
+
+def key_metrics(model: object, tested: dict[str, float], most: int = 5) -> list[str]:
+    """The metrics a runs table shows first: the monitored validation metric, its test
+    value, then the other test metrics (means and macro averages before the rest)."""
+    monitor = getattr(model, "monitor", None)
+    out = [monitor] if monitor else []
+    if monitor and (test := "test/" + monitor.split("/", 1)[-1]) in tested:
+        out.append(test)
+    rest = sorted(
+        (k for k in tested if k not in out),
+        key=lambda k: (not k.endswith(("_mean", "_macro", "accuracy", "cpm")), k),
+    )
+    return out + rest[: max(0, most - len(out))]
+
+
+def best_line(trainer: Trainer, best: str | None) -> str | None:
+    """``best val/dice_mean 0.8123 at epoch 9/12: <checkpoint>``, from the epoch lines'
+    record of the best validation (epochs counted from 1)."""
+    line = next((c for c in trainer.callbacks if isinstance(c, EpochLine)), None)
+    if line is None or line.best is None or line.best_epoch is None or not line.monitor:
+        return None
+    total = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+    where = f": {best}" if best else ""
+    return f"best {line.monitor} {line.best:.4f} at epoch {line.best_epoch + 1}{total}{where}"
 
 
 def slurm_requeue_checkpoint(trainer: Trainer) -> Path | None:
@@ -105,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run one experiment; returns the test metrics of the best checkpoint."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = sys.argv[1:] if argv is None else list(argv)
+    if maybe_overview("medlit.fit", args):  # --help without a config
+        return {}
     experiment = build(args)
     model, datamodule, trainer = experiment.model, experiment.datamodule, experiment.trainer
     check_schedule(model, trainer)
@@ -142,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if trainer.is_global_zero:
             write_result(reporter.ctx["result_file"], reporter.result())
         if not reporter.ctx.get("test") or reporter.pruned:
+            if not reporter.pruned:  # a finished trial; a pruned one stays as it stopped
+                LastCheckpoint.run_finished(trainer, experiment.config.get("keep_last_checkpoint"))
             return {}
     ckpt = trainer.checkpoint_callback
     best = (
@@ -154,8 +194,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     trackers = [lg for lg in trainer.loggers if isinstance(lg, MLflowTracker)]
+    for tracker in trackers:  # the runs table opens with the run's key metrics
+        tracker.show_metrics(key_metrics(model, metrics))
     if trainer.is_global_zero:
-        print(summary(metrics, trackers))
+        title = "Test results (best checkpoint)" if best else "Test results (last weights)"
+        print(summary(metrics, trackers, title, best_line(trainer, best)))
+    LastCheckpoint.run_finished(trainer, experiment.config.get("keep_last_checkpoint"))
     return metrics
 
 

@@ -42,6 +42,7 @@ from jsonargparse.typing import Path_fr
 
 from medlit import yamlsafe
 from medlit.errors import ConfigError, run_main
+from medlit.overview import maybe_overview
 from medlit.tuning import space as sp
 from medlit.tuning.worker import SweepConfig, Worker
 
@@ -59,15 +60,27 @@ def parser() -> ArgumentParser:
     p.add_argument("--overrides", type=dict[str, Any], default={}, help="fixed config values")
     p.add_class_arguments(sp.Objective, "objective", help="the metric a trial is worth")
     p.add_argument("--search_space", type=dict[str, sp.Param], required=True)
-    p.add_argument("--n_trials", type=int | None, default=None, help="trials in the whole study")
+    p.add_argument(
+        "--n_trials", "--n-trials", type=int | None, default=None, help="trials in the whole study"
+    )
     p.add_argument("--timeout", type=float | None, default=None, help="seconds for this worker")
     p.add_class_arguments(sp.SamplerConfig, "sampler")
     p.add_class_arguments(sp.PrunerConfig, "pruner")
-    p.add_argument("--study_name", type=str | None, default=None)
+    p.add_argument("--study_name", "--study-name", type=str | None, default=None)
     p.add_argument("--storage", type=str | None, default=None, help="journal file or DB URL")
-    p.add_argument("--output_dir", type=str | None, default=None, help="trial logs, best config")
-    p.add_argument("--max_retry", type=int, default=2, help="retries of a dead worker's trial")
-    p.add_argument("--test_trials", type=bool, default=False, help="also test each trial")
+    p.add_argument(
+        "--output_dir",
+        "--output-dir",
+        type=str | None,
+        default=None,
+        help="trial logs, best config",
+    )
+    p.add_argument(
+        "--max_retry", "--max-retry", type=int, default=2, help="retries of a dead worker's trial"
+    )
+    p.add_argument(
+        "--test_trials", "--test-trials", type=bool, default=False, help="also test each trial"
+    )
     p.add_argument("--workers", type=int, default=1, help="worker processes to start here")
     # Accepted from older commands; each trial's draw is now seeded by its trial number.
     p.add_argument("--worker_index", type=int, default=0, help="(no longer needed)")
@@ -138,6 +151,8 @@ def spawn_workers(argv: list[str], n: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if maybe_overview("medlit.sweep", argv):  # --help without a sweep file
+        return 0
     cfg, workers = load(argv)
     if workers > 1:
         code = spawn_workers(argv, workers)

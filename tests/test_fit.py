@@ -14,6 +14,7 @@ from medlit.datasets.io.volume import read_volume, write_volume
 from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, NonFiniteLossError
 from medlit.fit import main
 from medlit.tasks import SegmentationTask
+from medlit.usage import UsageError
 from tests.helpers.shared import Trained
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,6 +80,7 @@ def test_fit_tests_the_best_checkpoint_and_tracks_the_run(brats_unet: Trained) -
     assert 0 <= metrics["test/dice_mean"] <= 1
     out = brats_unet.stdout
     assert "Test results (best checkpoint)" in out and "mlflow ui --backend-store-uri" in out
+    assert "#/experiments/" in out and "best val/" in out and "viewStateShareKey" in out
 
     tracking_uri = brats_unet.tracking_uri
     client = mlflow.MlflowClient(tracking_uri)
@@ -104,6 +106,11 @@ def test_fit_tests_the_best_checkpoint_and_tracks_the_run(brats_unet: Trained) -
         "val_slices/epoch_000.png",
     } <= set(files)
     assert any(f.endswith(".ckpt") for f in files)
+    # The run finished: its last.ckpt (read only to resume) is gone, and the best
+    # checkpoint's artifact is the file in checkpoints/ (a hard link), not a second copy.
+    best = brats_unet.ckpt
+    assert not (best.parent / "last.ckpt").exists()
+    assert (Path(run.info.artifact_uri) / best.stem / best.name).samefile(best)
     local = Path(client.download_artifacts(run.info.run_id, "config.yaml"))
     config = yaml.safe_load(local.read_text())
     assert config["model"]["class_path"] == "medlit.tasks.SegmentationTask"
@@ -112,10 +119,23 @@ def test_fit_tests_the_best_checkpoint_and_tracks_the_run(brats_unet: Trained) -
 
 
 def test_image_artefacts_can_be_switched_off(brats_root: Path, tracking_uri: str) -> None:
-    main(tiny(brats_root, tracking_uri, "--trainer.max_epochs=1", "--model.log_images=false"))
+    """Also: ``--keep_last_checkpoint=true`` keeps a finished run's last.ckpt."""
+    main(
+        tiny(
+            brats_root,
+            tracking_uri,
+            "--trainer.max_epochs=1",
+            "--model.log_images=false",
+            "--keep_last_checkpoint=true",
+        )
+    )
     [run] = _runs(tracking_uri)
     files = _artifacts(tracking_uri, run.info.run_id)
-    assert "test_per_case.csv" in files and not [f for f in files if f.endswith(".png")]
+    # No picture of the data; the learning curves show none (losses and metrics only).
+    pictures = [f for f in files if f.endswith(".png") and f != "learning_curves.png"]
+    assert "test_per_case.csv" in files and not pictures
+    store = Path(tracking_uri.removeprefix("sqlite:///")).parent
+    assert (store / run.info.experiment_id / run.info.run_id / "checkpoints/last.ckpt").is_file()
 
 
 @pytest.mark.parametrize(
@@ -140,19 +160,17 @@ def test_fast_dev_run_variants(brats_root: Path, tracking_uri: str, extra: list[
 def test_unknown_key_fails_at_parse_time(
     brats_root: Path, tracking_uri: str, capsys: pytest.CaptureFixture
 ) -> None:
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UsageError) as e:  # the command prints it and exits with 2
         main(tiny(brats_root, tracking_uri, "--model.init_args.lrr=0.1"))
-    assert e.value.code != 0
-    assert "lrr" in capsys.readouterr().err
+    assert "unknown key model.lrr (from flag --model.init_args.lrr=0.1)" in str(e.value)
 
 
 def test_invalid_value_fails_at_parse_time(
     brats_root: Path, tracking_uri: str, capsys: pytest.CaptureFixture
 ) -> None:
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError) as e:
         main(tiny(brats_root, tracking_uri, "--model.target=voxels"))
-    err = capsys.readouterr().err
-    assert "target" in err and "voxels" in err
+    assert str(e.value).startswith("model.target=voxels (from flag --model.target=voxels): ")
 
 
 def test_print_config_shows_overrides(capsys: pytest.CaptureFixture) -> None:

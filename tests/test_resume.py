@@ -135,6 +135,9 @@ def test_a_killed_run_resumes_into_the_same_run_with_the_same_numbers(
     b = runs[0]
     assert b.info.status == "FINISHED"
     assert "resuming MLflow run" in resumed.stderr and b.info.run_id in resumed.stderr
+    # Kept while the run was killed (the resume read it), removed once it finished.
+    checkpoints = db.parent / b.info.experiment_id / b.info.run_id / "checkpoints"
+    assert not (checkpoints / "last.ckpt").exists() and list(checkpoints.glob("best-*.ckpt"))
     for key in ("train/loss_step", "val/dice_mean", "val/dice_WT", "train/loss_epoch"):
         want, got = history(client, a.info.run_id, key), history(client, b.info.run_id, key)
         assert sorted(got) == sorted(want), key  # no step missing, none extra
@@ -221,6 +224,7 @@ def test_a_slurm_requeue_continues_the_same_run(
     assert "last.ckpt" in again.stderr.split("SLURM job requeued: continuing from")[1][:500]
     [after] = client.search_runs([exp])
     assert after.info.run_id == before.info.run_id and after.info.status == "FINISHED"
+    assert not (db.parent / exp / after.info.run_id / "checkpoints" / "last.ckpt").exists()
     [a] = client.search_runs([client.get_experiment_by_name("straight").experiment_id])
     for key in ("train/loss_step", "val/dice_mean", "train/loss_epoch"):
         want, got = history(client, a.info.run_id, key), history(client, after.info.run_id, key)
