@@ -557,43 +557,24 @@ def test_mlflow_ui_shows_the_study_and_its_trials(
     two_worker_sweep: dict[str, Any], mlflow_ui: str
 ) -> None:
     """The MLflow UI, in headless Chromium: the parent run, expanded, shows every trial."""
-    playwright = required_module("playwright.sync_api")
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.exists():
-        if REQUIRE_SERVICES:
-            pytest.fail("/usr/bin/chromium is missing (apt-get install chromium)")
-        pytest.skip("no /usr/bin/chromium (Debian: apt-get install chromium)")
+    from tests.helpers.browser import page
+
     uri = two_worker_sweep["uri"]
     parent, children = runs_of(uri)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "mlflow_ui_sweep.png"
-    with playwright.sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=str(chromium),
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(f"{mlflow_ui}/#/experiments/{parent.info.experiment_id}/runs")
-        page.get_by_text(parent.info.run_name, exact=True).wait_for(timeout=60_000)
-        expand = page.locator("[role=row] button").filter(has_not_text="Pin")
+    with page() as tab:
+        tab.goto(f"{mlflow_ui}/#/experiments/{parent.info.experiment_id}/runs")
+        tab.get_by_text(parent.info.run_name, exact=True).wait_for(timeout=60_000)
+        expand = tab.locator("[role=row] button").filter(has_not_text="Pin")
         for i in range(expand.count()):
             if not expand.nth(i).get_attribute("aria-label"):
                 expand.nth(i).click()  # the parent run's "+" (show child runs)
                 break
         for run in children:
-            page.get_by_text(run.info.run_name, exact=True).wait_for(timeout=30_000)
-        rows = page.get_by_role("row").all_inner_texts()
-        page.screenshot(path=str(shot))
-        browser.close()
+            tab.get_by_text(run.info.run_name, exact=True).wait_for(timeout=30_000)
+        rows = tab.get_by_role("row").all_inner_texts()
+        tab.screenshot(path=str(shot))
     text = "\n".join(rows)
     assert parent.info.run_name in text
     for run in children:
