@@ -11,6 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+HEARTBEAT_EVERY = 60.0  # seconds between a run's heartbeats (while it logs metrics)
+# Another host's run is taken for dead after this long without a heartbeat: generous,
+# since a long validation logs nothing until it ends.
+HEARTBEAT_GRACE = 30 * 60.0
+
 HOST = socket.gethostname()
 
 

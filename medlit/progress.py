@@ -118,7 +118,13 @@ class _Fewer:
 
 
 class MedlitRichProgressBar(_Fewer, RichProgressBar):
-    """Lightning's rich progress bar with :class:`_Fewer` metrics."""
+    """Lightning's rich progress bar with :class:`_Fewer` metrics, its epochs counted
+    from 1 as on the epoch lines (Lightning's says "Epoch 0/11" for the first of 12)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        total = self.trainer.max_epochs
+        text = f"Epoch {current_epoch + 1}" + (f"/{total}" if total and total > 0 else "")
+        return f"{text:{len(self.validation_description)}}"
 
 
 class MedlitTQDMProgressBar(_Fewer, TQDMProgressBar):

@@ -38,6 +38,12 @@ RECORDS: tuple[tuple[str, str, str], ...] = (
         "medlit does not run on TPUs; the GPU line before it says what is used",
     ),
     (
+        "pytorch_lightning.utilities.rank_zero",
+        "Loaded model weights from the checkpoint at",
+        "said right after 'Restoring states from the checkpoint path at' the same file, when "
+        "testing or predicting (a resumed fit still says 'Restored all states')",
+    ),
+    (
         "mlflow.store.db.utils",
         "Creating initial MLflow database tables",
         "MLflow creating a new local store: nothing the user needs to know or do",

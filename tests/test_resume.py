@@ -433,9 +433,8 @@ def test_last_never_joins_a_run_a_live_process_is_training(
     continued only once its owner is gone (same host: pid and its start time; another
     host: no heartbeat for HEARTBEAT_GRACE)."""
     from medlit.errors import ConfigError
-    from medlit.liveness import process_start
+    from medlit.liveness import HEARTBEAT_GRACE, process_start
     from medlit.tracking import MLflowTracker
-    from medlit.tracking.logger import HEARTBEAT_GRACE
     from medlit.tracking.resume import last_unfinished
 
     tracker = MLflowTracker(experiment_name="owned", tracking_uri=tracking_uri)

@@ -17,12 +17,35 @@ The names below stay importable from ``medlit.tracking`` (configs name
 ``medlit.tracking.MLflowTracker`` as their logger's class path).
 """
 
-from medlit.artifacts import log_file, log_folder
-from medlit.tracking.logger import MLflowTracker
-from medlit.tracking.metadata import flatten, git_commit, log_run_metadata, package_versions
-from medlit.tracking.retry import fail_fast_over_http, rejected, retrying
-from medlit.tracking.spool import sync_spool
-from medlit.tracking.store import DEFAULT_TRACKING_URI, init_store
+import importlib
+from typing import Any
+
+# Imported when first used (PEP 562): `python -m medlit.tracking runs` only reads the
+# store, and importing the logger brings in Lightning and torch (about 20 s on 2 cores).
+_HOMES = {
+    "DEFAULT_TRACKING_URI": "medlit.tracking.store",
+    "MLflowTracker": "medlit.tracking.logger",
+    "fail_fast_over_http": "medlit.tracking.retry",
+    "flatten": "medlit.tracking.metadata",
+    "git_commit": "medlit.tracking.metadata",
+    "init_store": "medlit.tracking.store",
+    "log_file": "medlit.artifacts",
+    "log_folder": "medlit.artifacts",
+    "log_run_metadata": "medlit.tracking.metadata",
+    "package_versions": "medlit.tracking.metadata",
+    "rejected": "medlit.tracking.retry",
+    "retrying": "medlit.tracking.retry",
+    "sync_spool": "medlit.tracking.spool",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'medlit.tracking' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT_TRACKING_URI",

@@ -23,7 +23,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from medlit.checkpoints import stored_once
 from medlit.constraints import NonNegativeFloat, NonNegativeInt
 from medlit.errors import MedlitError, Unburied
-from medlit.liveness import me
+from medlit.liveness import HEARTBEAT_EVERY, me
 from medlit.tracking.retry import fail_fast_over_http, rejected, retrying
 from medlit.tracking.spool import write_spool
 from medlit.tracking.store import (
@@ -35,11 +35,6 @@ from medlit.tracking.store import (
     share_view,
     sqlite_dir,
 )
-
-HEARTBEAT_EVERY = 60.0  # seconds between a run's heartbeats (while it logs metrics)
-# Another host's run is taken for dead after this long without a heartbeat: generous,
-# since a long validation logs nothing until it ends.
-HEARTBEAT_GRACE = 30 * 60.0
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

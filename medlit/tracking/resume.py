@@ -9,8 +9,8 @@ from typing import Any
 
 from medlit.checkpoints import load_checkpoint, run_id_of
 from medlit.errors import ConfigError
-from medlit.liveness import me, owner_alive
-from medlit.tracking.logger import HEARTBEAT_GRACE, MLflowTracker
+from medlit.liveness import HEARTBEAT_GRACE, me, owner_alive
+from medlit.tracking.logger import MLflowTracker
 
 log = logging.getLogger("medlit")
 

@@ -31,8 +31,7 @@ from typing import Any, Literal
 import yaml
 
 from medlit.errors import ConfigError
-from medlit.liveness import me, owner_alive
-from medlit.tracking.logger import HEARTBEAT_GRACE
+from medlit.liveness import HEARTBEAT_GRACE, me, owner_alive
 
 Mode = Literal["min", "max"]
 # Name parts of metrics where lower is better, for a sorted metric that is no run's
