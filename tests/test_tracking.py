@@ -447,3 +447,31 @@ def test_two_runs_are_told_apart_on_the_mlflow_pages_the_summary_links(
         tab.get_by_text(names[1]).first.wait_for(timeout=60_000)
         tab.screenshot(path=str(ARTIFACTS / "mlflow_ui_run.png"))
     assert (ARTIFACTS / "mlflow_ui_runs.png").stat().st_size > 10_000
+
+
+def test_the_slurm_requeue_mark_never_waits_for_the_store_lock_its_own_process_holds(
+    tracking_uri: str,
+) -> None:
+    """Lightning's SLURM handler finalises the run in the signal's context, possibly in the
+    middle of this process's own write to the SQLite store, whose lock is then held until
+    the handler returns: finalize("finished") must return at once (it waited through
+    every retry and the flush timeout) and mark the run requeued once the lock is free."""
+    import sqlite3
+
+    from medlit.tracking import MLflowTracker
+
+    tracker = MLflowTracker(
+        experiment_name="requeue-lock", tracking_uri=tracking_uri, retry_delay=0.01
+    )
+    run_id = tracker.run_id  # the run exists
+    writer = sqlite3.connect(tracking_uri.removeprefix("sqlite:///"), timeout=0)
+    writer.execute("BEGIN IMMEDIATE")  # a write in progress: the store's lock is taken
+    started = time.monotonic()
+    tracker.finalize("finished")
+    assert time.monotonic() - started < 1.0
+    writer.rollback()  # the interrupted write ends once the handler has returned
+    writer.close()
+    tracker._requeue_marker.join(timeout=60)
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["medlit.requeued"]
+    assert run.data.tags["medlit.owner"] == ""

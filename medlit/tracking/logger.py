@@ -8,6 +8,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -448,8 +449,16 @@ class MLflowTracker(MLFlowLogger):
             # it saves hpc_ckpt_N.ckpt and requeues the job: the run is not over. It stays
             # unfinished, its calls delivered, its owner released, so the requeued job
             # continues it (medlit.fit resumes from the hpc checkpoint into this run).
-            self.set_tags({"medlit.owner": "", "medlit.requeued": f"{time.time():.0f}"})
-            self._flush_at_end()
+            # The handler runs in the signal's context, maybe in the middle of this
+            # process's own write to the store: with SQLite that write holds the lock
+            # until the handler returns, so a write from here waited for it through
+            # every retry and the whole flush timeout (minutes, while SLURM's grace time
+            # ran out). A thread writes the tags once the interrupted write is done.
+            tags = {"medlit.owner": "", "medlit.requeued": f"{time.time():.0f}"}
+            self._requeue_marker = threading.Thread(
+                target=self._mark_requeued, args=(tags,), name="medlit-requeue", daemon=True
+            )
+            self._requeue_marker.start()
             return
         final = {"success": "FINISHED", "failed": "FAILED", "finished": "FINISHED"}
         callback = getattr(self, "_checkpoint_callback", None)
@@ -464,6 +473,10 @@ class MLflowTracker(MLFlowLogger):
                 "checkpoints": [best] if best else [],
             },
         )
+        self._flush_at_end()
+
+    def _mark_requeued(self, tags: dict[str, Any]) -> None:
+        self.set_tags(tags)
         self._flush_at_end()
 
     @rank_zero_only
