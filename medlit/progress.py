@@ -46,6 +46,7 @@ class EpochLine(Callback):
         self.best: float | None = None
         self.best_epoch: int | None = None  # counted from 0, as Lightning does
         self.monitor: str | None = None
+        self.mode = "min"  # the task's, at setup
         self._started = 0.0
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
