@@ -22,5 +22,7 @@ import numpy as np
 def seed_transforms(*transforms: Any) -> None:
     base = int(np.random.randint(2**31 - 1))
     for i, t in enumerate(transforms):
-        if t is not None and hasattr(t, "set_random_seed"):
+        if t is not None and hasattr(t, "set_random_seed"):  # albumentations
             t.set_random_seed(base + i)
+        elif t is not None and hasattr(t, "set_random_state"):  # MONAI
+            t.set_random_state(seed=base + i)

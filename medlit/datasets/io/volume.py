@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,6 +96,38 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """Read a NIfTI/MetaImage volume as a (z, y, x) array plus its geometry."""
     image = sitk.ReadImage(str(path))
     return sitk.GetArrayFromImage(image), Geometry.of(image)
+
+
+def resample(image: sitk.Image, spacing: Sequence[float], interpolator: int, fill: float = 0):
+    """``image`` on a grid of ``spacing`` (x, y, z mm) over the same extent, origin and
+    direction (SimpleITK's resampler: ``sitk.sitkLinear`` for intensities,
+    ``sitk.sitkNearestNeighbor`` for label maps); ``fill`` outside the source."""
+    size = [
+        max(1, int(round(n * s / t)))
+        for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing, strict=True)
+    ]
+    return sitk.Resample(
+        image,
+        size,
+        sitk.Transform(),
+        interpolator,
+        image.GetOrigin(),
+        tuple(float(s) for s in spacing),
+        image.GetDirection(),
+        fill,
+        image.GetPixelID(),
+    )
+
+
+def resample_array(
+    array: np.ndarray, spacing_zyx: Sequence[float], target_zyx: Sequence[float], labels: bool
+) -> np.ndarray:
+    """A (z, y, x) array sampled at ``spacing_zyx`` resampled to ``target_zyx`` mm:
+    linearly, or nearest-neighbour for a label map (``labels``)."""
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
+    interpolator = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
+    return sitk.GetArrayFromImage(resample(image, list(reversed(target_zyx)), interpolator))
 
 
 def write_volume(array: np.ndarray, geometry: Geometry, path: str | Path) -> None:

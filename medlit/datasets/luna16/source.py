@@ -25,7 +25,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from medlit.datasets.io.files import file_problem
-from medlit.datasets.io.volume import Geometry
+from medlit.datasets.io.volume import Geometry, resample
 from medlit.errors import DatasetNotFoundError, InvalidCaseError, Report
 
 N_SUBSETS = 10
@@ -370,24 +370,6 @@ class Preprocessing:
     version: int = 1
 
 
-def _resample(image: sitk.Image, spacing: Sequence[float], interpolator: int, fill: float):
-    size = [
-        max(1, int(round(n * s / t)))
-        for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing, strict=True)
-    ]
-    return sitk.Resample(
-        image,
-        size,
-        sitk.Transform(),
-        interpolator,
-        image.GetOrigin(),
-        tuple(float(s) for s in spacing),
-        image.GetDirection(),
-        fill,
-        image.GetPixelID(),
-    )
-
-
 def _read_mhd(uid: str, mhd: Path, report: Report) -> sitk.Image | None:
     """Read a MetaImage after checking its data file's size against the header."""
     if not check_data_size(uid, mhd, read_header(mhd), report):
@@ -463,12 +445,12 @@ def preprocess_scan(
     source, source_size = Geometry.of(image), image.GetSize()
     image = sitk.Cast(sitk.Clamp(image, lowerBound=AIR_HU, upperBound=3071), sitk.sitkInt16)
     if prep.spacing is not None:
-        image = _resample(image, prep.spacing, sitk.sitkLinear, AIR_HU)
+        image = resample(image, prep.spacing, sitk.sitkLinear, AIR_HU)
     arrays = {"image": sitk.GetArrayFromImage(image)}
     if lungs is not None:
         lungs = sitk.Cast(sitk.BinaryThreshold(lungs, 3, 4, 1, 0), sitk.sitkUInt8)
         if prep.spacing is not None:
-            lungs = _resample(lungs, prep.spacing, sitk.sitkNearestNeighbor, 0)
+            lungs = resample(lungs, prep.spacing, sitk.sitkNearestNeighbor, 0)
         arrays["lungs"] = sitk.GetArrayFromImage(lungs)
     meta = {
         "case_id": uid,
