@@ -124,6 +124,20 @@ class SegmentationTask(BaseTask):
         metrics: list[Literal["dice", "hd95", "jaccard", "threshold_jaccard"]] | None = None,
         predictions_dir: str | None = None,
     ) -> None:
+        self.setup_regions(target, num_classes, class_to_region, region_names, metrics)
+        super().__init__()
+        self._rows: list[dict[str, Any]] = []
+        self._shown: list[dict[str, np.ndarray]] = []
+
+    def setup_regions(
+        self,
+        target: str,
+        num_classes: int,
+        class_to_region: list[list[int]] | None,
+        region_names: list[str] | None,
+        metrics: list[str] | None,
+    ) -> None:
+        """The evaluated regions' names, the metrics, and the monitored one."""
         n_regions = num_classes if target == "regions" else num_classes - 1
         if class_to_region is not None:
             n_regions = len(class_to_region)
@@ -138,9 +152,6 @@ class SegmentationTask(BaseTask):
         if not ranking:
             raise ConfigError("metrics must include one of dice, jaccard, threshold_jaccard")
         self.monitor = f"val/{ranking[0]}_mean"
-        super().__init__()
-        self._rows: list[dict[str, Any]] = []
-        self._shown: list[dict[str, np.ndarray]] = []
 
     def configure_models(self) -> None:
         h = self.hparams
@@ -204,11 +215,23 @@ class SegmentationTask(BaseTask):
         groups = h["class_to_region"] or [[c] for c in range(1, h["num_classes"])]
         return np.stack([np.isin(classes, g) for g in groups])
 
+    @staticmethod
+    def to_grid(probs: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """(K, Z, Y, X) probabilities resampled to the (Z, Y, X) grid of the labels or the
+        file: bilinearly in-plane for resized slices, trilinearly for a volume cached at
+        another spacing; unchanged when the grids agree."""
+        shape = tuple(int(n) for n in shape)
+        if tuple(probs.shape[-3:]) == shape:
+            return probs
+        if probs.shape[-3] == shape[0]:
+            return F.interpolate(probs, size=shape[1:], mode="bilinear", align_corners=False)
+        return F.interpolate(probs[None], size=shape, mode="trilinear", align_corners=False)[0]
+
     def evaluate_batch(self, batch: dict[str, Any], stage: str) -> None:
         probs = self.predict_volume(batch["image"][0])
         ref = batch["mask"][0].cpu().numpy().astype(bool)
-        if probs.shape[-2:] != ref.shape[-2:]:  # resized input: score at the label's resolution
-            probs = F.interpolate(probs, size=ref.shape[-2:], mode="bilinear", align_corners=False)
+        # Resized or resampled input: scored at the label's resolution.
+        probs = self.to_grid(probs, ref.shape[-3:])
         pred = self.to_regions(probs)
         spacing = batch["spacing"][0].tolist()
         diagonal = volume_diagonal(batch["shape"][0].tolist(), spacing)
@@ -223,7 +246,9 @@ class SegmentationTask(BaseTask):
             self.data.write_prediction(row["case_id"], pred, Path(self.hparams["predictions_dir"]))
         if self.hparams["log_images"] and len(self._shown) < self.hparams["num_log_cases"]:
             z = int(ref[0].reshape(ref.shape[1], -1).sum(1).argmax())
-            image = batch["image"][0, self.hparams["display_channel"], z].float()
+            depth = batch["image"].shape[2]  # differs from the labels' when resampled
+            image = batch["image"][0, self.hparams["display_channel"], z * depth // ref.shape[1]]
+            image = image.float()
             image = F.interpolate(image[None, None], size=ref.shape[-2:])[0, 0].cpu().numpy()
             self._shown.append(
                 {
@@ -245,10 +270,13 @@ class SegmentationTask(BaseTask):
         out = []
         for i, case_id in enumerate(batch["case_id"]):
             probs = self.predict_volume(batch["image"][i])
+            meta = batch["meta"][i] if "meta" in batch else None
             if "size" in batch:  # resized input: back to the file's own size
                 size = tuple(int(v) for v in batch["size"][i])
                 probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
-            meta = batch["meta"][i] if "meta" in batch else None
+            elif (bbox := _crop_box(batch, i, meta)) is not None:
+                # a volume cached at another spacing: back to the source's cropped grid
+                probs = self.to_grid(probs, tuple(b - a for a, b in bbox))
             out.append({"case_id": case_id, "regions": self.to_regions(probs), "meta": meta})
         return out
 
@@ -279,3 +307,13 @@ class SegmentationTask(BaseTask):
                 lambda out: shutil.copytree(folder, out, dirs_exist_ok=True),
             )
         self._rows, self._shown = [], []
+
+
+def _crop_box(batch: dict[str, Any], i: int, meta: dict | None) -> list[tuple[int, int]] | None:
+    """The (start, stop) per axis of item ``i``'s crop in its source volume, when known."""
+    if meta is not None and "bbox" in meta:
+        return [tuple(pair) for pair in meta["bbox"]]
+    if "bbox" in batch:
+        flat = [int(v) for v in batch["bbox"][i]]
+        return list(zip(flat[::2], flat[1::2], strict=True))
+    return None
