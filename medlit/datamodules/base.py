@@ -419,8 +419,19 @@ class BaseDataModule(LightningDataModule):
         train = split == "train"
         if not train and "sampler" not in kwargs and (sampler := self._eval_sampler(split)):
             kwargs["sampler"] = sampler
+        dataset = self.datasets[split]
+        if getattr(dataset, "yields_batches", False):  # each item is a whole batch
+            return DataLoader(
+                dataset,
+                batch_size=None,
+                shuffle=shuffle,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+                pin_memory=train and torch.cuda.is_available(),
+                **kwargs,
+            )
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=batch_size or (self.batch_size if train else 1),
             shuffle=shuffle,
             num_workers=self.num_workers,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from medlit.constraints import ClosedUnitInterval, NonNegativeInt, PositiveInt
+from medlit.constraints import ClosedUnitInterval, NonNegativeInt, PositiveFloat, PositiveInt
 from medlit.datamodules.base import BaseDataModule, Loader, cache_root, one_item_batch
 from medlit.datamodules.splits import SPLIT_KEYS, Split, check_split_file, split_groups
 from medlit.datasets.brats.phantom import write_brats
@@ -37,6 +37,7 @@ from medlit.datasets.brats.source import (
 from medlit.datasets.brats.torch import CaseDataset, SliceDataset
 from medlit.datasets.io.cache import CacheEntry, OnTheFly, VolumeCache
 from medlit.datasets.io.volume import Geometry, write_volume
+from medlit.datasets.patches import Augment3D, PatchBatches, patch_dims
 from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, Report
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,19 @@ class BraTSDataModule(BaseDataModule):
             ``modalities`` inputs.
         target_modality: the contrast to synthesise with ``target: modality``.
         context_slices: neighbouring slices on each side given as extra channels (2.5D).
-        patch_size: side of training patches in voxels.
-        foreground_fraction: share of training patches forced to contain tumour.
+        patch_size: training patches: one side in voxels for square 2D/2.5D slices, or
+            ``[z, y, x]`` for 3D patches (a 3D network, ``Segmentation3DTask``), read
+            straight from the memory-mapped cache with nnU-Net's foreground
+            oversampling (``medlit.datasets.patches``).
+        foreground_fraction: share of training patches forced to contain tumour (3D: of
+            every batch, as nnU-Net's ``oversample_foreground_percent``).
         samples_per_epoch: training patches per epoch.
-        augment: random flips, affine warps and per-channel intensity scaling.
+        augment: 2D: random flips, affine warps and per-channel intensity scaling; 3D:
+            nnU-Net's default augmentation (MONAI transforms, ``Augment3D``).
+        elastic: 3D: add elastic deformation to ``augment`` (slow; off in nnU-Net too).
+        target_spacing: (z, y, x) mm to resample every case to in the cache (images
+            linearly, labels nearest-neighbour); evaluation and written predictions stay
+            on each case's own grid. None keeps the release's spacing.
         split: which cases train, validate and test (a group is a case): ``val_fraction``,
             ``test_fraction``, ``split_file``, ``num_folds``, ``fold``.
         seed: seed of the split and of the demo data.
@@ -92,10 +102,12 @@ class BraTSDataModule(BaseDataModule):
         target: Literal["regions", "labels", "modality"] = "regions",
         target_modality: Modality = "flair",
         context_slices: NonNegativeInt = 0,
-        patch_size: PositiveInt = 128,
+        patch_size: PositiveInt | list[PositiveInt] = 128,
         foreground_fraction: ClosedUnitInterval = 0.33,
         samples_per_epoch: PositiveInt = 2000,
         augment: bool = True,
+        elastic: bool = False,
+        target_spacing: list[PositiveFloat] | None = None,
         split: Split = Split(),
         seed: int = 42,
         cache_dir: str | None = None,
@@ -115,6 +127,9 @@ class BraTSDataModule(BaseDataModule):
                 )
             # Cached and cropped with the inputs, as their last channel; split off per item.
             self.modalities = (*self.modalities, target_modality)
+        self.patch_3d = patch_dims(patch_size, context_slices, self.synthesis)
+        if target_spacing is not None and len(target_spacing) != 3:
+            raise ConfigError(f"data.target_spacing={target_spacing} must be [z, y, x] mm")
         self.cases: dict[str, list[BraTSCase]] = {}
 
     # ---- discovery, checks and caching -------------------------------------------------
@@ -123,6 +138,12 @@ class BraTSDataModule(BaseDataModule):
     def num_channels(self) -> int:
         inputs = len(self.modalities) - int(self.synthesis)
         return inputs * (2 * self.hparams["context_slices"] + 1)
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        """Training patch: (z, y, x) for 3D patches, (side, side) for slices."""
+        side = self.hparams["patch_size"]
+        return self.patch_3d or (side, side)
 
     def _layout_and_labels(self) -> tuple[str, int, tuple[int, ...]]:
         h = self.hparams
@@ -133,7 +154,10 @@ class BraTSDataModule(BaseDataModule):
 
     def _cache(self, require_seg: bool = True) -> tuple[VolumeCache, Preprocessing]:
         year, _, labels = self._layout_and_labels()
-        prep = Preprocessing(self.modalities, labels, require_seg)
+        spacing = self.hparams["target_spacing"]
+        prep = Preprocessing(
+            self.modalities, labels, require_seg, tuple(spacing) if spacing else None
+        )
         cache = VolumeCache(
             cache_root(self.hparams["cache_dir"], f"brats-{year}", self.root), asdict(prep)
         )
@@ -245,7 +269,10 @@ class BraTSDataModule(BaseDataModule):
                     )
         et = self.hparams["et_label"]
         self._predict_et = et if et is not None else layout.et_label
-        prep = Preprocessing(self.modalities, layout.labels, require_seg=False)
+        spacing = self.hparams["target_spacing"]
+        prep = Preprocessing(
+            self.modalities, layout.labels, False, tuple(spacing) if spacing else None
+        )
         self.predict_input = path
         self.datasets["predict"] = OnTheFly(
             [BraTSCase(c.case_id, c.folder, c.images, None) for c in cases],
@@ -304,7 +331,17 @@ class BraTSDataModule(BaseDataModule):
         self.index()
         _, et, _ = self._layout_and_labels()
         eval_target = partial(label_targets, et_label=et, target="regions")
-        if stage == "fit":
+        if stage == "fit" and self.patch_3d:
+            self.datasets["train"] = PatchBatches(
+                self._entries(self.cases["train"]),
+                partial(label_targets, et_label=et, target=h["target"]),
+                self.patch_3d,
+                self.batch_size,
+                h["foreground_fraction"],
+                length=max(h["samples_per_epoch"] // self.batch_size, 1),
+                augment=Augment3D(elastic=h["elastic"]).build() if h["augment"] else None,
+            )
+        elif stage == "fit":
             augment = None
             if h["augment"]:
                 augment = A.Compose(

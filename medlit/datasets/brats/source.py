@@ -20,7 +20,14 @@ from typing import Literal
 import numpy as np
 
 from medlit.datasets.io.files import file_problem
-from medlit.datasets.io.volume import Geometry, count_nonfinite, nifti_problem, read_volume
+from medlit.datasets.io.volume import (
+    Geometry,
+    count_nonfinite,
+    nifti_problem,
+    read_volume,
+    resample_array,
+)
+from medlit.datasets.patches import foreground_index
 from medlit.errors import DatasetNotFoundError, InvalidCaseError, Report
 
 Modality = Literal["t1", "t1ce", "t2", "flair"]
@@ -151,7 +158,9 @@ class Preprocessing:
     modalities: tuple[str, ...] = MODALITIES
     labels: tuple[int, ...] = (0, 1, 2, 4)
     require_seg: bool = True
-    version: int = 1  # bump when the code below changes what it stores
+    # (z, y, x) mm of the cached grid; None keeps the release's own (1 mm for BraTS).
+    spacing: tuple[float, float, float] | None = None
+    version: int = 2  # bump when the code below changes what it stores
 
 
 Read = list[tuple[Path, np.ndarray, Geometry]]
@@ -221,10 +230,15 @@ def preprocess_case(
     case: BraTSCase, p: Preprocessing, report: Report | None = None
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Check one case (``check_case``), crop it to the brain, z-score each modality over
-    the brain.
+    the brain, and resample to ``p.spacing`` when it is set (nnU-Net's order: crop,
+    normalise, resample; images linearly, labels nearest-neighbour).
 
     Returns ``image`` (C, z, y, x) float16 and, when labelled, ``seg`` (z, y, x) uint8 in
-    the release's own label values. A problem raises ``InvalidCaseError`` (a strict report).
+    the release's own label values and ``fg_locations`` (N, 4) int32: label, z, y, x of a
+    sample of each label's voxels (:func:`~medlit.datasets.patches.foreground_index`,
+    what 3D patch sampling centres on). A resampled case also keeps ``seg_native``, the
+    labels on the cropped source grid that evaluation scores against. A problem raises
+    ``InvalidCaseError`` (a strict report).
     """
     read = check_case(case, p, report or Report())
     if read is None:  # only a collecting report gets here
@@ -245,15 +259,25 @@ def preprocess_case(
         values = image[c][brain]
         std = float(values.std())
         image[c] = np.where(brain, (image[c] - values.mean()) / max(std, 1e-8), 0.0)
+    native = ref_geom.spacing_zyx
+    resampled = p.spacing is not None and not np.allclose(native, p.spacing)
+    if resampled:
+        image = np.stack([resample_array(c, native, p.spacing, labels=False) for c in image])
     arrays = {"image": image.astype(np.float16)}
     if seg is not None:
-        arrays["seg"] = seg[crop]
+        seg = seg[crop]
+        if resampled:
+            arrays["seg_native"] = seg
+            seg = resample_array(seg, native, p.spacing, labels=True)
+        arrays["seg"] = seg
+        arrays["fg_locations"] = foreground_index(seg)
     meta = {
         "case_id": case.case_id,
         "geometry": ref_geom.to_dict(),
         "shape": list(ref_shape),
         "bbox": bbox,
         "has_seg": seg is not None,
+        "spacing_zyx": list(p.spacing if resampled else native),
         "sources": [str(s) for s in case.sources],
     }
     return arrays, meta

@@ -117,7 +117,8 @@ class CaseDataset(Dataset):
     Evaluating whole cases (instead of collecting slices across batches) makes every
     volume metric exact and lets a distributed sampler hand out cases, not slices.
     Items: ``image`` (C, Z, Y, X) float32, ``mask`` (targets of the full volume, when
-    labelled), ``case_id``, ``spacing`` (z, y, x) mm, ``shape`` of the uncropped volume,
+    labelled; on the source's grid when the case was resampled), ``case_id``, ``spacing``
+    (z, y, x) mm of the source, ``shape`` of the uncropped volume,
     ``bbox`` (z0, z1, y0, y1, x0, x1) of the crop inside it.
     """
 
@@ -144,7 +145,9 @@ class CaseDataset(Dataset):
             "bbox": torch.tensor([v for pair in meta["bbox"] for v in pair]),
         }
         if self.target_fn is not None and "seg" in entry.arrays:
-            item["mask"] = torch.from_numpy(self.target_fn(np.asarray(entry.arrays["seg"])))
+            # A case cached at another spacing is scored on its own grid (``seg_native``).
+            seg = entry.arrays.get("seg_native", entry.arrays["seg"])
+            item["mask"] = torch.from_numpy(self.target_fn(np.asarray(seg)))
         if k := self.target_channels:  # modality synthesis: inputs, target, brain mask
             item["target_image"] = item["image"][-k:]
             item["image"] = item["image"][:-k]
