@@ -19,7 +19,7 @@ from medlit.constraints import (
 from medlit.errors import ConfigError
 from medlit.models.volumetric import Arch3D, create_network_3d
 from medlit.sliding import Mirrored, sliding_window
-from medlit.tasks.base import BaseTask, warmup_cosine
+from medlit.tasks.base import warmup_cosine
 from medlit.tasks.segmentation import SegmentationTask
 
 
@@ -123,7 +123,9 @@ class Segmentation3DTask(SegmentationTask):
             raise ConfigError(f"model.patch_size={patch} must be three sides (z, y, x)")
         self.patch = tuple(int(p) for p in patch)
         self.setup_regions(target, num_classes, class_to_region, region_names, metrics)
-        BaseTask.__init__(self)  # SegmentationTask's own __init__ takes SMP's arguments
+        # BaseTask's __init__, past SegmentationTask's (SMP's arguments); through super(),
+        # whose __class__ cell is how Lightning's save_hyperparameters finds this frame.
+        super(SegmentationTask, self).__init__()
         self._rows, self._shown = [], []
 
     def configure_models(self) -> None:
