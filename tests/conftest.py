@@ -143,6 +143,30 @@ def brats_unet(tmp_path_factory: pytest.TempPathFactory, shared_store: str) -> T
 
 
 @pytest.fixture(scope="session")
+def brats_unet3d(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """The tiny 3D DynUNet (test_fit_3d's ``tiny3d``: 16×32×32 patches, one deep-supervision
+    head), trained for 2 epochs once per session on the 8 phantoms of ``brats_unet``'s
+    seed, its held-out predictions written to ``folder/predictions``; in a store of its
+    own."""
+    from tests.test_fit_3d import tiny3d
+
+    def build(folder: Path) -> dict:
+        root = folder / "BraTS2021"
+        make_brats(root, "2021", cases=8, seed=3)
+        uri = f"sqlite:///{folder}/mlruns/mlflow.db"
+        args = tiny3d(
+            root,
+            uri,
+            "--trainer.max_epochs=2",
+            f"--model.predictions_dir={folder / 'predictions'}",
+            "--trainer.logger.init_args.experiment_name=trained-brats-unet3d",
+        )
+        return Trained.fit(folder, root, args, uri)
+
+    return Trained.load(once(tmp_path_factory, "brats_unet3d", build))
+
+
+@pytest.fixture(scope="session")
 def luna16_yolo(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     """The tiny LUNA16 detector (test_fit_luna16's, 10 scans of 64×64×24-32), trained for
     1 epoch once per session, tracked in a store of its own."""

@@ -23,6 +23,7 @@ from medlit.evaluate import main as evaluate
 from tests.data.isic.data import make_isic
 from tests.data.luna16.data import make_luna16
 from tests.test_fit import REPO, cli_args, tiny
+from tests.test_fit_3d import tiny3d
 
 SHARES = "tests.helpers.shares.RecordShares"
 
@@ -98,8 +99,15 @@ def luna16_detector(tmp: Path, uri: str, brats_root: Path) -> list[str]:
     ]
 
 
+def brats_segmentation3d(tmp: Path, uri: str, brats_root: Path) -> list[str]:
+    return tiny3d(
+        brats_root, uri, "--data.split.val_fraction=0.375", "--data.split.test_fraction=0.125"
+    )
+
+
 TASKS: dict[str, Callable[[Path, str, Path], list[str]]] = {
     "segmentation-brats": brats_segmentation,
+    "segmentation3d-brats": brats_segmentation3d,
     "gan-paired-brats": brats_pix2pix,
     "classification-isic": isic_classifier,
     "gan-unconditional-isic": isic_gan,

@@ -16,26 +16,32 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
 import yaml
 
 from tests.test_fit import tiny
+from tests.test_fit_3d import tiny3d
 
 EPOCHS, STEPS = 4, 24  # steps per epoch: samples_per_epoch / batch size 4
 
 
-def fit_command(root: Path, uri: str, experiment: str, *extra: str) -> list[str]:
+def fit_command(root: Path, uri: str, experiment: str, *extra: str, kind: str = "2d") -> list[str]:
+    """The tiny 2.5D U-Net (``kind="2d"``) or 3D DynUNet (``"3d"``), STEPS batches of 4 per
+    epoch."""
+    shrink = tiny if kind == "2d" else tiny3d
     return [
         sys.executable,
         "-m",
         "medlit.fit",
-        *tiny(
+        *shrink(
             root,
             uri,
             f"--trainer.max_epochs={EPOCHS}",
             f"--data.samples_per_epoch={4 * STEPS}",
+            "--data.loader.batch_size=4",
             "--trainer.log_every_n_steps=1",
             f"--trainer.logger.init_args.experiment_name={experiment}",
         ),
@@ -61,38 +67,58 @@ def history(client: mlflow.MlflowClient, run_id: str, key: str) -> dict[int, lis
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory: pytest.TempPathFactory, _brats_pristine: Path) -> dict:
-    """One uninterrupted run of the schedule, in a store the killed runs copy."""
-    work = tmp_path_factory.mktemp("straight")
-    root = shutil.copytree(_brats_pristine, work / "BraTS2021")
-    db = work / "mlruns" / "mlflow.db"
-    start = time.monotonic()
-    done = subprocess.run(
-        fit_command(root, f"sqlite:///{db}", "straight"),
-        cwd=work,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "MEDLIT_CACHE_DIR": str(work / "cache")},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {"db": db, "seconds": time.monotonic() - start}
+def straight_runs(tmp_path_factory: pytest.TempPathFactory, _brats_pristine: Path) -> Any:
+    """One uninterrupted run of the schedule per kind (2d, 3d), made when first asked
+    for, in a store the killed runs copy."""
+    done_runs: dict[str, dict] = {}
+
+    def run(kind: str) -> dict:
+        if kind in done_runs:
+            return done_runs[kind]
+        work = tmp_path_factory.mktemp(f"straight-{kind}")
+        root = shutil.copytree(_brats_pristine, work / "BraTS2021")
+        db = work / "mlruns" / "mlflow.db"
+        start = time.monotonic()
+        done = subprocess.run(
+            fit_command(root, f"sqlite:///{db}", "straight", kind=kind),
+            cwd=work,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "MEDLIT_CACHE_DIR": str(work / "cache")},
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        done_runs[kind] = {"db": db, "seconds": time.monotonic() - start}
+        return done_runs[kind]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def straight_run(straight_runs: Any) -> dict:
+    return straight_runs("2d")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize(
+    ("kind", "sig"),
+    [("2d", signal.SIGKILL), ("2d", signal.SIGTERM), ("3d", signal.SIGKILL)],
+    ids=["SIGKILL", "SIGTERM", "3D-SIGKILL"],
+)
 def test_a_killed_run_resumes_into_the_same_run_with_the_same_numbers(
-    straight_run: dict, brats_root: Path, tmp_path: Path, sig: signal.Signals
+    straight_runs: Any, brats_root: Path, tmp_path: Path, kind: str, sig: signal.Signals
 ) -> None:
     """SIGKILL (a crash) and SIGTERM (what SLURM sends before preemption or at the time
     limit): the run is continued from last.ckpt into the same MLflow run, with the same
-    numbers. SIGTERM used to exit with status 0, the run marked FINISHED."""
+    numbers. SIGTERM used to exit with status 0, the run marked FINISHED. The 3D path
+    (patch batches, MONAI augmentation, sliding-window validation) resumes the same way."""
+    straight_run = straight_runs(kind)
     db = tmp_path / "mlruns" / "mlflow.db"
     db.parent.mkdir()
     shutil.copy(straight_run["db"], db)
     uri = f"sqlite:///{db}"
     start = time.monotonic()
     victim = subprocess.Popen(
-        fit_command(brats_root, uri, "resumed"),
+        fit_command(brats_root, uri, "resumed", kind=kind),
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -120,7 +146,7 @@ def test_a_killed_run_resumes_into_the_same_run_with_the_same_numbers(
     else:
         assert victim.returncode == -signal.SIGKILL
     resumed = subprocess.run(
-        fit_command(brats_root, uri, "resumed", "--ckpt_path=last"),
+        fit_command(brats_root, uri, "resumed", "--ckpt_path=last", kind=kind),
         cwd=tmp_path,
         capture_output=True,
         text=True,

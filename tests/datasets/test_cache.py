@@ -133,9 +133,11 @@ def test_disk_full_while_writing_leaves_nothing_a_later_run_would_read(
     real_save = np.save
     calls = {"n": 0}
 
-    def save(path, array):  # the third array: half written, then the disk is full
+    # A case stores image, seg and fg_locations: the 4th array is the second case's first,
+    # half written when the disk is full.
+    def save(path, array):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 4:
             with open(path, "wb") as f:
                 f.write(b"\x93NUMPY" + bytes(100))
             raise OSError(28, "No space left on device")
