@@ -141,6 +141,11 @@ class Demo:
     command: str = "medlit.fit"
 
 
+# The BraTS 2.5D demo's test mean Dice (WT, TC, ET) on the same split and seed, measured
+# at the commit that added the 3D demo: the 3D demo is to reach it.
+MEAN_DICE_3D = 0.789
+DEMO_3D_WORDS = "~11.5 min; test mean Dice 0.77 (the 2.5D demo: 0.79)"
+
 DEMOS: tuple[Demo, ...] = (
     Demo(
         "BraTS U-Net",
@@ -156,6 +161,21 @@ DEMOS: tuple[Demo, ...] = (
             ),
         ),
         "~7 min; WT Dice ≥ 0.80 on the held-out cases",
+    ),
+    Demo(
+        "BraTS 3D U-Net",
+        EXPERIMENTS / "demo/brats_unet3d.yaml",
+        "brats-demo",
+        (
+            Criterion(
+                "test mean Dice",
+                _metric("test/dice_mean"),
+                _const(MEAN_DICE_3D),
+                _const(0.0),  # an empty prediction
+                f"≥ {MEAN_DICE_3D} (the 2.5D demo's mean)",
+            ),
+        ),
+        DEMO_3D_WORDS,
     ),
     Demo(
         "ISIC classifier",
