@@ -152,6 +152,11 @@ class ResumeState(Callback):
             checkpoint["medlit"] = {"mlflow_run_id": tracker.run_id}
 
 
+def _format(dim: int) -> torch.memory_format:
+    """The channels-last memory format of a 4D (NHWC) or 5D (NDHWC) tensor."""
+    return torch.channels_last if dim == 4 else torch.channels_last_3d
+
+
 class Speedups(Callback):
     """``channels_last`` memory format and ``torch.compile`` for the task's networks
     (the top-level ``channels_last:`` / ``compile:`` config switches).
@@ -179,8 +184,10 @@ class Speedups(Callback):
         self.compiled: list[str] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.channels_last:
-            pl_module.to(memory_format=torch.channels_last)
+        if self.channels_last:  # 3D networks' 5D weights take the 3D variant (NDHWC)
+            for param in pl_module.parameters():
+                if param.dim() in (4, 5):
+                    param.data = param.data.contiguous(memory_format=_format(param.dim()))
         if self.compile and not self.compiled:
             for name, child in pl_module.named_children():
                 if any(True for _ in child.parameters()):
@@ -193,5 +200,5 @@ class Speedups(Callback):
         if self.channels_last and isinstance(batch, dict):
             for key in ("image", "target_image"):
                 value = batch.get(key)
-                if isinstance(value, torch.Tensor) and value.dim() == 4:
-                    batch[key] = value.contiguous(memory_format=torch.channels_last)
+                if isinstance(value, torch.Tensor) and value.dim() in (4, 5):
+                    batch[key] = value.contiguous(memory_format=_format(value.dim()))

@@ -25,15 +25,19 @@ class RecordRuntime(Callback):
         with trainer.precision_plugin.forward_context():  # the context the step runs in
             autocast = torch.is_autocast_enabled("cpu")
             dtype = str(torch.get_autocast_dtype("cpu"))
-        convs = [p for p in pl_module.parameters() if p.dim() == 4]
+        convs = [p for p in pl_module.parameters() if p.dim() in (4, 5)]  # 2D and 3D kernels
+
+        def nhwc(t: torch.Tensor) -> bool:  # channels last: NHWC, or NDHWC for 3D
+            fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+            return t.is_contiguous(memory_format=fmt)
+
         image = batch["image"]
         record = {
             "autocast": autocast,
             "autocast_dtype": dtype,
-            "weights_channels_last": bool(convs)
-            and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs),
-            "image_channels_last": image.dim() == 4
-            and image.is_contiguous(memory_format=torch.channels_last)
+            "weights_channels_last": bool(convs) and all(nhwc(p) for p in convs),
+            "image_channels_last": image.dim() in (4, 5)
+            and nhwc(image)
             and not image.is_contiguous(),
             "compiled": sorted(
                 n for n, m in pl_module.named_children() if m._compiled_call_impl is not None
