@@ -73,7 +73,9 @@ RESUME_FREE = (
 # tagged with is recomputed without them (and with the old names of renamed arguments,
 # ``renamed_arguments``), so that ``--ckpt_path=last`` still finds it. Add an argument
 # here when you add one to a task or data module (tests/test_resume.py pins the hashes).
-LEGACY_ADDED: frozenset[str] = frozenset()
+LEGACY_ADDED: frozenset[str] = frozenset(
+    {"BraTSDataModule.elastic", "BraTSDataModule.target_spacing"}  # the 3D path
+)
 
 
 def _digest(flat: dict[str, Any]) -> str:

@@ -105,7 +105,7 @@ class Segmentation3DTask(SegmentationTask):
         scheduler: Literal["poly", "cosine", "none"] = "poly",
         warmup_epochs: NonNegativeInt = 0,
         threshold: ClosedUnitInterval = 0.5,
-        overlap: float = 0.5,
+        overlap: ClosedUnitInterval = 0.5,
         tta: Literal["none", "mirror"] = "none",
         sw_batch_size: PositiveInt = 2,
         stitch_limit_mb: PositiveFloat = 2048,
