@@ -70,21 +70,23 @@ def _luna(root: Path, seed: int) -> object:
 
 
 SHORT: dict[str, Short] = {
-    # Seeds 42, 1, 2 (test WT Dice): 0.684, 0.864, 0.659; the worst clears 0.55 by 20 %.
+    # Seeds 42, 1, 2 (test WT Dice): 0.662, 0.716, 0.850; the worst clears 0.55 by 20 %.
+    # (400 samples an epoch took twice as long for 0.684, 0.864, 0.659.)
     "BraTS U-Net": Short(
         _brats(3.75, (42, 64, 64)),
-        # batches of 4, not 16: 400 steps at a quarter of the cost each
+        # batches of 4, not 16: 200 steps at a quarter of the cost each
         (
             "--data.patch_size=64",
             "--data.loader.batch_size=4",
-            "--data.samples_per_epoch=400",
+            "--data.samples_per_epoch=200",
             "--trainer.max_epochs=4",
         ),
         {"test WT Dice": (0.55, "≥ 0.55")},
     ),
-    # 160 patches an epoch (80 batches of 2), 4 epochs, on the 2.5D short run's phantoms.
-    # Seed 42: test mean Dice 0.407 (val 0.30 at the end; SGD 0.99 starts slowly): clears
-    # 0.3 by 36 % of the span. Seeds 1 and 2 are not measured yet.
+    # 96 patches an epoch (48 batches of 2), 4 epochs, on the 2.5D short run's phantoms.
+    # Seeds 42, 1, 2 (test mean Dice): 0.349, 0.500, 0.328; the worst clears 0.25 by 31 %.
+    # (Features 4..32 took 2/3 of the time but scored 0.370, 0.222, 0.274: a margin too
+    # thin for a threshold well clear of chance.)
     "BraTS 3D U-Net": Short(
         _brats(3.75, (42, 64, 64)),
         # The demo's DynUNet one stage shorter, for the smaller phantoms' 32×48×48 patches.
@@ -92,10 +94,10 @@ SHORT: dict[str, Short] = {
             "--data.patch_size=[32, 48, 48]",
             "--model.patch_size=[32, 48, 48]",
             "--model.filters=[8, 16, 32, 64]",
-            "--data.samples_per_epoch=160",
+            "--data.samples_per_epoch=96",
             "--trainer.max_epochs=4",
         ),
-        {"test mean Dice": (0.3, "≥ 0.3")},
+        {"test mean Dice": (0.25, "≥ 0.25")},
     ),
     # Balanced accuracy 0.890, 0.785, 0.601: the worst clears 3/7 by 60 % of the span.
     "ISIC classifier": Short(
@@ -137,11 +139,17 @@ SHORT: dict[str, Short] = {
             "test SSIM": (None, "checked on the full demo only"),
         },
     ),
-    # 32 px images. Fréchet distance end/start 0.053, 0.068, 0.053 (the worst 86 % of the
-    # span below 0.5); diversity/real 0.718, 0.745, 0.698 (the worst 74 % past 0.4).
+    # 32 px images, 48 epochs. Fréchet distance end/start 0.139, 0.209, 0.119 (the worst
+    # 58 % of the span below 0.5); diversity/real 0.617, 0.761, 0.587 (the worst 47 % past
+    # 0.4). (60 epochs: 0.053, 0.068, 0.053 and 0.718, 0.745, 0.698; 32 epochs failed both
+    # on seed 42, 0.634 and 0.258.)
     "ISIC GAN": Short(
         _isic("2018_task3", 200),
-        ("--data.image_size=32", "--model.image_size=32", "--trainer.max_epochs=60"),
+        (
+            "--data.image_size=32",
+            "--model.image_size=32",
+            "--trainer.max_epochs=48",
+        ),
         {
             "Fréchet distance, end / start": (0.5, "< 0.5"),
             "diversity, samples / real": (0.4, "> 0.4"),

@@ -22,16 +22,29 @@ import mlflow
 import pytest
 import yaml
 
+from tests.helpers.shared import once
 from tests.test_fit import tiny
 from tests.test_fit_3d import tiny3d
 
 EPOCHS, STEPS = 4, 24  # steps per epoch: samples_per_epoch / batch size 4
+# The 3D variant's schedule, shorter (its steps, validations and process start cost more):
+# killed 3 steps into its second epoch, after the first epoch's last.ckpt.
+SCHEDULE = {"2d": (EPOCHS, STEPS), "3d": (3, 8)}
+
+
+def kill_point(kind: str) -> int:
+    """Values of train/loss_step in the store when the victim is killed: the straight
+    run's, then a few steps past the victim's last checkpoint."""
+    epochs, steps = SCHEDULE[kind]
+    done = 2 if kind == "2d" else 1  # epochs completed (2d: into epoch 3 of 4)
+    return epochs * steps + done * steps + (5 if kind == "2d" else 3)
 
 
 def fit_command(root: Path, uri: str, experiment: str, *extra: str, kind: str = "2d") -> list[str]:
-    """The tiny 2.5D U-Net (``kind="2d"``) or 3D DynUNet (``"3d"``), STEPS batches of 4 per
-    epoch."""
+    """The tiny 2.5D U-Net (``kind="2d"``) or 3D DynUNet (``"3d"``), batches of 4 on the
+    kind's ``SCHEDULE``."""
     shrink = tiny if kind == "2d" else tiny3d
+    epochs, steps = SCHEDULE[kind]
     return [
         sys.executable,
         "-m",
@@ -39,8 +52,8 @@ def fit_command(root: Path, uri: str, experiment: str, *extra: str, kind: str = 
         *shrink(
             root,
             uri,
-            f"--trainer.max_epochs={EPOCHS}",
-            f"--data.samples_per_epoch={4 * STEPS}",
+            f"--trainer.max_epochs={epochs}",
+            f"--data.samples_per_epoch={4 * steps}",
             "--data.loader.batch_size=4",
             "--trainer.log_every_n_steps=1",
             f"--trainer.logger.init_args.experiment_name={experiment}",
@@ -66,29 +79,29 @@ def history(client: mlflow.MlflowClient, run_id: str, key: str) -> dict[int, lis
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def straight_runs(tmp_path_factory: pytest.TempPathFactory, _brats_pristine: Path) -> Any:
-    """One uninterrupted run of the schedule per kind (2d, 3d), made when first asked
+    """One uninterrupted run of the schedule per kind (2d, 3d), made once per session
+    (across xdist workers: the killed runs of one kind may run on either) when first asked
     for, in a store the killed runs copy."""
-    done_runs: dict[str, dict] = {}
 
     def run(kind: str) -> dict:
-        if kind in done_runs:
-            return done_runs[kind]
-        work = tmp_path_factory.mktemp(f"straight-{kind}")
-        root = shutil.copytree(_brats_pristine, work / "BraTS2021")
-        db = work / "mlruns" / "mlflow.db"
-        start = time.monotonic()
-        done = subprocess.run(
-            fit_command(root, f"sqlite:///{db}", "straight", kind=kind),
-            cwd=work,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "MEDLIT_CACHE_DIR": str(work / "cache")},
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        done_runs[kind] = {"db": db, "seconds": time.monotonic() - start}
-        return done_runs[kind]
+        def build(work: Path) -> dict:
+            root = shutil.copytree(_brats_pristine, work / "BraTS2021")
+            db = work / "mlruns" / "mlflow.db"
+            start = time.monotonic()
+            done = subprocess.run(
+                fit_command(root, f"sqlite:///{db}", "straight", kind=kind),
+                cwd=work,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "MEDLIT_CACHE_DIR": str(work / "cache")},
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            return {"db": str(db), "seconds": time.monotonic() - start}
+
+        made = once(tmp_path_factory, f"straight-{kind}", build)
+        return {**made, "db": Path(made["db"])}
 
     return run
 
@@ -108,8 +121,9 @@ def test_a_killed_run_resumes_into_the_same_run_with_the_same_numbers(
     straight_runs: Any, brats_root: Path, tmp_path: Path, kind: str, sig: signal.Signals
 ) -> None:
     """SIGKILL (a crash) and SIGTERM (what SLURM sends before preemption or at the time
-    limit): the run is continued from last.ckpt into the same MLflow run, with the same
-    numbers. SIGTERM used to exit with status 0, the run marked FINISHED. The 3D path
+    limit): SIGTERM's exit status says the run did not finish (it used to exit with
+    status 0, the run marked FINISHED) and its run is marked KILLED; after SIGKILL the run
+    is continued from last.ckpt into the same MLflow run, with the same numbers. The 3D path
     (patch batches, MONAI augmentation, sliding-window validation) resumes the same way."""
     straight_run = straight_runs(kind)
     db = tmp_path / "mlruns" / "mlflow.db"
@@ -124,10 +138,10 @@ def test_a_killed_run_resumes_into_the_same_run_with_the_same_numbers(
         stderr=subprocess.PIPE,
         text=True,
     )
-    # Kill it a few steps into epoch 2, after epoch 1's validation wrote last.ckpt
-    # (the store also holds the uninterrupted run's EPOCHS * STEPS values).
+    # Kill it a few steps into an epoch, after the last validation wrote last.ckpt (the
+    # store also holds the uninterrupted run's values).
     deadline = time.monotonic() + 600
-    while logged_steps(db, "train/loss_step") < EPOCHS * STEPS + 2 * STEPS + 5:
+    while logged_steps(db, "train/loss_step") < kill_point(kind):
         assert victim.poll() is None and time.monotonic() < deadline, "the run ended early"
         time.sleep(0.1)
     victim.send_signal(sig)
@@ -143,6 +157,10 @@ def test_a_killed_run_resumes_into_the_same_run_with_the_same_numbers(
         )
         assert "last.ckpt, the end of the last completed epoch" in victim_err
         assert victim_err.rstrip().endswith("--ckpt_path=last")
+        # Resuming is the same from here on, whatever stopped the run: the SIGKILL
+        # variants check it (last.ckpt is there, and the run can take it).
+        assert list(tmp_path.rglob("last.ckpt"))
+        return
     else:
         assert victim.returncode == -signal.SIGKILL
     resumed = subprocess.run(
@@ -220,7 +238,7 @@ def test_a_slurm_requeue_continues_the_same_run(
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 600
-    while logged_steps(db, "train/loss_step") < EPOCHS * STEPS + 2 * STEPS + 5:
+    while logged_steps(db, "train/loss_step") < kill_point("2d"):
         assert job.poll() is None and time.monotonic() < deadline, "the run ended early"
         time.sleep(0.1)
     job.send_signal(signal.SIGUSR1)  # SLURM's warning before the time limit

@@ -498,6 +498,9 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> str | None:
     return once(tmp_path_factory, "postgres", create_database)["url"]
 
 
+PAIR_TRIALS = 4  # of the two-worker sweep: more than one each, whoever is faster
+
+
 @pytest.fixture(scope="session")
 def two_worker_sweep(
     tmp_path_factory: pytest.TempPathFactory, shared_store: str, postgres_url: str | None
@@ -505,7 +508,7 @@ def two_worker_sweep(
     """Two worker processes started together on one storage, PostgreSQL where it runs
     (else a journal file; two workers on a journal file also share the killed-worker
     test's study), and one SQLite tracking store (the session's shared one, which
-    ``mlflow_ui`` serves): 5 trials between them, run once per session for its three
+    ``mlflow_ui`` serves): PAIR_TRIALS trials between them, run once per session for its three
     tests (across xdist workers too)."""
     from tests.data.brats.data import make_brats
 
@@ -513,7 +516,7 @@ def two_worker_sweep(
         root = tmp / "BraTS2021"
         make_brats(root, "2021", cases=8, seed=3)
         storage = {"storage": postgres_url} if postgres_url else {}
-        sweep = write_sweep(tmp, root, shared_store, name="pair", n_trials=5, **storage)
+        sweep = write_sweep(tmp, root, shared_store, name="pair", n_trials=PAIR_TRIALS, **storage)
         # The same command twice, as the README says to add a worker by hand.
         workers = [start_worker(sweep) for _ in range(2)]
         logs = [finish(w) for w in workers]
@@ -530,14 +533,14 @@ def test_two_workers_share_the_trials_without_losing_or_repeating_one(
     assert two_worker_sweep["codes"] == [0, 0], two_worker_sweep["logs"]
     study = study_of(two_worker_sweep["sweep"])
     trials = [t for t in study.trials if not t.system_attrs.get(SURPLUS)]
-    assert [t.number for t in trials] == list(range(5))
+    assert [t.number for t in trials] == list(range(PAIR_TRIALS))
     assert all(t.state == TrialState.COMPLETE for t in trials)
     # Same command, same sampler seed: still no two trials with the same values.
-    assert len({t.params["model.lr"] for t in trials}) == 5
+    assert len({t.params["model.lr"] for t in trials}) == PAIR_TRIALS
     uri = two_worker_sweep["uri"]
     _, children = runs_of(uri)
     by_trial = sorted(int(r.data.tags["optuna.trial"]) for r in children)
-    assert by_trial == list(range(5))  # one MLflow run per trial: none lost, none twice
+    assert by_trial == list(range(PAIR_TRIALS))  # one MLflow run per trial: none lost, none twice
     assert len(worker_pids(children)) == 2  # both workers ran trials
     for run in children:  # every epoch of every trial reached the shared SQLite store
         assert validations(uri, run.info.run_id) == MAX_EPOCHS
@@ -592,7 +595,7 @@ def test_a_killed_worker_s_trial_fails_is_retried_and_the_study_completes(
         tracking_uri,
         name="kill",
         overrides={"trainer.max_epochs": 3},  # long enough to be killed mid-trial
-        n_trials=4,
+        n_trials=3,
     )
     doc = yaml.safe_load(sweep.read_text())
     victim = start_worker(sweep, "--worker_index=0")
@@ -625,7 +628,7 @@ def test_a_killed_worker_s_trial_fails_is_retried_and_the_study_completes(
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == killed_trial.params
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == 4
+    assert len(complete) == 3
     assert f"trial {killed_trial.number}: its worker" in log
     _, children = runs_of(tracking_uri)
     by_trial = {int(r.data.tags["optuna.trial"]): r for r in children}
@@ -633,7 +636,7 @@ def test_a_killed_worker_s_trial_fails_is_retried_and_the_study_completes(
     assert dead_run.info.status == "FAILED"
     assert "worker died" in dead_run.data.tags["medlit.failure"]
     assert by_trial[retries[0].number].data.tags["optuna.retry_of"] == str(killed_trial.number)
-    assert sum(r.data.tags["optuna.state"] == "COMPLETE" for r in children) == 4
+    assert sum(r.data.tags["optuna.state"] == "COMPLETE" for r in children) == 3
 
 
 @pytest.mark.slow
@@ -646,7 +649,7 @@ def test_two_workers_on_a_postgresql_storage(
     assert yaml.safe_load(two_worker_sweep["sweep"].read_text())["storage"] == postgres_url
     study = optuna.load_study(study_name="pair", storage=postgres_url)
     trials = [t for t in study.trials if not t.system_attrs.get(SURPLUS)]
-    assert [t.number for t in trials] == list(range(5))
+    assert [t.number for t in trials] == list(range(PAIR_TRIALS))
     assert all(t.state == TrialState.COMPLETE for t in trials)
     parent, _ = runs_of(two_worker_sweep["uri"])
     assert parent.data.tags["optuna.storage"].startswith("postgresql://medlit:***@")
