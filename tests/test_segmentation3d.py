@@ -15,6 +15,7 @@ import torch
 
 from medlit.datasets.io.cache import CacheEntry
 from medlit.datasets.patches import (
+    Augment3D,
     PatchBatches,
     foreground_index,
     patch_bounds,
@@ -255,6 +256,21 @@ def test_every_batch_has_its_share_of_foreground_patches(tmp_path: Path) -> None
             assert item["image"].shape == (batch, 4, 8, 8, 8)
             has_fg = (item["mask"].reshape(batch, -1) > 0).any(1)
             assert has_fg[batch - forced :].all(), (batch, fraction, i)
+
+
+def test_augmented_patches_leave_monai_s_metadata_setting_as_it_was(tmp_path: Path) -> None:
+    """The loader runs MONAI's transforms on plain tensors, and gives the process back
+    MONAI's setting: a user's own MONAI code beside it keeps its MetaTensors."""
+    from monai.data import MetaTensor, get_track_meta
+    from monai.transforms import ScaleIntensity
+
+    entry = _entry(tmp_path, (48, 64, 72))
+    data = PatchBatches([entry], lambda s: s, (16, 16, 16), 2, augment=Augment3D().build())
+    np.random.seed(0)
+    item = data[0]
+    assert item["image"].shape == (2, 4, 16, 16, 16) and type(item["image"]) is torch.Tensor
+    assert get_track_meta()
+    assert isinstance(ScaleIntensity()(torch.rand(1, 4, 4)), MetaTensor)
 
 
 def test_patches_are_padded_where_the_volume_is_smaller() -> None:

@@ -21,8 +21,9 @@ optional, as it is in nnU-Net (off by default; it is slow).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,6 +166,21 @@ class Augment3D:
         return T.Compose(steps)
 
 
+@contextlib.contextmanager
+def plain_tensors() -> Iterator[None]:
+    """MONAI transforms on plain tensors inside the block (its metadata costs time and is
+    unused here), MONAI's process-wide setting restored after it: a user's own MONAI code
+    in the same process keeps its MetaTensors."""
+    from monai.data import get_track_meta, set_track_meta
+
+    before = get_track_meta()
+    set_track_meta(False)
+    try:
+        yield
+    finally:
+        set_track_meta(before)
+
+
 class PatchBatches(Dataset):
     """Batches of 3D patches from cached cases, for training.
 
@@ -190,9 +206,6 @@ class PatchBatches(Dataset):
         length: int = 250,
         augment: Any = None,
     ) -> None:
-        from monai.data import set_track_meta
-
-        set_track_meta(False)  # plain tensors: MONAI's metadata costs time and is unused
         self.entries = list(entries)
         self.target_fn = target_fn
         self.patch = tuple(int(p) for p in patch_size)
@@ -229,7 +242,8 @@ class PatchBatches(Dataset):
         image = read_patch(entry.arrays["image"], start, self.patch).astype(np.float32)
         label = read_patch(entry.arrays["seg"], start, self.patch)
         if self.augment is not None:
-            out = self.augment({"image": image, "label": label[None]})
+            with plain_tensors():
+                out = self.augment({"image": image, "label": label[None]})
             image = np.asarray(out["image"], dtype=np.float32)
             label = np.asarray(out["label"])[0].round().astype(np.uint8)
         return {
