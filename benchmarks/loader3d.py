@@ -1,0 +1,223 @@
+"""3D patch loader: training batches per second from medlit's ``BraTSDataModule`` (3D
+patches read from the memory-mapped cache, nnU-Net's augmentation as MONAI transforms)
+against nnU-Net v2's own training pipeline on the same cases in its preprocessed format.
+
+Both sides: the 3D demo's patch (48×64×64) and batch (2), a third of each batch forced to
+hold foreground, the same number of worker processes, every sample augmented (each
+side's nnU-Net default set: rotation, scaling, noise, blur, brightness, contrast,
+low-resolution simulation, gamma, mirroring; no elastic deformation), one torch thread a
+process. medlit's batches are region targets (WT/TC/ET), nnU-Net's its region targets
+too (the dataset is written with nnU-Net's BraTS regions). Deep supervision is off on
+nnU-Net's side: its targets at every scale are work medlit's loader does not do.
+
+The cases are written once in nnU-Net's raw format (as nnU-Net's own BraTS 2021 conversion
+does) and preprocessed by ``nnUNetv2_plan_and_preprocess``; that and medlit's cache build
+are not timed here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from benchmarks.common import REPO, Context, Row, Section, interleave, median, spread
+from medlit.datamodules import BraTSDataModule
+from medlit.datasets.brats.phantom import write_brats
+from medlit.datasets.io.files import is_synthetic
+
+PEER = REPO / ".venv-nnunet" / "bin" / "python"
+DATASET_ID, DATASET = 500, "Dataset500_BraTSDemo"
+# nnU-Net's BraTS 2021 channels and labels (nnunetv2/dataset_conversion/Dataset137_BraTS21.py)
+CHANNELS = ("t1", "t1ce", "t2", "flair")
+NNUNET_LABEL = {1: 2, 2: 1, 4: 3}  # BraTS necrosis, oedema, enhancing -> nnU-Net's
+SETUP = {
+    "full": {"cases": 10, "shape": (62, 96, 96), "patch": [48, 64, 64], "batches": 60},
+    "tiny": {"cases": 5, "shape": (24, 40, 40), "patch": [16, 32, 32], "batches": 3},
+}
+BATCH = 2
+
+
+def nnunet_env(work: Path, workers: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        **{f"nnUNet_{k}": str(work / k) for k in ("raw", "preprocessed", "results")},
+        "nnUNet_n_proc_DA": str(workers),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def write_nnunet_raw(root: Path, raw: Path) -> None:
+    """The BraTS cases under ``root`` as nnU-Net's raw dataset ``raw``: images linked as
+    channels 0000-0003, labels renumbered, regions in dataset.json."""
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    cases = sorted(p for p in root.iterdir() if p.is_dir())
+    for case in cases:
+        for i, channel in enumerate(CHANNELS):
+            src = case / f"{case.name}_{channel}.nii.gz"
+            (raw / "imagesTr" / f"{case.name}_{i:04d}.nii.gz").symlink_to(src)
+        seg = sitk.ReadImage(str(case / f"{case.name}_seg.nii.gz"))
+        labels = sitk.GetArrayFromImage(seg)
+        out = np.zeros_like(labels)
+        for brats, nnunet in NNUNET_LABEL.items():
+            out[labels == brats] = nnunet
+        image = sitk.GetImageFromArray(out)
+        image.CopyInformation(seg)
+        sitk.WriteImage(image, str(raw / "labelsTr" / f"{case.name}.nii.gz"))
+    dataset = {
+        "channel_names": {str(i): c for i, c in enumerate(CHANNELS)},
+        "labels": {
+            "background": 0,
+            "whole tumor": [1, 2, 3],
+            "tumor core": [2, 3],
+            "enhancing tumor": [3],
+        },
+        "regions_class_order": [1, 2, 3],
+        "numTraining": len(cases),
+        "file_ending": ".nii.gz",
+    }
+    (raw / "dataset.json").write_text(json.dumps(dataset, indent=2))
+
+
+def prepare(ctx: Context, log) -> tuple[Path, Path, float | None]:
+    """The cases (medlit's layout), medlit's cache and, where nnU-Net's environment is,
+    the nnU-Net raw and preprocessed dataset; the seconds nnU-Net's preprocessing took."""
+    setup = SETUP[ctx.sizes.name]
+    root, work = ctx.workdir / "BraTS3D-loader", ctx.workdir / "nnunet-loader"
+    if not is_synthetic(root):
+        write_brats(root, setup["cases"], shape=setup["shape"], spacing=2.5, seed=1)
+    _module(ctx, root, 0).prepare_data()
+    seconds = None
+    if PEER.exists() and not (work / "preprocessed" / DATASET / "nnUNetPlans.json").exists():
+        raw = work / "raw" / DATASET
+        if raw.exists():
+            shutil.rmtree(work)  # a half-made dataset of an interrupted run
+        write_nnunet_raw(root, raw)
+        start = time.perf_counter()
+        done = subprocess.run(
+            [
+                str(PEER.parent / "nnUNetv2_plan_and_preprocess"),
+                *("-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2", "-npfp", "2"),
+            ],
+            env=nnunet_env(work, 1),
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"nnUNetv2_plan_and_preprocess failed:\n{done.stderr[-3000:]}")
+        seconds = time.perf_counter() - start
+        log(f"  nnU-Net preprocessing: {seconds:.0f} s")
+    return root, work, seconds
+
+
+def _module(ctx: Context, root: Path, workers: int) -> BraTSDataModule:
+    setup = SETUP[ctx.sizes.name]
+    return BraTSDataModule(
+        root=str(root),
+        cache_dir=str(ctx.workdir / "medlit-cache-3d-loader"),
+        split={"val_fraction": 0.0, "test_fraction": 0.0},
+        patch_size=setup["patch"],
+        samples_per_epoch=BATCH * (setup["batches"] + 2 * max(workers, 1) + 1),
+        foreground_fraction=0.33,
+        loader={"batch_size": BATCH, "num_workers": workers},
+    )
+
+
+def medlit_side(ctx: Context, root: Path, workers: int) -> float:
+    """Seconds for the timed batches, after the first batch and the batches the workers
+    had prefetched (2 each, PyTorch's prefetch_factor)."""
+    dm = _module(ctx, root, workers)
+    dm.setup("fit")
+    batches = iter(dm.train_dataloader())
+    for _ in range(2 * max(workers, 1) + 1):
+        next(batches)
+    start = time.perf_counter()
+    for _ in range(SETUP[ctx.sizes.name]["batches"]):
+        batch = next(batches)
+    seconds = time.perf_counter() - start
+    assert tuple(batch["image"].shape) == (BATCH, 4, *SETUP[ctx.sizes.name]["patch"])
+    del batches  # stops the workers
+    return seconds
+
+
+def nnunet_side(ctx: Context, work: Path, workers: int) -> float:
+    setup = SETUP[ctx.sizes.name]
+    out = work / "result.json"
+    out.unlink(missing_ok=True)
+    done = subprocess.run(
+        [
+            str(PEER),
+            str(REPO / "benchmarks/peers/nnunet_loader.py"),
+            DATASET,
+            ",".join(map(str, setup["patch"])),
+            str(BATCH),
+            str(workers),
+            str(setup["batches"]),
+            str(out),
+        ],
+        env=nnunet_env(work, workers),
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0 or not out.exists():
+        raise RuntimeError(f"nnU-Net's data loader failed:\n{done.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    assert result["shape"] == [BATCH, 4, *setup["patch"]], result
+    return result["seconds"]
+
+
+def run(ctx: Context, log=print) -> Section:
+    setup = SETUP[ctx.sizes.name]
+    workers = max(ctx.sizes.num_workers, 1)
+    section = Section("3D patch loader")
+    root, work, preprocess_s = prepare(ctx, log)
+    if not PEER.exists():
+        section.notes.append(
+            "The 3D patch loader was not compared: nnU-Net v2's environment "
+            f"({PEER.relative_to(REPO)}) is missing (`bash benchmarks/peers/nnunet.sh`)."
+        )
+        return section
+    sides = {
+        "medlit": lambda r: medlit_side(ctx, root, workers),
+        "nnU-Net v2": lambda r: nnunet_side(ctx, work, workers),
+    }
+    seconds = interleave(sides, ctx.repeats, log)
+    rate = {k: setup["batches"] * BATCH / median(v) for k, v in seconds.items()}
+    ratio = rate["medlit"] / rate["nnU-Net v2"]
+    patch = "×".join(map(str, setup["patch"]))
+    section.rows.append(
+        Row(
+            f"3D training patches ({patch}, batches of {BATCH}, {workers} workers, nnU-Net's "
+            "augmentation, a third foreground): medlit vs nnU-Net v2's data loader",
+            f"{rate['medlit']:.1f} samples/s",
+            f"{rate['nnU-Net v2']:.1f} samples/s",
+            ratio,
+            "speed-up ≥ 1.0x",
+            ratio >= 1.0,
+        )
+    )
+    section.details += [
+        f"| side | s per {setup['batches']} batches: median (min-max, n) | samples/s |",
+        "| --- | --- | --- |",
+        *(f"| {k} | {spread(v)} | {rate[k]:.1f} |" for k, v in seconds.items()),
+        "",
+        f"{setup['cases']} BraTS phantoms of {'×'.join(map(str, setup['shape']))} voxels at "
+        "2.5 mm"
+        + (" (the 3D demo's geometry)." if ctx.sizes.name == "full" else ".")
+        + (f" nnU-Net's preprocessing took {preprocess_s:.0f} s." if preprocess_s else ""),
+    ]
+    if ratio < 1.0:
+        section.misses.append(
+            f"**3D patch loader ({ratio:.2f}x).** medlit {spread(seconds['medlit'])} s, "
+            f"nnU-Net {spread(seconds['nnU-Net v2'])} s per {setup['batches']} batches; "
+            "both sides' time is the augmentation in the workers (their transforms differ: "
+            "MONAI's against batchgeneratorsv2's)."
+        )
+    return section
