@@ -19,6 +19,23 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 
 
+# nnU-Net v2's environment (bash benchmarks/peers/nnunet.sh), the 3D comparisons' peer.
+NNUNET_PYTHON = REPO / ".venv-nnunet" / "bin" / "python"
+
+
+def nnunet_env(folder: Path, threads: int, augment_workers: int = 1) -> dict[str, str]:
+    """The environment of an nnU-Net process: its raw / preprocessed / results folders
+    under ``folder`` (unset, nnU-Net warns on import), ``threads`` OpenMP threads and
+    ``augment_workers`` data-augmentation processes (``nnUNet_n_proc_DA``; at least 1:
+    nnU-Net's planner also gives it to ``torch.set_num_threads``)."""
+    return {
+        **os.environ,
+        **{f"nnUNet_{k}": str(folder / k) for k in ("raw", "preprocessed", "results")},
+        "nnUNet_n_proc_DA": str(augment_workers),
+        "OMP_NUM_THREADS": str(threads),
+    }
+
+
 @dataclass(frozen=True)
 class Sizes:
     """Workload of one run. ``full`` is sized for ~10 min on 2 slow CPU cores; ``tiny`` only

@@ -19,7 +19,6 @@ Every side slides windows of the network's patch with overlap 0.5 (nnU-Net's
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -27,13 +26,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import REPO, Context, Row, Section, interleave, median, spread, timed
+from benchmarks.common import (
+    NNUNET_PYTHON,
+    REPO,
+    Context,
+    Row,
+    Section,
+    interleave,
+    median,
+    nnunet_env,
+    spread,
+    timed,
+)
 from medlit.datamodules import BraTSDataModule
 from medlit.datasets.brats.phantom import write_brats
 from medlit.datasets.io.files import is_synthetic
 
-PEER = REPO / ".venv-nnunet" / "bin" / "python"  # bash benchmarks/peers/nnunet.sh
-NNUNET_FOLDERS = ("raw", "preprocessed", "results")
+PEER = NNUNET_PYTHON
 
 # The 3D demo's case geometry and network (experiments/demo/brats_unet3d.yaml); tiny: a
 # 4-stage network on small phantoms, which only checks that every side runs.
@@ -48,14 +57,12 @@ class NnUNetSide:
     requests (imports and first-call set-up paid once, as for a folder of cases)."""
 
     def __init__(self, threads: int, workdir: Path) -> None:
-        # nnU-Net warns about its three folders when they are unset; none is read here.
-        folders = {f"nnUNet_{k}": str(workdir / "nnunet" / k) for k in NNUNET_FOLDERS}
         self.process = subprocess.Popen(
             [str(PEER), str(REPO / "benchmarks/peers/nnunet_inference.py"), str(threads)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            env={**os.environ, **folders, "OMP_NUM_THREADS": str(threads)},
+            env=nnunet_env(workdir / "nnunet", threads),
         )
 
     def predict(self, **request: Any) -> dict[str, Any]:

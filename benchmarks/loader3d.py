@@ -18,7 +18,6 @@ are not timed here.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -27,12 +26,22 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from benchmarks.common import REPO, Context, Row, Section, interleave, median, spread
+from benchmarks.common import (
+    NNUNET_PYTHON,
+    REPO,
+    Context,
+    Row,
+    Section,
+    interleave,
+    median,
+    nnunet_env,
+    spread,
+)
 from medlit.datamodules import BraTSDataModule
 from medlit.datasets.brats.phantom import write_brats
 from medlit.datasets.io.files import is_synthetic
 
-PEER = REPO / ".venv-nnunet" / "bin" / "python"
+PEER = NNUNET_PYTHON
 DATASET_ID, DATASET = 500, "Dataset500_BraTSDemo"
 # nnU-Net's BraTS 2021 channels and labels (nnunetv2/dataset_conversion/Dataset137_BraTS21.py)
 CHANNELS = ("t1", "t1ce", "t2", "flair")
@@ -42,15 +51,6 @@ SETUP = {
     "tiny": {"cases": 5, "shape": (24, 40, 40), "patch": [16, 32, 32], "batches": 3},
 }
 BATCH = 2
-
-
-def nnunet_env(work: Path, workers: int) -> dict[str, str]:
-    return {
-        **os.environ,
-        **{f"nnUNet_{k}": str(work / k) for k in ("raw", "preprocessed", "results")},
-        "nnUNet_n_proc_DA": str(workers),
-        "OMP_NUM_THREADS": "1",
-    }
 
 
 def write_nnunet_raw(root: Path, raw: Path) -> None:
@@ -162,7 +162,7 @@ def nnunet_side(ctx: Context, work: Path, workers: int) -> float:
             str(setup["batches"]),
             str(out),
         ],
-        env=nnunet_env(work, workers),
+        env=nnunet_env(work, 1, workers),
         capture_output=True,
         text=True,
     )
