@@ -140,6 +140,44 @@ def test_mirroring_averages_the_logits_of_all_eight_flips() -> None:
 # ---- networks -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("val_tta", [False, True])
+def test_mirroring_is_for_test_and_prediction_not_each_epoch_s_validation(val_tta: bool) -> None:
+    """``tta: mirror`` mirrors every window in test, validate and predict; the validation
+    inside a fit runs plain (nnU-Net's online validation) unless ``val_tta``."""
+    from pytorch_lightning import Trainer
+    from pytorch_lightning.trainer.states import TrainerFn
+
+    from medlit.tasks import Segmentation3DTask
+
+    task = Segmentation3DTask(
+        patch_size=[16, 16, 16],
+        filters=[4, 8, 16],
+        in_channels=1,
+        num_classes=1,
+        region_names=["A"],
+    )
+    task.configure_models()
+    task.hparams["tta"], task.hparams["val_tta"] = "mirror", val_tta
+    calls = []
+    task.model.register_forward_hook(lambda *_: calls.append(1))
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    task.trainer = trainer
+    passes = {}
+    for fn in (TrainerFn.FITTING, TrainerFn.VALIDATING, TrainerFn.TESTING, TrainerFn.PREDICTING):
+        trainer.state.fn = fn
+        calls.clear()
+        task.predict_volume(torch.zeros(1, 16, 16, 16))  # one window
+        passes[fn] = len(calls)
+    assert passes == {
+        TrainerFn.FITTING: 8 if val_tta else 1,
+        TrainerFn.VALIDATING: 8,
+        TrainerFn.TESTING: 8,
+        TrainerFn.PREDICTING: 8,
+    }
+    task.hparams["tta"] = "none"
+    assert not task.mirroring()
+
+
 def test_unet_plans_are_nnunet_v2_s() -> None:
     """Kernels and strides for isotropic, anisotropic and odd shapes, against nnU-Net v2's
     planner (``get_pool_and_conv_props`` with its 3D settings)."""

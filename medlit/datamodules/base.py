@@ -126,7 +126,7 @@ class BaseDataModule(LightningDataModule):
       :meth:`prepare_case` and :meth:`finish`, with a collecting or a strict report;
     - classification: :attr:`classes`, :attr:`class_counts`, :meth:`score_predictions`,
       :meth:`write_submission`;
-    - segmentation: :meth:`write_prediction`;
+    - segmentation: :meth:`segmentation_target`, :meth:`write_prediction`;
     - detection: :attr:`classes`, :meth:`reference`, :meth:`write_detections`,
       :meth:`candidate_inputs` and :meth:`search_mask` (false-positive reduction);
     - ``medlit.predict``: :meth:`predict_from`, then the task's writer calls the
@@ -188,6 +188,17 @@ class BaseDataModule(LightningDataModule):
     def num_channels(self) -> int | None:
         """Channels of every ``image`` tensor the data module yields (the task's
         ``in_channels`` must equal it); None when it cannot be known from the config."""
+        return None
+
+    def segmentation_target(self) -> tuple[str, int, list[str]] | None:
+        """What a segmentation task must predict for these labels: its ``target``
+        (``regions`` or ``labels``), ``num_classes`` and the evaluated regions' names;
+        None when the data module does not say (checked against the task at start)."""
+        return None
+
+    def grid_spacing(self) -> tuple[float, float, float] | None:
+        """(z, y, x) mm of the grid every cached case shares (a target spacing), which a 3D
+        network is planned for; None when the cases keep their own or it is not known."""
         return None
 
     @property

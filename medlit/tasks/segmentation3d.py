@@ -4,9 +4,11 @@ overlays and written predictions are :class:`~medlit.tasks.SegmentationTask`'s."
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 
 from medlit.constraints import (
@@ -16,11 +18,14 @@ from medlit.constraints import (
     PositiveFloat,
     PositiveInt,
 )
+from medlit.datamodules.base import BaseDataModule
 from medlit.errors import ConfigError
 from medlit.models.volumetric import Arch3D, create_network_3d
 from medlit.sliding import Mirrored, sliding_window
 from medlit.tasks.base import warmup_cosine
 from medlit.tasks.segmentation import SegmentationTask
+
+log = logging.getLogger(__name__)
 
 
 def deep_supervision_weights(outputs: int) -> list[float]:
@@ -73,7 +78,11 @@ class Segmentation3DTask(SegmentationTask):
         threshold: probability above which a voxel belongs to a region (``regions``).
         overlap: share of a window's side that neighbouring windows overlap (nnU-Net 0.5).
         tta: ``mirror``: average the logits over all 8 combinations of axis flips (8× the
-            inference time); ``none``.
+            inference time) in test, ``medlit.evaluate`` and ``medlit.predict``; ``none``.
+            The validation of each training epoch runs without it unless ``val_tta``
+            (nnU-Net's too: its per-epoch validation is unmirrored, its final one mirrored).
+        val_tta: mirror in the validation of each training epoch as well (8× its cost; the
+            best checkpoint is then picked on mirrored scores).
         sw_batch_size: windows per forward pass.
         stitch_limit_mb: when the logits of a whole volume would take more than this on
             the accelerator, they are stitched on the CPU instead.
@@ -107,6 +116,7 @@ class Segmentation3DTask(SegmentationTask):
         threshold: ClosedUnitInterval = 0.5,
         overlap: ClosedUnitInterval = 0.5,
         tta: Literal["none", "mirror"] = "none",
+        val_tta: bool = False,
         sw_batch_size: PositiveInt = 2,
         stitch_limit_mb: PositiveFloat = 2048,
         model_kwargs: dict[str, Any] | None = None,
@@ -141,6 +151,21 @@ class Segmentation3DTask(SegmentationTask):
             **(h["model_kwargs"] or {}),
         )
         self.ds_weights = deep_supervision_weights(self.heads + 1)
+
+    def on_fit_start(self) -> None:
+        """A DynUNet planned for isotropic voxels on anisotropic data trains, but not as
+        nnU-Net would plan it (anisotropic kernels and strides): say what to set."""
+        dm = getattr(self.trainer, "datamodule", None)
+        grid = dm.grid_spacing() if isinstance(dm, BaseDataModule) else None
+        h = self.hparams
+        if h["arch"] == "dynunet" and h["spacing"] is None and grid and max(grid) > 2 * min(grid):
+            log.warning(
+                "the data are cached at %s mm (z, y, x) but model.spacing is unset, so the "
+                "DynUNet is planned for isotropic voxels; set --model.spacing=%s to plan it "
+                "as nnU-Net does",
+                [round(g, 4) for g in grid],
+                [round(g, 4) for g in grid],
+            )
 
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
@@ -197,6 +222,16 @@ class Segmentation3DTask(SegmentationTask):
         self.log_train_loss(loss, image.shape[0])
         return loss
 
+    def mirroring(self) -> bool:
+        """Whether inference now averages the 8 flips: ``tta: mirror``, except in the
+        validation loop of a fit (unless ``val_tta``)."""
+        h = self.hparams
+        if h["tta"] != "mirror":
+            return False
+        trainer = self._trainer  # None outside a Trainer (a task used on its own)
+        in_fit = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        return not in_fit or h["val_tta"]
+
     @torch.no_grad()
     def predict_volume(self, volume: Tensor) -> Tensor:
         """(C, Z, Y, X) volume -> (K, Z, Y, X) probabilities: Gaussian-weighted sliding
@@ -205,7 +240,7 @@ class Segmentation3DTask(SegmentationTask):
         logits_mb = h["num_classes"] * volume[0].numel() * 4 / 2**20
         on_accelerator = volume.device.type != "cpu"
         out_device = "cpu" if on_accelerator and logits_mb > h["stitch_limit_mb"] else None
-        predictor = Mirrored(self.model) if h["tta"] == "mirror" else self.model
+        predictor = Mirrored(self.model) if self.mirroring() else self.model
         logits = sliding_window(
             volume[None], predictor, self.patch, h["overlap"], h["sw_batch_size"], out_device
         )[0].float()
