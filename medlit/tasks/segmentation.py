@@ -216,22 +216,40 @@ class SegmentationTask(BaseTask):
         return np.stack([np.isin(classes, g) for g in groups])
 
     @staticmethod
-    def to_grid(probs: Tensor, shape: tuple[int, ...]) -> Tensor:
+    def to_grid(
+        probs: Tensor, shape: tuple[int, ...], scale: tuple[float, ...] | None = None
+    ) -> Tensor:
         """(K, Z, Y, X) probabilities resampled to the (Z, Y, X) grid of the labels or the
-        file: bilinearly in-plane for resized slices, trilinearly for a volume cached at
-        another spacing; unchanged when the grids agree."""
+        file: bilinearly in-plane for resized slices; trilinearly for a volume cached at
+        another spacing, where ``scale`` (the source's spacing / the cache's, per axis)
+        puts every source voxel exactly where the cache's resampling took it from (both
+        grids start at the same voxel centre, as SimpleITK's resampler keeps the
+        origin); unchanged when the grids agree."""
         shape = tuple(int(n) for n in shape)
         if tuple(probs.shape[-3:]) == shape:
             return probs
-        if probs.shape[-3] == shape[0]:
-            return F.interpolate(probs, size=shape[1:], mode="bilinear", align_corners=False)
-        return F.interpolate(probs[None], size=shape, mode="trilinear", align_corners=False)[0]
+        if scale is None or all(abs(f - 1) < 1e-9 for f in scale):
+            if probs.shape[-3] == shape[0]:
+                return F.interpolate(probs, size=shape[1:], mode="bilinear", align_corners=False)
+            out = F.interpolate(probs[None], size=shape, mode="trilinear", align_corners=False)
+            return out[0]
+        # grid_sample's x, y, z order; align_corners=True: -1 and 1 are the end voxels'
+        # centres, so source voxel i sits at cache index i * scale.
+        axes = [
+            torch.arange(n, device=probs.device, dtype=torch.float32) * f * 2 / max(m - 1, 1) - 1
+            for n, f, m in zip(shape, scale, probs.shape[-3:], strict=True)
+        ]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1)[None]
+        out = F.grid_sample(
+            probs[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=True
+        )
+        return out[0].to(probs.dtype)
 
     def evaluate_batch(self, batch: dict[str, Any], stage: str) -> None:
         probs = self.predict_volume(batch["image"][0])
         ref = batch["mask"][0].cpu().numpy().astype(bool)
         # Resized or resampled input: scored at the label's resolution.
-        probs = self.to_grid(probs, ref.shape[-3:])
+        probs = self.to_grid(probs, ref.shape[-3:], _scale(batch["spacing"][0], batch, 0))
         pred = self.to_regions(probs)
         spacing = batch["spacing"][0].tolist()
         diagonal = volume_diagonal(batch["shape"][0].tolist(), spacing)
@@ -276,7 +294,12 @@ class SegmentationTask(BaseTask):
                 probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
             elif (bbox := _crop_box(batch, i, meta)) is not None:
                 # a volume cached at another spacing: back to the source's cropped grid
-                probs = self.to_grid(probs, tuple(b - a for a, b in bbox))
+                native = (
+                    list(reversed(meta["geometry"]["spacing"])) if meta else batch["spacing"][i]
+                )
+                probs = self.to_grid(
+                    probs, tuple(b - a for a, b in bbox), _scale(native, batch, i, meta)
+                )
             out.append({"case_id": case_id, "regions": self.to_regions(probs), "meta": meta})
         return out
 
@@ -307,6 +330,21 @@ class SegmentationTask(BaseTask):
                 lambda out: shutil.copytree(folder, out, dirs_exist_ok=True),
             )
         self._rows, self._shown = [], []
+
+
+def _scale(
+    native: Any, batch: dict[str, Any], i: int, meta: dict | None = None
+) -> tuple[float, ...] | None:
+    """Source spacing / cached spacing per axis (z, y, x) of item ``i``, when the item
+    says what grid it is cached on (``grid_spacing``, or its metadata's ``spacing_zyx``)."""
+    if meta is not None and "spacing_zyx" in meta:
+        grid = meta["spacing_zyx"]
+    elif "grid_spacing" in batch:
+        grid = batch["grid_spacing"][i].tolist()
+    else:
+        return None
+    native = native.tolist() if isinstance(native, Tensor) else list(native)
+    return tuple(float(a) / float(b) for a, b in zip(native, grid, strict=True))
 
 
 def _crop_box(batch: dict[str, Any], i: int, meta: dict | None) -> list[tuple[int, int]] | None:

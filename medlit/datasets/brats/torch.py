@@ -141,6 +141,11 @@ class CaseDataset(Dataset):
             "spacing": torch.tensor(
                 list(reversed(meta["geometry"]["spacing"])), dtype=torch.float64
             ),
+            # (z, y, x) mm of the cached grid (the source's unless resampled in the cache)
+            "grid_spacing": torch.tensor(
+                meta.get("spacing_zyx", list(reversed(meta["geometry"]["spacing"]))),
+                dtype=torch.float64,
+            ),
             "shape": torch.tensor(meta["shape"]),
             "bbox": torch.tensor([v for pair in meta["bbox"] for v in pair]),
         }
