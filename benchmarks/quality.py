@@ -178,6 +178,28 @@ DEMOS: tuple[Demo, ...] = (
         DEMO_3D_WORDS,
     ),
     Demo(
+        "Volumes U-Net (nnU-Net raw)",
+        EXPERIMENTS / "demo/volumes_unet.yaml",
+        "volumes-demo",
+        (
+            Criterion(
+                "test organ Dice",
+                _metric("test/dice_organ"),
+                _const(0.9),
+                _const(0.0),  # an empty prediction
+                "≥ 0.9",
+            ),
+            Criterion(
+                "test lesion Dice",
+                _metric("test/dice_lesion"),
+                _const(0.6),
+                _const(0.0),
+                "≥ 0.6",
+            ),
+        ),
+        "~5.5 min; test Dice organ 0.98, lesion 0.76",
+    ),
+    Demo(
         "ISIC classifier",
         EXPERIMENTS / "demo/isic_classifier.yaml",
         "isic-demo",

@@ -484,8 +484,9 @@ def upgrade_keys(args: list[str]) -> list[str]:
 
 
 def check_compatible(model: LightningModule, datamodule: LightningDataModule) -> None:
-    """The task takes as many input channels as the data module yields, or a
-    ``ConfigError`` that says which value to set."""
+    """The task takes as many input channels as the data module yields and predicts the
+    target its labels need (``segmentation_target``), or a ``ConfigError`` that says
+    which value to set."""
     if not isinstance(datamodule, BaseDataModule):
         return
     channels = datamodule.num_channels
@@ -495,6 +496,21 @@ def check_compatible(model: LightningModule, datamodule: LightningDataModule) ->
             f"model.in_channels={expected} but the data module yields {channels} channels "
             f"({type(datamodule).__name__}.num_channels); set "
             f"--model.in_channels={channels}"
+        )
+    wanted = datamodule.segmentation_target()
+    if wanted is None or "num_classes" not in model.hparams:
+        return
+    target, num_classes, names = wanted
+    h = model.hparams
+    if h.get("target") in ("regions", "labels") and (h["target"], h["num_classes"]) != (
+        target,
+        num_classes,
+    ):
+        raise ConfigError(
+            f"model.target={h['target']} with num_classes={h['num_classes']}, but the "
+            f"labels of {type(datamodule).__name__} ({', '.join(names)}) need "
+            f"--model.target={target} --model.num_classes={num_classes}"
+            + (" (background included)" if target == "labels" else " (one per region)")
         )
 
 

@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
         dm.batch_size = ours.batch_size  # images per batch (ISIC)
         if "inference_batch_size" in model.hparams:  # slices per forward pass
             model.hparams["inference_batch_size"] = ours.batch_size
+    # What the data module kept in the checkpoint (VolumeDataModule: the training data's
+    # fingerprint, which preprocesses new cases as training did).
+    if (dm_state := state.get(type(dm).__qualname__)) is not None:
+        dm.load_state_dict(dm_state)
     dm.predict_from(Path(ours.input).expanduser(), num_classes=model.hparams.get("num_classes"))
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from benchmarks.quality import DEMOS, Criterion, Demo, Outcome, mlflow_outcome
 from medlit.datasets.brats.phantom import write_brats
 from medlit.datasets.isic.phantom import write_isic
 from medlit.datasets.luna16.phantom import write_luna16
+from medlit.datasets.volumes.phantom import write_phantoms
 from medlit.fit import main
 
 SEEDS = [int(s) for s in os.environ.get("MEDLIT_DEMO_SEEDS", "42").split(",")]
@@ -98,6 +99,23 @@ SHORT: dict[str, Short] = {
             "--trainer.max_epochs=4",
         ),
         {"test mean Dice": (0.25, "≥ 0.25")},
+    ),
+    # 12 phantoms of 48×48 in-plane voxels, 3 epochs of 240 2.5D slices. Seeds 42, 1, 2
+    # (test organ Dice): 0.931, 0.955, 0.956; the worst clears 0.7 by 33 %. The lesion
+    # (5-9 mm across, in 3-5 mm slices) comes later: 0.366 and 0 on seeds 42 and 1 at 3
+    # epochs, 0.76 on the full demo.
+    "Volumes U-Net (nnU-Net raw)": Short(
+        lambda root, seed: write_phantoms(root, 12, seed=seed, size_xy=48),
+        (
+            "--data.patch_size=48",
+            "--data.loader.batch_size=8",
+            "--data.samples_per_epoch=240",
+            "--trainer.max_epochs=3",
+        ),
+        {
+            "test organ Dice": (0.7, "≥ 0.7"),
+            "test lesion Dice": (None, "checked on the full demo only"),
+        },
     ),
     # Balanced accuracy 0.890, 0.785, 0.601: the worst clears 3/7 by 60 % of the span.
     "ISIC classifier": Short(

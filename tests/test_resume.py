@@ -312,8 +312,10 @@ def test_a_file_that_is_not_a_safe_checkpoint_is_refused_by_name(
 # leave defaults out.
 BEFORE_DEFAULTS_LEFT_OUT = {
     # Shipped with the 3D path (no older medlit ran them): the legacy hash as computed now.
-    "experiments/brats_unet3d.yaml": "9731acd1b89c7cb9",
-    "experiments/demo/brats_unet3d.yaml": "96da75384d44233c",
+    "experiments/brats_unet3d.yaml": "a5c2e6aaefc72950",
+    "experiments/demo/brats_unet3d.yaml": "1b9fc066dd61839a",
+    "experiments/demo/volumes_unet.yaml": "d3aa43179e9dae2d",
+    "experiments/volumes_unet3d.yaml": "60070e2c55f5712e",
     "experiments/brats_deeplabv3plus.yaml": "6ff82cbf521a31ad",
     "experiments/brats_pix2pix.yaml": "544899e62cfbc228",
     "experiments/brats_unet.yaml": "6685feefbce8192f",
@@ -337,7 +339,9 @@ BEFORE_DEFAULTS_LEFT_OUT = {
 # 394c375; the loader and split settings moving into groups left every one unchanged.
 DEFAULTS_LEFT_OUT = {
     "experiments/brats_unet3d.yaml": "2a698233cc7222d2",
-    "experiments/demo/brats_unet3d.yaml": "4bf6498c9b2c5caf",
+    "experiments/demo/brats_unet3d.yaml": "2c67327ff3fe01f4",
+    "experiments/demo/volumes_unet.yaml": "6b44d72a4f1ab5a0",
+    "experiments/volumes_unet3d.yaml": "3d3325102794f2d7",
     "experiments/brats_deeplabv3plus.yaml": "0ece9a6eb85aa8a0",
     "experiments/brats_pix2pix.yaml": "c107f944bc801e3f",
     "experiments/brats_unet.yaml": "5295a9e556affc7b",

@@ -5,6 +5,7 @@ from medlit.datamodules.brats import BraTSDataModule
 from medlit.datamodules.isic import ISICDataModule
 from medlit.datamodules.luna16 import LUNA16DataModule, Subsets
 from medlit.datamodules.splits import Split
+from medlit.datamodules.volumes import VolumeDataModule
 
 __all__ = [
     "BaseDataModule",
@@ -14,4 +15,5 @@ __all__ = [
     "Loader",
     "Split",
     "Subsets",
+    "VolumeDataModule",
 ]

@@ -1,0 +1,516 @@
+"""Any volumetric segmentation dataset in the nnU-Net v2 raw or MSD format: checked,
+fingerprinted and cached cases (nnU-Net's preprocessing), case-level splits, 2D/2.5D
+slices or 3D patches for training, whole cases for evaluation and prediction."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from medlit.constraints import ClosedUnitInterval, NonNegativeInt, PositiveFloat, PositiveInt
+from medlit.datamodules.base import BaseDataModule, Loader, cache_root, one_item_batch
+from medlit.datamodules.splits import SPLIT_KEYS, Split, check_split_file, split_groups
+from medlit.datasets.brats.torch import CaseDataset, SliceDataset
+from medlit.datasets.io.cache import CacheEntry, OnTheFly, VolumeCache
+from medlit.datasets.io.files import atomic_write
+from medlit.datasets.io.volume import Geometry, write_volume
+from medlit.datasets.patches import Augment3D, PatchBatches, patch_dims
+from medlit.datasets.volumes.phantom import write_phantoms
+from medlit.datasets.volumes.source import (
+    ENDINGS,
+    STATS_VOXELS,
+    VOLUMES_HELP,
+    DatasetSpec,
+    Preprocessing,
+    VolumeCase,
+    check_case,
+    foreground_statistics,
+    nonzero_box,
+    parse_spec,
+    preprocess_case,
+    read_spec,
+    sample_foreground,
+    target_spacing,
+)
+from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, Report
+
+log = logging.getLogger(__name__)
+
+
+class VolumeDataModule(BaseDataModule):
+    """Any volumetric segmentation dataset in the nnU-Net v2 raw or the Medical
+    Segmentation Decathlon format (detected from ``dataset.json``), preprocessed as
+    nnU-Net does.
+
+    The targets follow ``dataset.json``'s labels: one softmax class per label (the task's
+    ``target: labels``, ``num_classes`` = labels including the background), or, when a
+    label is a list of values (nnU-Net's region-based training), one sigmoid region each
+    (``target: regions``). Every foreground label or region is evaluated as a region
+    named as in ``dataset.json``; predictions are written as label maps in the dataset's
+    values and file ending, on each input's own grid.
+
+    Args:
+        root: the dataset folder that holds ``dataset.json``.
+        demo: when ``root`` is empty or missing, first write a seeded synthetic dataset
+            there in the nnU-Net v2 raw format (anisotropic CT-like phantoms, two labels).
+        demo_cases: number of synthetic cases written by ``demo``.
+        target_spacing: (z, y, x) mm every case is resampled to in the cache (images
+            linearly, labels nearest-neighbour); ``auto``: nnU-Net's rule over the
+            training cases (their median spacing; for a much coarser and shorter axis
+            its 10th percentile); ``none``: each case keeps its own (2D/2.5D only).
+            Evaluation and written predictions stay on each case's own grid.
+        context_slices: neighbouring slices on each side given as extra channels (2.5D).
+        patch_size: one side for square 2D/2.5D slices, or ``[z, y, x]`` for 3D patches
+            (``Segmentation3DTask``).
+        foreground_fraction: share of training samples forced to contain foreground.
+        samples_per_epoch: training slices or patches per epoch.
+        augment: 3D: nnU-Net's default augmentation (``Augment3D``); 2D: flips and
+            affine warps.
+        elastic: 3D: add elastic deformation.
+        split: which cases train, validate and test (``val_fraction``,
+            ``test_fraction``, ``split_file``, ``num_folds``, ``fold``).
+        seed: seed of the split and of the demo data.
+        cache_dir: cache of preprocessed cases; default ``$MEDLIT_CACHE_DIR`` or
+            ``~/.cache/medlit``.
+        loader: ``batch_size`` and ``num_workers``.
+    """
+
+    moved_arguments: ClassVar[dict[str, str]] = {
+        **BaseDataModule.moved_arguments,
+        **{k: f"split.{k}" for k in SPLIT_KEYS},
+    }
+
+    def __init__(
+        self,
+        root: str = "data/Dataset001",
+        demo: bool = False,
+        demo_cases: PositiveInt = 24,
+        target_spacing: list[PositiveFloat] | Literal["auto", "none"] = "auto",
+        context_slices: NonNegativeInt = 0,
+        patch_size: PositiveInt | list[PositiveInt] = 64,
+        foreground_fraction: ClosedUnitInterval = 0.33,
+        samples_per_epoch: PositiveInt = 2000,
+        augment: bool = True,
+        elastic: bool = False,
+        split: Split = Split(),
+        seed: int = 42,
+        cache_dir: str | None = None,
+        loader: Loader = Loader(batch_size=16),
+        **legacy: Any,
+    ) -> None:
+        super().__init__(root)
+        self.save_hyperparameters(logger=False)
+        self.split_settings: Split = self.settings(legacy, split=split, loader=loader)["split"]
+        self.patch_3d = patch_dims(patch_size, context_slices)
+        if isinstance(target_spacing, list) and len(target_spacing) != 3:
+            raise ConfigError(f"data.target_spacing={target_spacing} must be [z, y, x] mm")
+        if self.patch_3d and target_spacing == "none":
+            raise ConfigError(
+                "3D patches need one grid for every case: set data.target_spacing to auto "
+                "or [z, y, x] mm"
+            )
+        self.spec: DatasetSpec | None = None
+        self.cases: dict[str, list[VolumeCase]] = {}
+        # nnU-Net's dataset fingerprint of the training cases (target spacing, CT
+        # intensity statistics): computed once, kept in checkpoints (state_dict), so that
+        # prediction preprocesses new cases as training did without the training data.
+        self.fingerprint: dict[str, Any] | None = None
+        self.saved_dataset: dict[str, Any] | None = None  # dataset.json from a checkpoint
+
+    # ---- what the data are ----------------------------------------------------------------
+
+    def _spec(self) -> DatasetSpec:
+        """dataset.json's channels, labels and cases; from the checkpoint (prediction)
+        when ``root`` has no dataset.json."""
+        if self.spec is None:
+            report = Report()
+            if self.saved_dataset is not None and not (self.root / "dataset.json").exists():
+                raw = {**self.saved_dataset, "training": []}
+                self.spec = parse_spec(raw, Path("checkpoint:dataset.json"), report)
+            else:
+                self.spec = read_spec(self.root, report)
+            if self.spec is None:
+                raise InvalidCaseError(
+                    "dataset", self.root / "dataset.json", report.errors[0].problem
+                )
+        return self.spec
+
+    @property
+    def num_channels(self) -> int | None:
+        try:
+            spec = self._spec()
+        except (DatasetNotFoundError, InvalidCaseError):
+            return None  # not written yet (demo) or broken: the pipeline says why
+        return len(spec.channels) * (2 * self.hparams["context_slices"] + 1)
+
+    def segmentation_target(self) -> tuple[str, int, list[str]] | None:
+        try:
+            labels = self._spec().labels
+        except (DatasetNotFoundError, InvalidCaseError):
+            return None
+        names = [n for n, _ in labels.foreground]
+        if labels.region_based:
+            return "regions", len(names), names
+        return "labels", len(labels.names), names
+
+    def grid_spacing(self) -> tuple[float, float, float] | None:
+        wanted = self.hparams["target_spacing"]
+        if isinstance(wanted, list):
+            return tuple(float(s) for s in wanted)  # type: ignore[return-value]
+        if wanted == "auto" and self.fingerprint is not None:
+            return tuple(self.fingerprint["target_spacing"])  # type: ignore[return-value]
+        return None
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        side = self.hparams["patch_size"]
+        return self.patch_3d or (side, side)
+
+    # ---- the fingerprint, the cache ---------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps to preprocess and write new cases as training did, with
+        the training data gone: the fingerprint and dataset.json (less its case lists)."""
+        if not self.fingerprint or self.spec is None:
+            return {}
+        raw = {k: v for k, v in self.spec.raw.items() if k not in ("training", "test")}
+        return {"fingerprint": self.fingerprint, "dataset_json": raw}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.fingerprint = state.get("fingerprint") or self.fingerprint
+        self.saved_dataset = state.get("dataset_json") or self.saved_dataset
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """nnU-Net's fingerprint of the training cases: their spacings and cropped shapes
+        (for the target spacing), the share of each case its non-zero crop keeps, and the
+        intensity statistics of the foreground of each CT channel. Kept in the cache
+        folder, keyed by the training files' sizes and times; a fingerprint loaded from a
+        checkpoint wins (prediction)."""
+        if self.fingerprint is not None:
+            return self.fingerprint
+        spec = self._spec()
+        train = self.cases.get("train") or []
+        if not train:
+            raise ConfigError("no training cases to take the dataset's fingerprint from")
+        stats = sorted(
+            (str(p), p.stat().st_size, p.stat().st_mtime_ns) for c in train for p in c.sources
+        )
+        key = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+        path = self._cache_dir() / f"fingerprint-{key}.json"
+        if path.exists():
+            self.fingerprint = json.loads(path.read_text())
+            return self.fingerprint
+        ct = [i for i in range(len(spec.channels)) if spec.normalisation(i) == "ct"]
+        per_case = max(STATS_VOXELS // len(train), 1)
+        spacings, shapes, kept, samples = [], [], [], {i: [] for i in ct}
+        for k, case in enumerate(train):
+            read = check_case(case, spec, Report(strict=True), need_label=True)
+            assert read is not None  # a strict report raised
+            channels, seg, geometry = read
+            box = nonzero_box(channels, seg)
+            crop = tuple(slice(a, b) for a, b in box)
+            spacings.append(list(geometry.spacing_zyx))
+            shapes.append([b - a for a, b in box])
+            kept.append(float(np.prod(shapes[-1]) / np.prod(channels[0].shape)))
+            if ct:
+                picked = sample_foreground([channels[i][crop] for i in ct], seg[crop], per_case, k)
+                for i, values in zip(ct, picked, strict=True):
+                    samples[i].append(values)
+        fingerprint = {
+            "spacings": spacings,
+            "shapes_after_crop": shapes,
+            "median_relative_size_after_cropping": float(np.median(kept)),
+            "target_spacing": list(target_spacing(np.array(spacings), np.array(shapes))),
+            "foreground_intensity_properties_per_channel": {
+                str(i): foreground_statistics(np.concatenate(samples[i]))
+                if any(len(v) for v in samples[i])
+                else None
+                for i in ct
+            },
+        }
+        atomic_write(path, lambda p: p.write_text(json.dumps(fingerprint, indent=1)))
+        self.fingerprint = fingerprint
+        log.info(
+            "dataset fingerprint of %d training cases: target spacing %s mm (z, y, x)",
+            len(train),
+            [round(s, 4) for s in fingerprint["target_spacing"]],
+        )
+        return fingerprint
+
+    def _cache_dir(self) -> Path:
+        return cache_root(self.hparams["cache_dir"], "volumes", self.root)
+
+    def _preprocessing(self, require_label: bool = True) -> Preprocessing:
+        spec = self._spec()
+        wanted = self.hparams["target_spacing"]
+        stats: list[dict | None] = [None] * len(spec.channels)
+        fp = self._fingerprint()
+        for i in range(len(spec.channels)):
+            if spec.normalisation(i) == "ct":
+                stats[i] = fp["foreground_intensity_properties_per_channel"].get(str(i))
+                if stats[i] is None:
+                    raise ConfigError(
+                        f"channel {i} ({spec.channels[i]}) is CT but the training cases have "
+                        "no foreground voxels to take its intensity statistics from"
+                    )
+        if wanted == "auto":
+            spacing = tuple(fp["target_spacing"])
+        elif wanted == "none":
+            spacing = None
+        else:
+            spacing = tuple(float(s) for s in wanted)
+        # nnU-Net z-scores within the non-zero region when cropping to it removed a
+        # quarter or more of the median case (its use_mask_for_norm).
+        norm_mask = fp["median_relative_size_after_cropping"] < 0.75
+        return Preprocessing(
+            spec.channels,
+            tuple(sorted(spec.labels.allowed)),
+            require_label,
+            spacing,  # type: ignore[arg-type]
+            tuple(stats),
+            norm_mask,
+        )
+
+    def _cache(self, require_label: bool = True) -> tuple[VolumeCache, Preprocessing]:
+        prep = self._preprocessing(require_label)
+        return VolumeCache(self._cache_dir(), asdict(prep)), prep
+
+    def _entries(self, cases: list[VolumeCase], require_label: bool = True) -> list[CacheEntry]:
+        cache, prep = self._cache(require_label)
+        spec = self._spec()
+        return [
+            cache.get(c.case_id, c.sources, partial(preprocess_case, c, spec, prep)) for c in cases
+        ]
+
+    # ---- the pipeline (BaseDataModule.run_pipeline) -------------------------------------------
+
+    def demo_data(self) -> tuple[Callable[[Path], object], str]:
+        h = self.hparams
+        return (
+            lambda root: write_phantoms(root, h["demo_cases"], seed=h["seed"]),
+            f"{h['demo_cases']} synthetic CT-like cases (nnU-Net v2 raw format)",
+        )
+
+    def discover(self, report: Report) -> dict[str, VolumeCase]:
+        self.spec = None
+        spec = read_spec(self.root, report)
+        if spec is None:  # dataset.json itself is broken (only a collecting report)
+            return {}
+        self.spec = spec
+        if not any(c.label is not None for c in spec.cases.values()):
+            report.refuse(
+                DatasetNotFoundError(
+                    f"no labelled case in {self.root}; training needs them. {VOLUMES_HELP}"
+                ),
+                "dataset",
+                self.root,
+            )
+        return spec.cases
+
+    def split(self, cases: dict[str, VolumeCase], report: Report) -> dict[str, list[str]]:
+        labelled = [i for i, c in cases.items() if c.label is not None]
+        if not check_split_file(self.split_settings.split_file, labelled, report) or not labelled:
+            ids = {"train": [], "val": [], "test": []}
+        else:
+            ids = split_groups(labelled, self.split_settings, self.hparams["seed"])
+        self.cases = {s: [cases[i] for i in v] for s, v in ids.items()}
+        self.cases["predict"] = list(cases.values())
+        return ids
+
+    def prepare_case(self, case_id: str, case: VolumeCase, report: Report, deep: bool) -> bool:
+        spec = self._spec()
+        labelled = case.label is not None
+        if not report.strict:  # medlit.check: every check, nothing cached or fingerprinted
+            check_case(case, spec, report, need_label=False)
+            return True
+        cache, prep = self._cache(require_label=labelled)
+        entry, _ = self.check_and_cache(
+            cache,
+            case_id,
+            case.sources,
+            partial(check_case, case, spec, need_label=labelled),
+            partial(preprocess_case, case, spec, prep),
+            report,
+            deep=deep and labelled,
+        )
+        return entry is None or entry.built
+
+    def finish(self, report: Report) -> str:
+        if not self.entries:
+            return ""
+        return f", {sum(e.nbytes() for e in self.entries.values()) / 1e6:.1f} MB"
+
+    # ---- prediction input, outputs ------------------------------------------------------------
+
+    def predict_from(self, path: Path, num_classes: int | None = None) -> None:
+        """Predict on ``path``: one image file (one channel, or an MSD 4D file) or a folder
+        of ``<case>_<XXXX><ending>`` channel files (nnU-Net's imagesTs), preprocessed with
+        the fingerprint of the checkpoint's training data, and its channels and labels
+        (the checkpoint's dataset.json; the training data need not be present)."""
+        spec = self._spec()
+        path = Path(path).expanduser()
+        if self.fingerprint is None:
+            raise ConfigError(
+                "the checkpoint holds no dataset fingerprint (target spacing, intensity "
+                "statistics) to preprocess new cases with; predict with a checkpoint of a "
+                "medlit run of this data module"
+            )
+        if path.is_file():
+            ending = next((e for e in ENDINGS if path.name.endswith(e)), None)
+            if ending is None:
+                raise ConfigError(
+                    f"--input {path}: not an image medlit reads ({', '.join(ENDINGS)})"
+                )
+            case_id = path.name.removesuffix(ending)
+            n = len(spec.channels)
+            if n > 1 and spec.format == "nnunet":
+                raise ConfigError(
+                    f"--input {path}: the model takes {n} channels; give the folder of "
+                    f"<case>_<XXXX>{spec.file_ending} files"
+                )
+            cases = [VolumeCase(case_id, [path], None, four_d=spec.format == "msd")]
+        elif path.is_dir():
+            cases = _folder_cases(path, spec)
+        else:
+            raise DatasetNotFoundError(f"--input {path} does not exist")
+        for case in cases:
+            for f in case.images:
+                if not f.exists():
+                    raise InvalidCaseError(
+                        case.case_id, f, f"channel file is missing ({', '.join(spec.channels)})"
+                    )
+        prep = self._preprocessing(require_label=False)
+        self.predict_input = path
+        self.datasets["predict"] = OnTheFly(cases, partial(_predict_item, spec=spec, prep=prep))
+        log.info("%s: %d cases to predict", path, len(cases))
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", collate_fn=one_item_batch)
+
+    def write_prediction(
+        self, case_id: str, regions: np.ndarray, folder: Path, meta: dict | None = None
+    ) -> Path:
+        """A case's predicted regions as a label map in dataset.json's values (region-based:
+        ``regions_class_order``), uncropped, on the input's exact geometry, as
+        ``<case><file_ending>``."""
+        if meta is None:
+            meta = next(
+                e.meta
+                for d in self.datasets.values()
+                if isinstance(d, CaseDataset)
+                for e in d.entries
+                if e.meta["case_id"] == case_id
+            )
+        spec = self._spec()
+        labels = np.zeros(meta["shape"], np.uint8)
+        labels[tuple(slice(a, b) for a, b in meta["bbox"])] = spec.labels.label_map(regions)
+        ending = spec.file_ending if spec.format == "nnunet" else ".nii.gz"
+        write_volume(
+            labels, Geometry.from_dict(meta["geometry"]), path := folder / f"{case_id}{ending}"
+        )
+        return path
+
+    # ---- datasets -------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        h = self.hparams
+        if stage == "predict" and self.predict_input is not None:
+            return
+        self.index()
+        labels = self._spec().labels
+        eval_target = labels.regions
+        if stage == "fit" and self.patch_3d:
+            self.datasets["train"] = PatchBatches(
+                self._entries(self.cases["train"]),
+                labels.training_target,
+                self.patch_3d,
+                self.batch_size,
+                h["foreground_fraction"],
+                length=max(h["samples_per_epoch"] // self.batch_size, 1),
+                augment=Augment3D(elastic=h["elastic"]).build() if h["augment"] else None,
+            )
+        elif stage == "fit":
+            augment = None
+            if h["augment"]:
+                import albumentations as A
+
+                augment = A.Compose(
+                    [
+                        A.HorizontalFlip(p=0.5),
+                        A.Affine(
+                            scale=(0.85, 1.15),
+                            rotate=(-15, 15),
+                            border_mode=0,
+                            fill=0,
+                            fill_mask=0,
+                            p=0.5,
+                        ),
+                    ]
+                )
+            self.datasets["train"] = SliceDataset(
+                self._entries(self.cases["train"]),
+                labels.training_target,
+                patch_size=h["patch_size"],
+                context=h["context_slices"],
+                foreground_fraction=h["foreground_fraction"],
+                length=h["samples_per_epoch"],
+                augment=augment,
+            )
+        if stage in ("fit", "validate"):
+            self.datasets["val"] = CaseDataset(self._entries(self.cases["val"]), eval_target)
+        if stage == "test":
+            self.datasets["test"] = CaseDataset(self._entries(self.cases["test"]), eval_target)
+        if stage == "predict":
+            self.datasets["predict"] = CaseDataset(
+                self._entries(self.cases["predict"], require_label=False), None
+            )
+
+
+def _folder_cases(folder: Path, spec: DatasetSpec) -> list[VolumeCase]:
+    """The cases of a folder of nnU-Net channel files (``<case>_<XXXX><ending>``) or of
+    MSD images (one file per case)."""
+    if spec.format == "msd":
+        files = sorted(
+            f for f in folder.iterdir() if not f.name.startswith(".") and f.name.endswith(ENDINGS)
+        )
+        if not files:
+            raise DatasetNotFoundError(f"--input {folder}: no image files in it")
+        return [
+            VolumeCase(
+                f.name.removesuffix(next(e for e in ENDINGS if f.name.endswith(e))), [f], None, True
+            )
+            for f in files
+        ]
+    suffix = spec.file_ending
+    ids = sorted(
+        {
+            f.name.removesuffix(suffix)[:-5]
+            for f in folder.iterdir()
+            if f.name.endswith(suffix) and f.name.removesuffix(suffix)[-5:-4] == "_"
+        }
+    )
+    if not ids:
+        raise DatasetNotFoundError(
+            f"--input {folder}: no <case>_<XXXX>{suffix} channel files in it"
+        )
+    n = len(spec.channels)
+    return [VolumeCase(i, [folder / f"{i}_{c:04d}{suffix}" for c in range(n)], None) for i in ids]
+
+
+def _predict_item(case: VolumeCase, spec: DatasetSpec, prep: Preprocessing) -> dict:
+    arrays, meta = preprocess_case(case, spec, prep)
+    return {
+        "image": torch.from_numpy(arrays["image"].astype(np.float32)),
+        "case_id": case.case_id,
+        "meta": meta,
+    }
