@@ -160,7 +160,7 @@ class Preprocessing:
     require_seg: bool = True
     # (z, y, x) mm of the cached grid; None keeps the release's own (1 mm for BraTS).
     spacing: tuple[float, float, float] | None = None
-    version: int = 2  # bump when the code below changes what it stores
+    version: int = 3  # bump when the code below changes what it stores
 
 
 Read = list[tuple[Path, np.ndarray, Geometry]]

@@ -101,7 +101,10 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
 def resample(image: sitk.Image, spacing: Sequence[float], interpolator: int, fill: float = 0):
     """``image`` on a grid of ``spacing`` (x, y, z mm) over the same extent, origin and
     direction (SimpleITK's resampler: ``sitk.sitkLinear`` for intensities,
-    ``sitk.sitkNearestNeighbor`` for label maps); ``fill`` outside the source."""
+    ``sitk.sitkNearestNeighbor`` for label maps). The grid's last voxel centres may lie
+    up to half a target voxel past the source's last one, where SimpleITK would write
+    ``fill``: they take the nearest source voxel instead (a slab of ``fill`` at the far
+    edge of every upsampled axis would be data that is not there)."""
     size = [
         max(1, int(round(n * s / t)))
         for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing, strict=True)
@@ -116,6 +119,7 @@ def resample(image: sitk.Image, spacing: Sequence[float], interpolator: int, fil
         image.GetDirection(),
         fill,
         image.GetPixelID(),
+        True,  # useNearestNeighborExtrapolator
     )
 
 

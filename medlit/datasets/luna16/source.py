@@ -367,7 +367,7 @@ class Preprocessing:
     """
 
     spacing: tuple[float, float, float] | None = None
-    version: int = 1
+    version: int = 2  # bump when preprocessing changes what it stores
 
 
 def _read_mhd(uid: str, mhd: Path, report: Report) -> sitk.Image | None:
