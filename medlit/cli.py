@@ -512,6 +512,12 @@ def check_compatible(model: LightningModule, datamodule: LightningDataModule) ->
             f"--model.target={target} --model.num_classes={num_classes}"
             + (" (background included)" if target == "labels" else " (one per region)")
         )
+    given = list(h.get("region_names") or [])
+    if given and given != names:
+        raise ConfigError(
+            f"model.region_names={given} but {type(datamodule).__name__}'s labels are "
+            f"{names} (in their order): set --model.region_names=[{', '.join(names)}]"
+        )
 
 
 def check_schedule(model: LightningModule, trainer: Trainer) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
@@ -36,6 +37,7 @@ from medlit.datasets.volumes.source import (
     check_case,
     foreground_statistics,
     nonzero_box,
+    nonzero_mask,
     parse_spec,
     preprocess_case,
     read_spec,
@@ -45,6 +47,7 @@ from medlit.datasets.volumes.source import (
 from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, Report
 
 log = logging.getLogger(__name__)
+FINGERPRINT_VERSION = 2  # bump when what _fingerprint computes changes
 
 
 class VolumeDataModule(BaseDataModule):
@@ -77,6 +80,8 @@ class VolumeDataModule(BaseDataModule):
         augment: 3D: nnU-Net's default augmentation (``Augment3D``); 2D: flips and
             affine warps.
         elastic: 3D: add elastic deformation.
+        intensity_samples: foreground voxels drawn (with replacement, evenly over the
+            training cases) for the CT channels' statistics; nnU-Net's 10e7.
         split: which cases train, validate and test (``val_fraction``,
             ``test_fraction``, ``split_file``, ``num_folds``, ``fold``).
         seed: seed of the split and of the demo data.
@@ -102,6 +107,7 @@ class VolumeDataModule(BaseDataModule):
         samples_per_epoch: PositiveInt = 2000,
         augment: bool = True,
         elastic: bool = False,
+        intensity_samples: PositiveInt = STATS_VOXELS,
         split: Split = Split(),
         seed: int = 42,
         cache_dir: str | None = None,
@@ -163,6 +169,13 @@ class VolumeDataModule(BaseDataModule):
             return "regions", len(names), names
         return "labels", len(labels.names), names
 
+    def label_names(self) -> dict[int, str]:
+        labels = self._spec().labels
+        names = [n for n, _ in labels.foreground]
+        if labels.region_based:  # each region writes its regions_class_order value
+            return dict(zip(labels.regions_class_order, names, strict=True))
+        return {v[0]: n for n, v in labels.foreground}
+
     def grid_spacing(self) -> tuple[float, float, float] | None:
         wanted = self.hparams["target_spacing"]
         if isinstance(wanted, list):
@@ -193,39 +206,45 @@ class VolumeDataModule(BaseDataModule):
     def _fingerprint(self) -> dict[str, Any]:
         """nnU-Net's fingerprint of the training cases: their spacings and cropped shapes
         (for the target spacing), the share of each case its non-zero crop keeps, and the
-        intensity statistics of the foreground of each CT channel. Kept in the cache
-        folder, keyed by the training files' sizes and times; a fingerprint loaded from a
-        checkpoint wins (prediction)."""
+        intensity statistics of the foreground of each CT channel. Unlike nnU-Net, which
+        fingerprints every case of imagesTr (its cross-validation holds nothing out), only
+        the training split is read: nothing of the validation or test cases leaks into
+        their preprocessing. Kept in the cache folder, keyed by dataset.json and the
+        training files' sizes and times; a fingerprint loaded from a checkpoint wins
+        (prediction)."""
         if self.fingerprint is not None:
             return self.fingerprint
         spec = self._spec()
         train = self.cases.get("train") or []
         if not train:
             raise ConfigError("no training cases to take the dataset's fingerprint from")
+        samples_total = self.hparams["intensity_samples"]
         stats = sorted(
             (str(p), p.stat().st_size, p.stat().st_mtime_ns) for c in train for p in c.sources
         )
-        key = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
-        path = self._cache_dir() / f"fingerprint-{key}.json"
+        blob = json.dumps([FINGERPRINT_VERSION, spec.raw, samples_total, stats], default=str)
+        path = (
+            self._cache_dir() / f"fingerprint-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+        )
         if path.exists():
             self.fingerprint = json.loads(path.read_text())
             return self.fingerprint
         ct = [i for i in range(len(spec.channels)) if spec.normalisation(i) == "ct"]
-        per_case = max(STATS_VOXELS // len(train), 1)
+        per_case = max(int(samples_total // len(train)), 1)
         spacings, shapes, kept, samples = [], [], [], {i: [] for i in ct}
-        for k, case in enumerate(train):
+        for case in train:
             read = check_case(case, spec, Report(strict=True), need_label=True)
             assert read is not None  # a strict report raised
             channels, seg, geometry = read
-            box = nonzero_box(channels, seg)
+            box = nonzero_box(nonzero_mask(channels))
             crop = tuple(slice(a, b) for a, b in box)
             spacings.append(list(geometry.spacing_zyx))
             shapes.append([b - a for a, b in box])
             kept.append(float(np.prod(shapes[-1]) / np.prod(channels[0].shape)))
             if ct:
-                picked = sample_foreground([channels[i][crop] for i in ct], seg[crop], per_case, k)
+                picked = sample_foreground([channels[i][crop] for i in ct], seg[crop], per_case)
                 for i, values in zip(ct, picked, strict=True):
-                    samples[i].append(values)
+                    samples[i].append(values.astype(np.float32))
         fingerprint = {
             "spacings": spacings,
             "shapes_after_crop": shapes,
@@ -250,7 +269,7 @@ class VolumeDataModule(BaseDataModule):
     def _cache_dir(self) -> Path:
         return cache_root(self.hparams["cache_dir"], "volumes", self.root)
 
-    def _preprocessing(self, require_label: bool = True) -> Preprocessing:
+    def _preprocessing(self) -> Preprocessing:
         spec = self._spec()
         wanted = self.hparams["target_spacing"]
         stats: list[dict | None] = [None] * len(spec.channels)
@@ -275,18 +294,17 @@ class VolumeDataModule(BaseDataModule):
         return Preprocessing(
             spec.channels,
             tuple(sorted(spec.labels.allowed)),
-            require_label,
             spacing,  # type: ignore[arg-type]
             tuple(stats),
             norm_mask,
         )
 
-    def _cache(self, require_label: bool = True) -> tuple[VolumeCache, Preprocessing]:
-        prep = self._preprocessing(require_label)
+    def _cache(self) -> tuple[VolumeCache, Preprocessing]:
+        prep = self._preprocessing()
         return VolumeCache(self._cache_dir(), asdict(prep)), prep
 
-    def _entries(self, cases: list[VolumeCase], require_label: bool = True) -> list[CacheEntry]:
-        cache, prep = self._cache(require_label)
+    def _entries(self, cases: list[VolumeCase]) -> list[CacheEntry]:
+        cache, prep = self._cache()
         spec = self._spec()
         return [
             cache.get(c.case_id, c.sources, partial(preprocess_case, c, spec, prep)) for c in cases
@@ -333,7 +351,7 @@ class VolumeDataModule(BaseDataModule):
         if not report.strict:  # medlit.check: every check, nothing cached or fingerprinted
             check_case(case, spec, report, need_label=False)
             return True
-        cache, prep = self._cache(require_label=labelled)
+        cache, prep = self._cache()
         entry, _ = self.check_and_cache(
             cache,
             case_id,
@@ -372,6 +390,8 @@ class VolumeDataModule(BaseDataModule):
                     f"--input {path}: not an image medlit reads ({', '.join(ENDINGS)})"
                 )
             case_id = path.name.removesuffix(ending)
+            if spec.format == "nnunet" and re.fullmatch(r".+_\d{4}", case_id):
+                case_id = case_id[:-5]  # <case>_0000: the case, as nnU-Net names its output
             n = len(spec.channels)
             if n > 1 and spec.format == "nnunet":
                 raise ConfigError(
@@ -389,7 +409,7 @@ class VolumeDataModule(BaseDataModule):
                     raise InvalidCaseError(
                         case.case_id, f, f"channel file is missing ({', '.join(spec.channels)})"
                     )
-        prep = self._preprocessing(require_label=False)
+        prep = self._preprocessing()
         self.predict_input = path
         self.datasets["predict"] = OnTheFly(cases, partial(_predict_item, spec=spec, prep=prep))
         log.info("%s: %d cases to predict", path, len(cases))
@@ -471,9 +491,7 @@ class VolumeDataModule(BaseDataModule):
         if stage == "test":
             self.datasets["test"] = CaseDataset(self._entries(self.cases["test"]), eval_target)
         if stage == "predict":
-            self.datasets["predict"] = CaseDataset(
-                self._entries(self.cases["predict"], require_label=False), None
-            )
+            self.datasets["predict"] = CaseDataset(self._entries(self.cases["predict"]), None)
 
 
 def _folder_cases(folder: Path, spec: DatasetSpec) -> list[VolumeCase]:

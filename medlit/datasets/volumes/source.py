@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from medlit.datasets.io.files import file_problem
 from medlit.datasets.io.volume import (
@@ -47,8 +48,8 @@ ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
 # nnU-Net's normalisation schemes by channel name (anything else: per-case z-score).
 NORMALISATIONS = {"ct": "ct", "nonorm": "none", "zscore": "zscore", "rescale_to_0_1": "rescale"}
 ANISOTROPY = 3  # nnU-Net's ANISO_THRESHOLD
-# Foreground voxels sampled over the dataset for the intensity statistics (nnU-Net's
-# num_foreground_voxels_for_intensitystats, 10e7), shared evenly between the cases.
+# Foreground voxels drawn over the dataset for the intensity statistics, shared evenly
+# between the cases (nnU-Net's num_foreground_voxels_for_intensitystats, 10e7).
 STATS_VOXELS = 100_000_000
 
 VOLUMES_HELP = (
@@ -163,6 +164,14 @@ def _labels(path: Path, raw: Any, fmt: str, order: Any, report: Report) -> Label
                 )
                 return None
             pairs.append((str(name), tuple(int(x) for x in vals)))
+    if any(n == "ignore" for n, _ in pairs):
+        report.error(
+            "dataset",
+            path,
+            "label 'ignore' (nnU-Net's sparse annotation: voxels left out of the loss and "
+            "the metrics) is not supported yet; relabel those voxels or drop the label",
+        )
+        return None
     background = [n for n, v in pairs if v == (0,)]
     if not background:
         report.error("dataset", path, "labels must declare the background as 0")
@@ -249,9 +258,9 @@ def parse_spec(raw: Any, path: Path, report: Report) -> DatasetSpec | None:
         report.error("dataset", path, f"{fmt} dataset.json lacks {', '.join(missing)}")
         return None
     channel_map = raw["channel_names" if fmt == "nnunet" else "modality"]
-    if not isinstance(channel_map, dict) or sorted(map(str, channel_map)) != [
+    if not isinstance(channel_map, dict) or set(map(str, channel_map)) != {
         str(i) for i in range(len(channel_map))
-    ]:
+    }:
         report.error(
             "dataset",
             path,
@@ -414,7 +423,16 @@ def check_case(
                 f"channel file is missing (dataset.json declares {n}: {', '.join(spec.channels)})",
             )
             continue
-        channels += [(path, a, g) for a, g in _read(case, path, report)]
+        read_channels = _read(case, path, report)
+        if not case.four_d and len(read_channels) > 1:
+            report.error(
+                case.case_id,
+                path,
+                f"a 4D image of {len(read_channels)} volumes; nnU-Net's raw format takes one "
+                "3D file per channel (<case>_<XXXX>)",
+            )
+            continue
+        channels += [(path, a, g) for a, g in read_channels]
     if case.four_d and channels and len(channels) != n:
         report.error(
             case.case_id,
@@ -471,12 +489,14 @@ def check_case(
 # ---- nnU-Net's fingerprint and preprocessing -------------------------------------------------
 
 
-def nonzero_box(channels: list[np.ndarray], seg: np.ndarray | None) -> list[tuple[int, int]]:
-    """nnU-Net's crop: the bounding box of voxels non-zero in any channel (or labelled);
+def nonzero_mask(channels: list[np.ndarray]) -> np.ndarray:
+    """nnU-Net's ``create_nonzero_mask``: voxels non-zero in any channel, holes filled."""
+    return ndimage.binary_fill_holes(np.any(np.stack(channels) != 0, axis=0))
+
+
+def nonzero_box(mask: np.ndarray) -> list[tuple[int, int]]:
+    """nnU-Net's crop: the bounding box of the non-zero mask (the label does not widen it);
     the whole volume when nothing is non-zero."""
-    mask = np.any(np.stack(channels) != 0, axis=0)
-    if seg is not None:
-        mask |= seg > 0
     if not mask.any():
         return [(0, n) for n in mask.shape]
     return [(int(i.min()), int(i.max()) + 1) for i in np.nonzero(mask)]
@@ -515,15 +535,18 @@ def foreground_statistics(values: np.ndarray) -> dict[str, float]:
     }
 
 
-def sample_foreground(
-    channels: list[np.ndarray], seg: np.ndarray, n: int, seed: int
-) -> list[np.ndarray]:
-    """At most ``n`` foreground voxels (label > 0) of each channel, the same voxels for
-    every channel, drawn reproducibly (nnU-Net samples ``10e7 / cases`` per case)."""
-    where = np.flatnonzero(seg.ravel() > 0)
-    if len(where) > n:
-        where = np.sort(np.random.default_rng(seed).choice(where, n, replace=False))
-    return [c.ravel()[where].astype(np.float64) for c in channels]
+def sample_foreground(channels: list[np.ndarray], seg: np.ndarray, n: int) -> list[np.ndarray]:
+    """``n`` foreground voxels (label > 0) of each channel drawn with replacement, the
+    generator seeded 1234 for every case, so that every case weighs the same however
+    small its foreground: nnU-Net's ``collect_foreground_intensities`` (a test compares
+    the draws)."""
+    rs = np.random.RandomState(1234)
+    fg = np.asarray(seg) > 0
+    out = []
+    for c in channels:
+        values = np.asarray(c)[fg]
+        out.append(rs.choice(values, n, replace=True) if len(values) else values)
+    return out
 
 
 @dataclass(frozen=True)
@@ -533,11 +556,10 @@ class Preprocessing:
 
     channels: tuple[str, ...]
     allowed: tuple[int, ...]
-    require_label: bool
     spacing: tuple[float, float, float] | None
     stats: tuple[dict[str, float] | None, ...]  # per channel, CT only
     norm_mask: bool = False  # z-score within the non-zero region (nnU-Net use_mask_for_norm)
-    version: int = 1
+    version: int = 2
 
 
 def normalise(
@@ -568,15 +590,16 @@ def preprocess_case(
     ``p.spacing`` (nnU-Net's order). Returns ``image`` (C, z, y, x) float16 and, when
     labelled, ``seg`` (the label values), ``fg_locations`` and, when resampled,
     ``seg_native`` (the labels on the cropped source grid, which evaluation scores)."""
-    read = check_case(case, spec, report or Report(), p.require_label)
+    read = check_case(case, spec, report or Report(), need_label=case.label is not None)
     if read is None:  # only a collecting report gets here
         raise InvalidCaseError(case.case_id, case.images[0], "the case has errors (listed)")
     channels, seg, geometry = read
     shape = channels[0].shape
-    bbox = nonzero_box(channels, seg)
+    nonzero = nonzero_mask(channels)
+    bbox = nonzero_box(nonzero)
     crop = tuple(slice(a, b) for a, b in bbox)
     channels = [c[crop] for c in channels]
-    mask = np.any(np.stack(channels) != 0, axis=0) if p.norm_mask else None
+    mask = nonzero[crop] if p.norm_mask else None
     image = np.stack(
         [normalise(c, spec.normalisation(i), p.stats[i], mask) for i, c in enumerate(channels)]
     )
