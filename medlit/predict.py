@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     count = int(trainer.strategy.reduce(torch.tensor(len(writer.written)), reduce_op="sum"))
     if trainer.is_global_zero:
         print(f"medlit.predict: {len(dm.datasets['predict'])} inputs, wrote {count} files to {out}")
+        if writer.tables:
+            print(f"  and {', '.join(p.name for p in writer.tables)}")
     return sorted(writer.written)
 
 

@@ -20,6 +20,8 @@ from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import BasePredictionWriter
 
 from medlit.datamodules.base import BaseDataModule
+from medlit.datasets.io.files import atomic_write
+from medlit.datasets.io.viewers import write_label_descriptions
 from medlit.errors import ConfigError
 
 
@@ -39,11 +41,17 @@ class _Writer(BasePredictionWriter):
         super().__init__(self.interval_name)
         self.output = output
         self.written: list[Path] = []  # by this process, in this run
+        self.tables: list[Path] = []  # one-per-run files beside them (volumes.csv, ...)
 
 
 class CaseWriter(_Writer):
     """Segmentation: each case as soon as its batch is predicted, through
-    ``write_prediction`` (``prediction``: a list of ``{"case_id", "regions", "meta"}``)."""
+    ``write_prediction`` (``prediction``: a list of ``{"case_id", "regions", "meta"}``,
+    with ``measures`` for volumes); then the tables of the whole run."""
+
+    def __init__(self, output: Path) -> None:
+        super().__init__(output)
+        self.rows: list[dict[str, Any]] = []
 
     def write_on_batch_end(
         self,
@@ -60,6 +68,24 @@ class CaseWriter(_Writer):
             self.written.append(
                 dm.write_prediction(case["case_id"], case["regions"], self.output, case.get("meta"))
             )
+            if "measures" in case:
+                self.rows.append({"case_id": case["case_id"], **case["measures"]})
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """After every case: ``volumes.csv`` (each case's predicted volume in mL and
+        connected components per region) and, where the data module names its label
+        values, the label descriptions ITK-SNAP and 3D Slicer load beside the label maps
+        (rank 0; the rows of every rank gathered)."""
+        rows = pl_module.gather_rows(self.rows)  # a collective: every rank calls it
+        if not trainer.is_global_zero:
+            return
+        dm = _data(trainer)
+        if rows:
+            table = pd.DataFrame(rows).set_index("case_id")
+            atomic_write(path := self.output / "volumes.csv", lambda p: table.to_csv(p))
+            self.tables.append(path)
+        if names := dm.label_names():
+            self.tables += write_label_descriptions(self.output, names)
 
 
 class _Gathered(_Writer):

@@ -19,7 +19,7 @@ from medlit.datasets.brats.source import label_targets
 from medlit.datasets.io.volume import read_volume
 from medlit.errors import ConfigError
 from medlit.fit import main as fit
-from medlit.metrics.segmentation import region_metrics
+from medlit.metrics.segmentation import connected_components, region_metrics
 from medlit.predict import main as predict
 from medlit.tasks import Segmentation3DTask
 from tests.data.brats.data import SPACING, make_brats
@@ -95,6 +95,11 @@ def test_a_3d_network_trains_on_patches_and_scores_and_writes_whole_cases(
         # itself; WT and TC equal the table's only where the sigmoids nest (a 2-epoch
         # network's do not).
         assert scores["dice_ET"] == pytest.approx(table.loc[case, "dice_ET"], abs=1e-9)
+        # Volumes in mL from the voxel size; the reference's are the segmentation file's.
+        voxel_ml = np.prod(geometry.spacing) / 1000
+        assert table.loc[case, "volume_ml_pred_ET"] == pytest.approx((pred == 4).sum() * voxel_ml)
+        assert table.loc[case, "volume_ml_ref_WT"] == pytest.approx((seg > 0).sum() * voxel_ml)
+        assert table.loc[case, "components_pred_ET"] == connected_components(pred == 4)[1]
     assert brats_unet3d.metrics["test/dice_mean"] == pytest.approx(
         table[["dice_WT", "dice_TC", "dice_ET"]].mean().mean()
     )
@@ -125,6 +130,19 @@ def test_predict_writes_what_the_test_stage_wrote_with_and_without_mirroring(
     assert [p.name for p in written] == [f"{c}.nii.gz" for c in cases]
     for path in written:
         np.testing.assert_array_equal(read_volume(path)[0], read_volume(tested / path.name)[0])
+    # Beside the label maps: each case's predicted volumes, and the label names for viewers.
+    volumes = pd.read_csv(tmp_path / "plain" / "volumes.csv").set_index("case_id")
+    assert sorted(volumes.index) == cases
+    for path in written:
+        pred, geometry = read_volume(path)
+        # ET is the file's own (WT and TC there are the closure of the regions: above)
+        assert volumes.loc[path.name.removesuffix(".nii.gz"), "volume_ml_pred_ET"] == (
+            pytest.approx((pred == 4).sum() * np.prod(geometry.spacing) / 1000)
+        )
+    itksnap = (tmp_path / "plain" / "label_descriptions.txt").read_text()
+    assert "4   " in itksnap and '"enhancing tumour (ET)"' in itksnap
+    slicer = (tmp_path / "plain" / "labels.ctbl").read_text().splitlines()
+    assert "2 peritumoral_edema_(ED) 255 127 14 255" in slicer
     mirrored = predict([*config, "--output", str(tmp_path / "tta"), "--model.tta=mirror"])
     for a, b in zip(written, mirrored, strict=True):
         assert read_volume(a)[1] == read_volume(b)[1]

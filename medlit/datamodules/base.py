@@ -126,7 +126,8 @@ class BaseDataModule(LightningDataModule):
       :meth:`prepare_case` and :meth:`finish`, with a collecting or a strict report;
     - classification: :attr:`classes`, :attr:`class_counts`, :meth:`score_predictions`,
       :meth:`write_submission`;
-    - segmentation: :meth:`segmentation_target`, :meth:`write_prediction`;
+    - segmentation: :meth:`segmentation_target`, :meth:`write_prediction`,
+      :meth:`label_names`;
     - detection: :attr:`classes`, :meth:`reference`, :meth:`write_detections`,
       :meth:`candidate_inputs` and :meth:`search_mask` (false-positive reduction);
     - ``medlit.predict``: :meth:`predict_from`, then the task's writer calls the
@@ -195,6 +196,11 @@ class BaseDataModule(LightningDataModule):
         (``regions`` or ``labels``), ``num_classes`` and the evaluated regions' names;
         None when the data module does not say (checked against the task at start)."""
         return None
+
+    def label_names(self) -> dict[int, str]:
+        """Value -> name of every non-zero label :meth:`write_prediction` writes (for the
+        label descriptions viewers load); empty when it writes no label maps."""
+        return {}
 
     def grid_spacing(self) -> tuple[float, float, float] | None:
         """(z, y, x) mm of the grid every cached case shares (a target spacing), which a 3D

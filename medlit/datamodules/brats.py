@@ -139,6 +139,19 @@ class BraTSDataModule(BaseDataModule):
         inputs = len(self.modalities) - int(self.synthesis)
         return inputs * (2 * self.hparams["context_slices"] + 1)
 
+    def label_names(self) -> dict[int, str]:
+        if self.synthesis:
+            return {}
+        if self.predict_input is not None:  # predict_from() read the input's release
+            et = self._predict_et
+        else:
+            _, et, _ = self._layout_and_labels()
+        return {
+            1: "necrotic tumour core (NCR)",
+            2: "peritumoral edema (ED)",
+            et: "enhancing tumour (ET)",
+        }
+
     @property
     def patch_size(self) -> tuple[int, ...]:
         """Training patch: (z, y, x) for 3D patches, (side, side) for slices."""

@@ -206,15 +206,19 @@ class BaseTask(LightningModule):
         unique = {r[key]: r for r in rows}
         return [unique[k] for k in sorted(unique)]
 
+    # Per-case table columns kept in the table only, not logged as means (by prefix).
+    table_only: tuple[str, ...] = ()
+
     def log_case_table(self, stage: str, rows: list[dict[str, Any]]) -> dict[str, float]:
-        """Log the mean of every numeric column as ``{stage}/{column}`` and the table as CSV."""
+        """Log the mean of every numeric column as ``{stage}/{column}`` (but those of
+        ``table_only``) and the table as CSV."""
         if not rows:
             return {}
         table = pd.DataFrame(rows).set_index("case_id")
         means = {
             f"{stage}/{c}": float(np.mean(table[c]))
             for c in table.columns
-            if np.issubdtype(table[c].dtype, np.number)
+            if np.issubdtype(table[c].dtype, np.number) and not c.startswith(self.table_only)
         }
         # Every rank holds the same gathered table, so syncing (a mean over ranks) is a no-op
         # that keeps all ranks' logged values, and Lightning's DDP checks, in agreement.

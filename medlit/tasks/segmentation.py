@@ -23,7 +23,7 @@ from medlit.constraints import (
     PositiveInt,
 )
 from medlit.errors import ConfigError
-from medlit.metrics.segmentation import region_metrics, volume_diagonal
+from medlit.metrics.segmentation import region_metrics, structure_measures, volume_diagonal
 from medlit.models import load_weights, smp_names
 from medlit.tasks.base import BaseTask, predict_slices
 from medlit.visualize import save_overlays
@@ -100,6 +100,9 @@ class SegmentationTask(BaseTask):
     # monitor is set per instance from ``metrics`` (val/<first ranking metric>_mean)
     mode = "max"
 
+    # Volumes and component counts: read per case in the tables, not averaged into metrics.
+    table_only = ("volume_ml_", "components_")
+
     def __init__(
         self,
         arch: str = "unet",
@@ -138,6 +141,8 @@ class SegmentationTask(BaseTask):
         metrics: list[str] | None,
     ) -> None:
         """The evaluated regions' names, the metrics, and the monitored one."""
+        # Volumes and components of each case's reference, measured once per run.
+        self._ref_measures: dict[str, dict[str, float]] = {}
         n_regions = num_classes if target == "regions" else num_classes - 1
         if class_to_region is not None:
             n_regions = len(class_to_region)
@@ -233,17 +238,12 @@ class SegmentationTask(BaseTask):
                 return F.interpolate(probs, size=shape[1:], mode="bilinear", align_corners=False)
             out = F.interpolate(probs[None], size=shape, mode="trilinear", align_corners=False)
             return out[0]
-        # grid_sample's x, y, z order; align_corners=True: -1 and 1 are the end voxels'
-        # centres, so source voxel i sits at cache index i * scale.
-        axes = [
-            torch.arange(n, device=probs.device, dtype=torch.float32) * f * 2 / max(m - 1, 1) - 1
-            for n, f, m in zip(shape, scale, probs.shape[-3:], strict=True)
-        ]
-        grid = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1)[None]
-        out = F.grid_sample(
-            probs[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=True
-        )
-        return out[0].to(probs.dtype)
+        # Trilinear, as three 1D passes (a full sampling grid would take 3 floats per output
+        # voxel: gigabytes for a CT); positions clamped to the end voxels (border).
+        out = probs.float()
+        for axis, (n, f) in enumerate(zip(shape, scale, strict=True), start=1):
+            out = _linear_along(out, axis, n, f)
+        return out.to(probs.dtype)
 
     def evaluate_batch(self, batch: dict[str, Any], stage: str) -> None:
         probs = self.predict_volume(batch["image"][0])
@@ -257,6 +257,13 @@ class SegmentationTask(BaseTask):
             "case_id": batch["case_id"][0],
             **region_metrics(pred, ref, self.region_names, spacing, diagonal, self.metric_names),
         }
+        if ref.shape[-3] > 1:  # a volume (not a 2D image): its structures' sizes
+            row |= structure_measures(pred, self.region_names, spacing, "pred")
+            if row["case_id"] not in self._ref_measures:
+                self._ref_measures[row["case_id"]] = structure_measures(
+                    ref, self.region_names, spacing, "ref"
+                )
+            row |= self._ref_measures[row["case_id"]]
         self._rows.append(row)
         if self.hparams["predictions_dir"] and self.trainer.testing:
             if self.data is None:
@@ -300,7 +307,12 @@ class SegmentationTask(BaseTask):
                 probs = self.to_grid(
                     probs, tuple(b - a for a, b in bbox), _scale(native, batch, i, meta)
                 )
-            out.append({"case_id": case_id, "regions": self.to_regions(probs), "meta": meta})
+            regions = self.to_regions(probs)
+            case = {"case_id": case_id, "regions": regions, "meta": meta}
+            if meta is not None and "geometry" in meta and regions.shape[-3] > 1:
+                spacing = list(reversed(meta["geometry"]["spacing"]))
+                case["measures"] = structure_measures(regions, self.region_names, spacing, "pred")
+            out.append(case)
         return out
 
     def finish_stage(self, stage: str) -> None:
@@ -330,6 +342,19 @@ class SegmentationTask(BaseTask):
                 lambda out: shutil.copytree(folder, out, dirs_exist_ok=True),
             )
         self._rows, self._shown = [], []
+
+
+def _linear_along(x: Tensor, axis: int, n: int, scale: float) -> Tensor:
+    """``x`` sampled linearly at ``n`` points ``i * scale`` (i = 0 .. n-1) along ``axis``,
+    the points clamped to the axis's first and last voxels."""
+    m = x.shape[axis]
+    pos = (torch.arange(n, device=x.device, dtype=torch.float64) * scale).clamp(0, m - 1)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=m - 1)
+    view = [1] * x.ndim
+    view[axis] = n
+    w = (pos - lo).to(x.dtype).view(view)
+    return x.index_select(axis, lo) * (1 - w) + x.index_select(axis, hi) * w
 
 
 def _scale(

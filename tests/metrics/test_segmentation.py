@@ -126,3 +126,26 @@ def test_hd95_is_exact_after_the_bounding_box_crop() -> None:
     d1 = ndimage.distance_transform_edt(~sb, sampling=spacing)[sa]
     d2 = ndimage.distance_transform_edt(~sa, sampling=spacing)[sb]
     assert hd95(b, a, spacing, 999.0) == pytest.approx(np.percentile(np.concatenate([d1, d2]), 95))
+
+
+def test_components_are_26_connected_and_volumes_are_in_millilitres() -> None:
+    """Voxels touching at a corner are one component (26-connectivity, the BraTS 2023
+    scorer's); a gap of one voxel makes two. A 10 × 10 × 10 block of 1 × 2 × 3 mm voxels
+    is 6 mL."""
+    from medlit.metrics.segmentation import connected_components, structure_measures, volume_ml
+
+    mask = np.zeros((4, 4, 4), bool)
+    mask[0, 0, 0] = mask[1, 1, 1] = True  # corner to corner
+    assert connected_components(mask)[1] == 1
+    mask[3, 3, 3] = True  # one voxel apart from (1, 1, 1)
+    labels, n = connected_components(mask)
+    assert n == 2 and labels[0, 0, 0] == labels[1, 1, 1] != labels[3, 3, 3]
+    block = np.ones((10, 10, 10), bool)
+    assert volume_ml(block, (1.0, 2.0, 3.0)) == pytest.approx(6.0)
+    both = np.stack([block, np.zeros_like(block)])
+    assert structure_measures(both, ["A", "B"], (1.0, 2.0, 3.0), "pred") == {
+        "volume_ml_pred_A": pytest.approx(6.0),
+        "components_pred_A": 1,
+        "volume_ml_pred_B": 0.0,
+        "components_pred_B": 0,
+    }
