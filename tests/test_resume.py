@@ -314,8 +314,8 @@ BEFORE_DEFAULTS_LEFT_OUT = {
     # Shipped with the 3D path (no older medlit ran them): the legacy hash as computed now.
     "experiments/brats_unet3d.yaml": "a5c2e6aaefc72950",
     "experiments/demo/brats_unet3d.yaml": "1b9fc066dd61839a",
-    "experiments/demo/volumes_unet.yaml": "d3aa43179e9dae2d",
-    "experiments/volumes_unet3d.yaml": "60070e2c55f5712e",
+    "experiments/demo/volumes_unet.yaml": "58e299fee344c312",
+    "experiments/volumes_unet3d.yaml": "86c5058d4aba0508",
     "experiments/brats_deeplabv3plus.yaml": "6ff82cbf521a31ad",
     "experiments/brats_pix2pix.yaml": "544899e62cfbc228",
     "experiments/brats_unet.yaml": "6685feefbce8192f",

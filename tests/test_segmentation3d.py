@@ -142,8 +142,9 @@ def test_mirroring_averages_the_logits_of_all_eight_flips() -> None:
 
 @pytest.mark.parametrize("val_tta", [False, True])
 def test_mirroring_is_for_test_and_prediction_not_each_epoch_s_validation(val_tta: bool) -> None:
-    """``tta: mirror`` mirrors every window in test, validate and predict; the validation
-    inside a fit runs plain (nnU-Net's online validation) unless ``val_tta``."""
+    """``tta: mirror`` mirrors every window in test and predict; validation, in a fit or
+    on its own (``medlit.evaluate --split val`` scores as the fit did), runs plain
+    (nnU-Net's online validation) unless ``val_tta``."""
     from pytorch_lightning import Trainer
     from pytorch_lightning.trainer.states import TrainerFn
 
@@ -170,7 +171,7 @@ def test_mirroring_is_for_test_and_prediction_not_each_epoch_s_validation(val_tt
         passes[fn] = len(calls)
     assert passes == {
         TrainerFn.FITTING: 8 if val_tta else 1,
-        TrainerFn.VALIDATING: 8,
+        TrainerFn.VALIDATING: 8 if val_tta else 1,
         TrainerFn.TESTING: 8,
         TrainerFn.PREDICTING: 8,
     }

@@ -78,11 +78,11 @@ class Segmentation3DTask(SegmentationTask):
         threshold: probability above which a voxel belongs to a region (``regions``).
         overlap: share of a window's side that neighbouring windows overlap (nnU-Net 0.5).
         tta: ``mirror``: average the logits over all 8 combinations of axis flips (8× the
-            inference time) in test, ``medlit.evaluate`` and ``medlit.predict``; ``none``.
-            The validation of each training epoch runs without it unless ``val_tta``
-            (nnU-Net's too: its per-epoch validation is unmirrored, its final one mirrored).
-        val_tta: mirror in the validation of each training epoch as well (8× its cost; the
-            best checkpoint is then picked on mirrored scores).
+            inference time) in test (a fit's, ``medlit.evaluate --split test``) and
+            ``medlit.predict``; ``none``. Validation runs without it unless ``val_tta``, as
+            nnU-Net's per-epoch validation does.
+        val_tta: mirror in validation as well (8× its cost; the best checkpoint is then
+            picked on mirrored scores).
         sw_batch_size: windows per forward pass.
         stitch_limit_mb: when the logits of a whole volume would take more than this on
             the accelerator, they are stitched on the CPU instead.
@@ -223,14 +223,16 @@ class Segmentation3DTask(SegmentationTask):
         return loss
 
     def mirroring(self) -> bool:
-        """Whether inference now averages the 8 flips: ``tta: mirror``, except in the
-        validation loop of a fit (unless ``val_tta``)."""
+        """Whether inference now averages the 8 flips: ``tta: mirror`` in test and predict;
+        validation (a fit's, or ``medlit.evaluate --split val``, which scores as the fit
+        did) only with ``val_tta``."""
         h = self.hparams
         if h["tta"] != "mirror":
             return False
         trainer = self._trainer  # None outside a Trainer (a task used on its own)
-        in_fit = trainer is not None and trainer.state.fn == TrainerFn.FITTING
-        return not in_fit or h["val_tta"]
+        if trainer is None or trainer.state.fn in (TrainerFn.TESTING, TrainerFn.PREDICTING):
+            return True
+        return bool(h["val_tta"])
 
     @torch.no_grad()
     def predict_volume(self, volume: Tensor) -> Tensor:
