@@ -55,6 +55,39 @@ def foreground_index(seg: np.ndarray, limit: int = MAX_LOCATIONS) -> np.ndarray:
     return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
 
 
+def cached_case(
+    image: np.ndarray,
+    seg: np.ndarray | None,
+    native_zyx: Sequence[float],
+    spacing_zyx: Sequence[float] | None,
+    meta: dict,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """A cropped, normalised volume case as its cache entry, shared by the volumetric
+    datasets: ``image`` (C, z, y, x) resampled to ``spacing_zyx`` when set and different
+    (linearly), stored float16; the labels resampled nearest-neighbour as ``seg``, kept
+    on the source's grid as ``seg_native`` when resampled (evaluation scores there), and
+    their ``fg_locations``. ``meta`` gains ``has_seg`` and ``spacing_zyx`` (the cached
+    grid's)."""
+    from medlit.datasets.io.volume import resample_array
+
+    resampled = spacing_zyx is not None and not np.allclose(native_zyx, spacing_zyx)
+    if resampled:
+        image = np.stack([resample_array(c, native_zyx, spacing_zyx, labels=False) for c in image])
+    arrays = {"image": image.astype(np.float16)}
+    if seg is not None:
+        if resampled:
+            arrays["seg_native"] = seg
+            seg = resample_array(seg, native_zyx, spacing_zyx, labels=True)
+        arrays["seg"] = seg
+        arrays["fg_locations"] = foreground_index(seg)
+    meta = {
+        **meta,
+        "has_seg": seg is not None,
+        "spacing_zyx": list(spacing_zyx if resampled else native_zyx),
+    }
+    return arrays, meta
+
+
 def by_label(index: np.ndarray) -> list[np.ndarray]:
     """The (N, 3) voxel rows of each label of a :func:`foreground_index`."""
     return [index[index[:, 0] == v, 1:] for v in np.unique(index[:, 0])]

@@ -25,9 +25,8 @@ from medlit.datasets.io.volume import (
     count_nonfinite,
     nifti_problem,
     read_volume,
-    resample_array,
 )
-from medlit.datasets.patches import foreground_index
+from medlit.datasets.patches import cached_case
 from medlit.errors import DatasetNotFoundError, InvalidCaseError, Report
 
 Modality = Literal["t1", "t1ce", "t2", "flair"]
@@ -259,28 +258,16 @@ def preprocess_case(
         values = image[c][brain]
         std = float(values.std())
         image[c] = np.where(brain, (image[c] - values.mean()) / max(std, 1e-8), 0.0)
-    native = ref_geom.spacing_zyx
-    resampled = p.spacing is not None and not np.allclose(native, p.spacing)
-    if resampled:
-        image = np.stack([resample_array(c, native, p.spacing, labels=False) for c in image])
-    arrays = {"image": image.astype(np.float16)}
-    if seg is not None:
-        seg = seg[crop]
-        if resampled:
-            arrays["seg_native"] = seg
-            seg = resample_array(seg, native, p.spacing, labels=True)
-        arrays["seg"] = seg
-        arrays["fg_locations"] = foreground_index(seg)
     meta = {
         "case_id": case.case_id,
         "geometry": ref_geom.to_dict(),
         "shape": list(ref_shape),
         "bbox": bbox,
-        "has_seg": seg is not None,
-        "spacing_zyx": list(p.spacing if resampled else native),
         "sources": [str(s) for s in case.sources],
     }
-    return arrays, meta
+    return cached_case(
+        image, seg[crop] if seg is not None else None, ref_geom.spacing_zyx, p.spacing, meta
+    )
 
 
 def label_targets(seg: np.ndarray, et_label: int, target: str) -> np.ndarray:

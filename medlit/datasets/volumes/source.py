@@ -38,9 +38,8 @@ from medlit.datasets.io.volume import (
     Geometry,
     count_nonfinite,
     nifti_problem,
-    resample_array,
 )
-from medlit.datasets.patches import foreground_index
+from medlit.datasets.patches import cached_case
 from medlit.errors import DatasetNotFoundError, InvalidCaseError, Report
 
 # Every ending SimpleITK reads that nnU-Net's SimpleITKIO takes; anything else is refused.
@@ -603,25 +602,13 @@ def preprocess_case(
     image = np.stack(
         [normalise(c, spec.normalisation(i), p.stats[i], mask) for i, c in enumerate(channels)]
     )
-    native = geometry.spacing_zyx
-    resampled = p.spacing is not None and not np.allclose(native, p.spacing)
-    if resampled:
-        image = np.stack([resample_array(c, native, p.spacing, labels=False) for c in image])
-    arrays = {"image": image.astype(np.float16)}
-    if seg is not None:
-        seg = seg[crop]
-        if resampled:
-            arrays["seg_native"] = seg
-            seg = resample_array(seg, native, p.spacing, labels=True)
-        arrays["seg"] = seg
-        arrays["fg_locations"] = foreground_index(seg)
     meta = {
         "case_id": case.case_id,
         "geometry": geometry.to_dict(),
         "shape": list(shape),
         "bbox": bbox,
-        "has_seg": seg is not None,
-        "spacing_zyx": list(p.spacing if resampled else native),
         "sources": [str(s) for s in case.sources],
     }
-    return arrays, meta
+    return cached_case(
+        image, seg[crop] if seg is not None else None, geometry.spacing_zyx, p.spacing, meta
+    )
