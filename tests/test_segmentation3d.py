@@ -4,9 +4,6 @@ and 3D patches that read only their patch from the memory-mapped cache."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -26,22 +23,9 @@ from medlit.errors import ConfigError
 from medlit.models.volumetric import create_network_3d, plan_unet
 from medlit.sliding import Mirrored, gaussian_importance, sliding_window
 from medlit.tasks.segmentation3d import deep_supervision_weights
+from tests.helpers.nnunet import nnunet
 
 REPO = Path(__file__).resolve().parents[1]
-PEER = REPO / ".venv-nnunet" / "bin" / "python"  # benchmarks/peers/nnunet.sh
-
-
-def nnunet(code: str) -> dict:
-    """Run ``code`` in nnU-Net v2's own environment; it prints one JSON object."""
-    if not PEER.exists():
-        if os.environ.get("MEDLIT_REQUIRE_SERVICES"):
-            pytest.fail(f"{PEER} is missing: bash benchmarks/peers/nnunet.sh makes it")
-        pytest.skip("nnU-Net v2's environment is missing (bash benchmarks/peers/nnunet.sh)")
-    done = subprocess.run(
-        [str(PEER), "-c", code], capture_output=True, text=True, timeout=300, check=False
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ---- sliding windows ----------------------------------------------------------------

@@ -5,9 +5,7 @@ a broken dataset named, and predictions that land exactly on each case's own gri
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -23,27 +21,10 @@ from medlit.datasets.volumes.phantom import write_phantoms
 from medlit.datasets.volumes.source import Labels, normalise, target_spacing
 from medlit.errors import ConfigError, InvalidCaseError, Report
 from medlit.tasks import SegmentationTask
+from tests.helpers.nnunet import nnunet
 
 REPO = Path(__file__).resolve().parents[2]
-PEER = REPO / ".venv-nnunet" / "bin" / "python"  # benchmarks/peers/nnunet.sh
 DEMO = REPO / "experiments/demo/volumes_unet.yaml"
-
-
-def nnunet(code: str) -> dict:
-    """Run ``code`` in nnU-Net v2's own environment; it prints one JSON object."""
-    if not PEER.exists():
-        if os.environ.get("MEDLIT_REQUIRE_SERVICES"):
-            pytest.fail(f"{PEER} is missing: bash benchmarks/peers/nnunet.sh makes it")
-        pytest.skip("nnU-Net v2's environment is missing (bash benchmarks/peers/nnunet.sh)")
-    done = subprocess.run(
-        [str(PEER), "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_raw": "", "nnUNet_results": ""},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
