@@ -74,7 +74,11 @@ RESUME_FREE = (
 # ``renamed_arguments``), so that ``--ckpt_path=last`` still finds it. Add an argument
 # here when you add one to a task or data module (tests/test_resume.py pins the hashes).
 LEGACY_ADDED: frozenset[str] = frozenset(
-    {"BraTSDataModule.elastic", "BraTSDataModule.target_spacing"}  # the 3D path
+    {
+        "BraTSDataModule.elastic",  # the 3D path
+        "BraTSDataModule.target_spacing",
+        "DetectionTask.grad_clip_norm",  # Ultralytics' gradient clipping
+    }
 )
 
 
