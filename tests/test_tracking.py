@@ -470,3 +470,37 @@ def test_the_slurm_requeue_mark_never_waits_for_the_store_lock_its_own_process_h
     run = MlflowClient(tracking_uri).get_run(run_id)
     assert run.info.status == "RUNNING" and run.data.tags["medlit.requeued"]
     assert run.data.tags["medlit.owner"] == ""
+
+
+def test_artifacts_go_beside_the_sqlite_store_whatever_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow files a new experiment's artifacts under ./mlruns of the current directory:
+    a run started elsewhere than its store's folder left them there. They go beside the
+    store; the default store (``sqlite:///mlruns/mlflow.db``) keeps MLflow's layout."""
+    from medlit.tracking import MLflowTracker
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    store = tmp_path / "store"
+    uri = f"sqlite:///{store}/mlflow.db"
+    located = {}
+    for name in ("a demo", "a/demo"):  # slugged alike, kept apart by the digest
+        tracker = MLflowTracker(experiment_name=name, tracking_uri=uri)
+        tracker.experiment.log_text(tracker.run_id, "hello", "note.txt")
+        tracker.finalize("success")
+        run = MlflowClient(uri).get_run(tracker.run_id)
+        located[name] = Path(run.info.artifact_uri.removeprefix("file://"))
+        assert (located[name] / "note.txt").read_text() == "hello"
+        assert located[name].is_relative_to(store / "artifacts")
+    assert located["a demo"] != located["a/demo"]
+    assert not (elsewhere / "mlruns").exists()
+
+    # The default store, from the folder that holds it: MLflow's mlruns/<experiment id>.
+    monkeypatch.chdir(tmp_path)
+    tracker = MLflowTracker(experiment_name="default", tracking_uri="sqlite:///mlruns/mlflow.db")
+    tracker.finalize("success")
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db").get_run(tracker.run_id)
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert artifacts == tmp_path / "mlruns" / run.info.experiment_id / run.info.run_id / "artifacts"

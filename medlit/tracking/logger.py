@@ -29,6 +29,7 @@ from medlit.tracking.retry import fail_fast_over_http, rejected, retrying
 from medlit.tracking.spool import write_spool
 from medlit.tracking.store import (
     DEFAULT_TRACKING_URI,
+    artifact_location,
     experiment_url,
     init_store,
     mark_training_experiment,
@@ -120,6 +121,7 @@ class MLflowTracker(MLFlowLogger):
             tags=tags,
             log_model=log_model,
             run_id=run_id,
+            artifact_location=artifact_location(tracking_uri, experiment_name),
         )
 
     # ------------------------------------------------------------------ resilience

@@ -17,7 +17,7 @@ from medlit.checkpoints import stored_once
 from medlit.datasets.io.files import usual_mode
 from medlit.errors import MedlitError
 from medlit.tracking.retry import fail_fast_over_http, retrying
-from medlit.tracking.store import mark_training_experiment, share_view
+from medlit.tracking.store import artifact_location, mark_training_experiment, share_view
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,10 @@ def sync_spool(path: str | Path, tracking_uri: str | None = None) -> int:
                 exp_id = (
                     exp.experiment_id
                     if exp
-                    else client.create_experiment(header["experiment_name"])
+                    else client.create_experiment(
+                        header["experiment_name"],
+                        artifact_location=artifact_location(uri, header["experiment_name"]),
+                    )
                 )
                 # A run that started offline spools at each finalize (after fit, after
                 # test): every folder of it goes to the one run the first one created.

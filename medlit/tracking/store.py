@@ -70,6 +70,29 @@ def sqlite_dir(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
 
 
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a SQLite store ``uri`` keeps its artifacts: beside the
+    store. MLflow puts them under ``./mlruns`` of the current directory wherever the
+    database is, so a run started elsewhere (``cd /tmp`` with an absolute
+    ``sqlite:////data/mlruns/mlflow.db``, a test, a sweep from another folder) scattered
+    its files there, lost with that folder. None (MLflow's own ``mlruns/<id>``) where that
+    already is the store's folder, as for the default ``sqlite:///mlruns/mlflow.db``, and
+    for servers, which choose their own."""
+    import hashlib
+    import re
+
+    if (folder := sqlite_dir(uri)) is None:
+        return None
+    folder = folder.resolve()
+    if folder == Path("mlruns").resolve():
+        return None
+    # Experiment names are unique in a store but may hold any character: a readable
+    # slug, and a digest of the whole name so that two names slugged alike stay apart.
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment)[:60].strip("._") or "experiment"
+    digest = hashlib.sha256(experiment.encode()).hexdigest()[:8]
+    return (folder / "artifacts" / f"{slug}-{digest}").as_uri()
+
+
 # MLflow 3's UI (3.17) opens an experiment on its GenAI pages (traces, an empty overview)
 # and keeps that choice per browser: a link with ``workflowType=machine_learning`` opens
 # the model-training pages. The experiment tag is what the UI reads for the same choice

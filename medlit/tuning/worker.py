@@ -36,6 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from medlit.errors import ConfigError, MedlitError
 from medlit.tracking import MLflowTracker, init_store, retrying
+from medlit.tracking.store import artifact_location
 from medlit.tuning import relay
 from medlit.tuning import space as sp
 from medlit.tuning.storage import (
@@ -171,7 +172,9 @@ class Tracking:
             ) from None
         if exp is None:
             try:
-                self.experiment_id = self.client.create_experiment(experiment)
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=artifact_location(uri, experiment)
+                )
             except Exception:  # noqa: BLE001 - another worker created it first
                 self.experiment_id = retrying(
                     "get experiment", self.client.get_experiment_by_name, experiment
