@@ -35,7 +35,7 @@ MISSING = "--data.root=/nonexistent/training-data"  # prediction never reads the
 
 def trained(tmp_path: Path, args: list[str]) -> Path:
     fit([*args, "--trainer.max_epochs=1"])
-    [ckpt] = sorted(tmp_path.rglob("best-*.ckpt"))
+    [ckpt] = sorted(tmp_path.rglob("checkpoints/best-*.ckpt"))
     return ckpt
 
 
@@ -256,7 +256,9 @@ def test_luna16_detector_writes_the_submission_in_world_coordinates(
     # module's, which never reads its root here) give the classifier's patches, and the
     # same candidates are re-scored.
     fit(tiny_fpr(luna16_yolo.root, tracking_uri))
-    [fpr] = sorted(Path(tracking_uri.removeprefix("sqlite:///")).parent.rglob("best-*.ckpt"))
+    [fpr] = sorted(
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.rglob("checkpoints/best-*.ckpt")
+    )
     extra = [f"--model.fpr_checkpoint={fpr}", "--data.candidate_size=16", "--no_progress"]
     [csv] = predict([*args, *extra, "--output", str(tmp_path / "fpr"), "--input", str(scans)])
     reranked = pd.read_csv(csv)

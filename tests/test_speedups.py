@@ -61,6 +61,6 @@ def test_compile_compiles_the_networks_in_place(
     assert seen["compiled"] == ["model"]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     # Checkpoints keep the plain parameter names (no _orig_mod.), loadable without compile.
-    [ckpt] = sorted(tmp_path.rglob("best-*.ckpt"))
+    [ckpt] = sorted(tmp_path.rglob("checkpoints/best-*.ckpt"))
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert state and not any("_orig_mod" in k for k in state)

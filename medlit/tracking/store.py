@@ -90,7 +90,8 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     # slug, and a digest of the whole name so that two names slugged alike stay apart.
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment)[:60].strip("._") or "experiment"
     digest = hashlib.sha256(experiment.encode()).hexdigest()[:8]
-    return (folder / "artifacts" / f"{slug}-{digest}").as_uri()
+    # A plain path, as MLflow's own default root is: run.info.artifact_uri stays a path.
+    return str(folder / "artifacts" / f"{slug}-{digest}")
 
 
 # MLflow 3's UI (3.17) opens an experiment on its GenAI pages (traces, an empty overview)

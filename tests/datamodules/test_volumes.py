@@ -432,7 +432,7 @@ def test_a_3d_network_trains_on_the_dataset_and_predicts_from_its_checkpoint_alo
             ref.GetOrigin()
         )
         assert set(np.unique(sitk.GetArrayFromImage(pred)).tolist()) <= {0, 1, 2}
-    [ckpt] = (tmp_path / "mlruns").rglob("best-*.ckpt")
+    [ckpt] = (tmp_path / "mlruns").rglob("checkpoints/best-*.ckpt")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     kept = state["VolumeDataModule"]
     assert kept["fingerprint"]["target_spacing"][0] == pytest.approx(3.0)
