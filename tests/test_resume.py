@@ -221,8 +221,19 @@ def test_a_slurm_requeue_continues_the_same_run(
     db.parent.mkdir()
     shutil.copy(straight_run["db"], db)
     uri = f"sqlite:///{db}"
+    # SLURM's scontrol (which cannot run here) records the request and, as slurmctld does
+    # with a requeued job, sends the job SIGTERM. The test used to leave the call failing
+    # and kill the job 2 s later: the job trained on meanwhile and, on a loaded machine,
+    # finished the run first.
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    asked = tmp_path / "requeue-request"
+    scontrol = bin_ / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {asked}\nkill -TERM "$PPID"\n')
+    scontrol.chmod(0o755)
     slurm = {
         **os.environ,
+        "PATH": f"{bin_}{os.pathsep}{os.environ['PATH']}",
         "SLURM_NTASKS": "1",
         "SLURM_JOB_NAME": "medlit",
         "SLURM_JOB_ID": "4242",
@@ -237,22 +248,23 @@ def test_a_slurm_requeue_continues_the_same_run(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 600
-    while logged_steps(db, "train/loss_step") < kill_point("2d"):
-        assert job.poll() is None and time.monotonic() < deadline, "the run ended early"
-        time.sleep(0.1)
-    job.send_signal(signal.SIGUSR1)  # SLURM's warning before the time limit
-    hpc = brats_root.parent / "hpc_ckpt_1.ckpt"
-    while not hpc.is_file():
-        assert job.poll() is None and time.monotonic() < deadline, "no hpc checkpoint"
-        time.sleep(0.1)
-    time.sleep(2)  # the handler finishes writing it (atomically), then SLURM kills the job
-    job.kill()
-    job.wait()
+    try:
+        deadline = time.monotonic() + 600
+        while logged_steps(db, "train/loss_step") < kill_point("2d"):
+            assert job.poll() is None and time.monotonic() < deadline, "the run ended early"
+            time.sleep(0.1)
+        job.send_signal(signal.SIGUSR1)  # SLURM's warning before the time limit
+        assert job.wait(timeout=300) == 128 + signal.SIGTERM
+    finally:
+        job.kill()
+        job.wait()
+    assert asked.read_text().split() == ["requeue", "4242"]
+    assert (brats_root.parent / "hpc_ckpt_1.ckpt").is_file()
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("requeued").experiment_id
     [before] = client.search_runs([exp])
-    assert before.info.status == "RUNNING" and before.data.tags["medlit.requeued"]
+    # Unfinished (KILLED, by the SIGTERM), its requeue recorded before the job ended.
+    assert before.info.status == "KILLED" and before.data.tags["medlit.requeued"]
 
     again = subprocess.run(  # the requeued job: the same command
         fit_command(brats_root, uri, "requeued"),

@@ -462,6 +462,10 @@ class MLflowTracker(MLFlowLogger):
             )
             self._requeue_marker.start()
             return
+        if (marker := getattr(self, "_requeue_marker", None)) is not None:
+            # SLURM ends a requeued job with SIGTERM, which finalises the run (KILLED)
+            # soon after the requeue: the tags go first, or they die with the process.
+            marker.join(timeout=self.flush_timeout)
         final = {"success": "FINISHED", "failed": "FAILED", "finished": "FINISHED"}
         callback = getattr(self, "_checkpoint_callback", None)
         best = getattr(callback, "best_model_path", "") if callback is not None else ""
