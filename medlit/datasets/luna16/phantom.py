@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -56,7 +57,13 @@ class Chest:
     posterior, +z superior (LPS, as in LUNA16's world frame).
     """
 
-    def __init__(self, shape: tuple[int, int, int], spacing: np.ndarray, rng: np.random.Generator):
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        spacing: np.ndarray,
+        rng: np.random.Generator,
+        lungs: str = "anatomical",
+    ):
         nz, ny, nx = shape
         self.shape, self.spacing = shape, spacing
         self.extent = (np.array([nx, ny, nz]) - 1) * spacing
@@ -88,6 +95,25 @@ class Chest:
         )
         self.trachea_r, self.trachea_z = u(6, 9) * s, self.lz + self.az * u(0.2, 0.4)
         self.wave = (u(0.03, 0.07), *(2 * np.pi / u(60, 140, 3)), *u(0, 2 * np.pi, 3))
+        self.ellipsoids = lungs == "ellipsoids"
+        if self.ellipsoids:
+            # Each lung an exact ellipsoid whose volume is known (4/3 pi abc): smaller,
+            # clear of the midline, the chest wall, the vertebra and the scan's ends, so
+            # nothing cuts it. The same draws as the anatomical lungs, rescaled, so every
+            # other part of the scan is as it would be.
+            self.lung_x = self.lung_x * (0.52 / 0.51)
+            self.ax, self.ay = self.ax * (0.36 / 0.48), self.ay * (0.65 / 0.91)
+            self.ly = np.full(2, self.cy)
+            self.lz = z_len / 2 + (self.lz - z_len / 2) * 0.5
+            self.az = self.az * (0.38 / 0.46)
+            self.wave = (0.0, *self.wave[1:])
+
+    def lung_volumes_ml(self) -> tuple[float, float]:
+        """The ellipsoid lungs' exact volumes (left, right) in mL, by the formula."""
+        if not self.ellipsoids:
+            raise ValueError("anatomical lungs have no closed-form volume")
+        left, right = (4 / 3 * np.pi * self.ax[k] * self.ay[k] * self.az / 1000 for k in (1, 0))
+        return float(left), float(right)
 
     def lung_label(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Lung mask value (3 left, 4 right, 0 elsewhere) at points given in mm; the arrays
@@ -102,6 +128,8 @@ class Chest:
             + ((y - self.ly[side]) / self.ay[side]) ** 2
             + ((z - self.lz) / self.az) ** 2
         )
+        if self.ellipsoids:
+            return np.where(q < 1, np.where(left, LEFT_LUNG, RIGHT_LUNG), 0).astype(np.uint8)
         (hx, hy, hz), (ha, hb, hc) = self.heart
         inside = (
             (q < bumpy)
@@ -296,6 +324,7 @@ class Phantom:
     excluded: list = field(default_factory=list)  # (centre, diameter mm or -1)
     candidates: list = field(default_factory=list)  # (centre, class)
     extra_candidates: list = field(default_factory=list)  # only in candidates_V2.csv
+    lung_volumes_ml: tuple[float, float] | None = None  # (left, right), ellipsoid lungs
 
 
 def _place(
@@ -320,11 +349,15 @@ def _place(
 
 
 def luna16_phantom(
-    shape: tuple[int, int, int], spacing: tuple[float, float, float], rng: np.random.Generator
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    rng: np.random.Generator,
+    lungs: str = "anatomical",
 ) -> Phantom:
-    """One chest CT phantom of ``shape`` (z, y, x) voxels and ``spacing`` (x, y, z) mm."""
+    """One chest CT phantom of ``shape`` (z, y, x) voxels and ``spacing`` (x, y, z) mm;
+    ``lungs``: see :func:`write_luna16`."""
     sp = np.asarray(spacing, float)
-    chest = Chest(shape, sp, rng)
+    chest = Chest(shape, sp, rng, lungs)
     lungs = chest.lung_label(*chest.grid())
     hu = chest.body(rng)
     in_lung = lungs > 0
@@ -338,6 +371,8 @@ def luna16_phantom(
     hu += frac * (rng.uniform(0, 60) - hu)
 
     out = Phantom(np.empty(0), lungs)
+    if chest.ellipsoids:
+        out.lung_volumes_ml = chest.lung_volumes_ml()
     lung_voxels = np.flatnonzero(in_lung)
     taken: list = []
     n_nodules = rng.choice(5, p=[0.1, 0.35, 0.3, 0.17, 0.08]) if lung_voxels.size else 0
@@ -448,6 +483,7 @@ def write_luna16(
         (128, 128),
     ),
     lung_masks: bool = True,
+    lungs: Literal["anatomical", "ellipsoids"] = "anatomical",
 ) -> list[str]:
     """Write ``n_scans`` chest CT phantoms under ``root`` in the official LUNA16 layout.
 
@@ -466,6 +502,12 @@ def write_luna16(
         n_subsets: number of official folds to fill, 1-10.
         shape_range: (min, max) voxels, inclusive, of z, y, x.
         lung_masks: also write the lung masks (uint8: 3 left lung, 4 right lung).
+        lungs: ``anatomical``: lungs shaped by the chest around them (the mediastinum,
+            the heart, the vertebra, a wavy surface), the detection demos' scans;
+            ``ellipsoids``: each lung an exact ellipsoid, so its volume is known in closed
+            form (the marker's ``lung_volumes_ml``, {seriesuid: [left, right]}); the
+            lung segmentation demo's scans. The rest of the chest is drawn as for
+            anatomical lungs (nodules and vessels still lie inside the lungs drawn).
 
     Returns:
         The seriesuids, in scan order.
@@ -483,7 +525,10 @@ def write_luna16(
         )
     root = Path(root)
     uids: list[str] = []
+    if lungs not in ("anatomical", "ellipsoids"):
+        raise ValueError(f"lungs must be 'anatomical' or 'ellipsoids', got {lungs!r}")
     ann, exc, cand, cand_v2 = [], [], [], []
+    volumes: dict[str, list[float]] = {}
     for i, seq in enumerate(np.random.SeedSequence(seed).spawn(n_scans)):
         rng = np.random.default_rng(seq)
         uid = UID_ROOT + str(rng.integers(1, 10)) + "".join(map(str, rng.integers(0, 10, 29)))
@@ -496,11 +541,13 @@ def write_luna16(
         # The body lies a little off the scanner axis (origin about -150..-85 mm at 128 px).
         half = (np.array(shape[:0:-1]) - 1) * s_xy / 2
         origin = np.round([*(-half * rng.uniform(1, 1.35, 2)), rng.uniform(-300, -50)], 4)
-        phantom = luna16_phantom(shape, spacing, rng)
-        hu, lungs = phantom.hu, phantom.lungs
+        phantom = luna16_phantom(shape, spacing, rng, lungs)
+        hu, mask = phantom.hu, phantom.lungs
+        if phantom.lung_volumes_ml is not None:
+            volumes[uid] = [round(v, 6) for v in phantom.lung_volumes_ml]
         flipped = i % 8 == 3 or (n_scans < 4 and i == n_scans - 1)
         if flipped:  # mirror the array, move the origin: same anatomy at the same place
-            hu, lungs = hu[:, ::-1, ::-1].copy(), lungs[:, ::-1, ::-1].copy()
+            hu, mask = hu[:, ::-1, ::-1].copy(), mask[:, ::-1, ::-1].copy()
             origin = origin + np.array([shape[2] - 1, shape[1] - 1, 0]) * spacing
         geom = Geometry(tuple(map(float, origin)), spacing, FLIPPED if flipped else IDENTITY)
         image = geom.apply(sitk.GetImageFromArray(hu))
@@ -514,8 +561,8 @@ def write_luna16(
             rows += [[uid, *_world(image, c, flipped), k] for c, k in found]
         write_image(image, root / f"subset{i % n_subsets}" / f"{uid}.mhd")
         if lung_masks:
-            mask = geom.apply(sitk.GetImageFromArray(lungs))
-            write_image(mask, root / "seg-lungs-LUNA16" / f"{uid}.mhd", compress=True)
+            mask_image = geom.apply(sitk.GetImageFromArray(mask))
+            write_image(mask_image, root / "seg-lungs-LUNA16" / f"{uid}.mhd", compress=True)
     _write_csv(root / "annotations.csv", ann, ANNOTATION_COLUMNS)
     _write_csv(root / "annotations_excluded.csv", exc, ANNOTATION_COLUMNS)
     _write_csv(root / "candidates.csv", cand, CANDIDATE_COLUMNS)
@@ -529,6 +576,8 @@ def write_luna16(
                 "n_subsets": n_subsets,
                 "shape_range_zyx": [list(r) for r in shape_range],
                 "lung_masks": lung_masks,
+                "lungs": lungs,
+                **({"lung_volumes_ml": volumes} if volumes else {}),
             }
         )
     )
