@@ -207,6 +207,13 @@ class BaseDataModule(LightningDataModule):
         network is planned for; None when the cases keep their own or it is not known."""
         return None
 
+    def mirror_axes(self) -> tuple[int, ...]:
+        """Spatial axes (0 = z) a volume may be flipped along without changing what its
+        labels mean, for 3D mirroring augmentation and test-time mirroring: all three by
+        default; a data module whose labels name a side (the left and the right lung)
+        leaves out the left-right axis."""
+        return (0, 1, 2)
+
     @property
     def classes(self) -> tuple[str, ...]:
         """Names of the classes of its ``label``/``box_labels`` targets, in index order;
@@ -427,6 +434,64 @@ class BaseDataModule(LightningDataModule):
                     f"cache entry: {problem}; removed, the next run rebuilds it",
                 )
         return None, checked
+
+    def volume_datasets(
+        self,
+        stage: str,
+        entries: Callable[[str], list[CacheEntry]],
+        train_target: Callable[[np.ndarray], np.ndarray],
+        eval_target: Callable[[np.ndarray], np.ndarray] | None,
+        slice_augment: Any = None,
+        target_channels: int = 0,
+        foreground_fraction: float | None = None,
+    ) -> None:
+        """The datasets of ``stage`` for a volumetric segmentation data module whose cases
+        are cache entries in :func:`medlit.datasets.patches.cached_case`'s layout:
+        training draws 3D patch batches (``self.patch_3d`` set) or 2D/2.5D slices, with
+        ``train_target`` and the data module's ``patch_size``, ``context_slices``,
+        ``foreground_fraction``, ``samples_per_epoch``, ``augment`` (and ``elastic`` for
+        3D; ``slice_augment``, an albumentations pipeline, for slices); validation, test
+        and prediction take whole cases, scored with ``eval_target``. ``entries(split)``
+        gives the entries of ``train``, ``val``, ``test`` or ``predict``.
+        ``target_channels``: the last channels are targets (modality synthesis);
+        ``foreground_fraction`` overrides the hyperparameter of that name."""
+        from medlit.datasets.brats.torch import CaseDataset, SliceDataset
+        from medlit.datasets.patches import Augment3D, PatchBatches
+
+        h = self.hparams
+        patch_3d = getattr(self, "patch_3d", None)
+        if foreground_fraction is None:
+            foreground_fraction = h["foreground_fraction"]
+        if stage == "fit" and patch_3d:
+            self.datasets["train"] = PatchBatches(
+                entries("train"),
+                train_target,
+                patch_3d,
+                self.batch_size,
+                foreground_fraction,
+                length=max(h["samples_per_epoch"] // self.batch_size, 1),
+                augment=Augment3D(
+                    elastic=h.get("elastic", False), mirror_axes=self.mirror_axes()
+                ).build()
+                if h["augment"]
+                else None,
+            )
+        elif stage == "fit":
+            self.datasets["train"] = SliceDataset(
+                entries("train"),
+                train_target,
+                patch_size=h["patch_size"],
+                context=h["context_slices"],
+                foreground_fraction=foreground_fraction,
+                length=h["samples_per_epoch"],
+                augment=slice_augment if h["augment"] else None,
+                target_channels=target_channels,
+            )
+        splits = {"fit": ["val"], "validate": ["val"], "test": ["test"]}.get(stage, [])
+        for split in splits:
+            self.datasets[split] = CaseDataset(entries(split), eval_target, target_channels)
+        if stage == "predict":
+            self.datasets["predict"] = CaseDataset(entries("predict"), None, target_channels)
 
     def _loader(
         self, split: str, shuffle: bool = False, batch_size: int | None = None, **kwargs: Any

@@ -34,10 +34,10 @@ from medlit.datasets.brats.source import (
     labels_from_regions,
     preprocess_case,
 )
-from medlit.datasets.brats.torch import CaseDataset, SliceDataset
+from medlit.datasets.brats.torch import CaseDataset
 from medlit.datasets.io.cache import CacheEntry, OnTheFly, VolumeCache
 from medlit.datasets.io.volume import Geometry, write_volume
-from medlit.datasets.patches import Augment3D, PatchBatches, patch_dims
+from medlit.datasets.patches import patch_dims
 from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, Report
 
 log = logging.getLogger(__name__)
@@ -344,65 +344,36 @@ class BraTSDataModule(BaseDataModule):
         self.index()
         _, et, _ = self._layout_and_labels()
         eval_target = partial(label_targets, et_label=et, target="regions")
-        if stage == "fit" and self.patch_3d:
-            self.datasets["train"] = PatchBatches(
-                self._entries(self.cases["train"]),
-                partial(label_targets, et_label=et, target=h["target"]),
-                self.patch_3d,
-                self.batch_size,
-                h["foreground_fraction"],
-                length=max(h["samples_per_epoch"] // self.batch_size, 1),
-                augment=Augment3D(elastic=h["elastic"]).build() if h["augment"] else None,
+        augment = None
+        if stage == "fit" and not self.patch_3d and h["augment"]:
+            augment = A.Compose(
+                [
+                    A.HorizontalFlip(p=0.5),
+                    A.Affine(
+                        scale=(0.85, 1.15),
+                        rotate=(-15, 15),
+                        translate_percent=(-0.05, 0.05),
+                        border_mode=0,
+                        fill=0,
+                        fill_mask=0,
+                        p=0.5,
+                    ),
+                    # Per-channel intensity noise would break the input-target relation.
+                    *(
+                        []
+                        if self.synthesis
+                        else [A.MultiplicativeNoise(multiplier=(0.9, 1.1), per_channel=True, p=0.3)]
+                    ),
+                ]
             )
-        elif stage == "fit":
-            augment = None
-            if h["augment"]:
-                augment = A.Compose(
-                    [
-                        A.HorizontalFlip(p=0.5),
-                        A.Affine(
-                            scale=(0.85, 1.15),
-                            rotate=(-15, 15),
-                            translate_percent=(-0.05, 0.05),
-                            border_mode=0,
-                            fill=0,
-                            fill_mask=0,
-                            p=0.5,
-                        ),
-                        # Per-channel intensity noise would break the input-target relation.
-                        *(
-                            []
-                            if self.synthesis
-                            else [
-                                A.MultiplicativeNoise(
-                                    multiplier=(0.9, 1.1), per_channel=True, p=0.3
-                                )
-                            ]
-                        ),
-                    ]
-                )
-            self.datasets["train"] = SliceDataset(
-                self._entries(self.cases["train"]),
-                partial(label_targets, et_label=et, target=h["target"]),
-                patch_size=h["patch_size"],
-                context=h["context_slices"],
-                foreground_fraction=h["foreground_fraction"],
-                length=h["samples_per_epoch"],
-                augment=augment,
-                target_channels=int(self.synthesis),
-            )
-        if stage in ("fit", "validate"):
-            self.datasets["val"] = CaseDataset(
-                self._entries(self.cases["val"]), eval_target, int(self.synthesis)
-            )
-        if stage == "test":
-            self.datasets["test"] = CaseDataset(
-                self._entries(self.cases["test"]), eval_target, int(self.synthesis)
-            )
-        if stage == "predict":
-            self.datasets["predict"] = CaseDataset(
-                self._entries(self.cases["predict"], require_seg=False), None, int(self.synthesis)
-            )
+        self.volume_datasets(
+            stage,
+            lambda split: self._entries(self.cases[split], require_seg=split != "predict"),
+            partial(label_targets, et_label=et, target=h["target"]),
+            eval_target,
+            augment,
+            int(self.synthesis),
+        )
 
 
 def _predict_item(case: BraTSCase, prep: Preprocessing) -> dict:

@@ -1,6 +1,6 @@
 """LUNA16 DataModule: the official subsets as folds, checked and cached scans, 2.5D
-detection slices with nodule boxes, whole-scan evaluation, and candidate patches for
-false-positive reduction."""
+detection slices with nodule boxes, whole-scan evaluation, candidate patches for
+false-positive reduction, and lung segmentation from the ``seg-lungs-LUNA16`` masks."""
 
 from __future__ import annotations
 
@@ -13,29 +13,40 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
+import SimpleITK as sitk
 import torch
 from torch.utils.data import DataLoader
 
 from medlit.constraints import ClosedUnitInterval, NonNegativeInt, PositiveFloat, PositiveInt
-from medlit.datamodules.base import BaseDataModule, Loader, balanced_sampler, cache_root
+from medlit.datamodules.base import (
+    BaseDataModule,
+    Loader,
+    balanced_sampler,
+    cache_root,
+    one_item_batch,
+)
 from medlit.datasets.io.cache import OnTheFly, VolumeCache
 from medlit.datasets.io.files import atomic_write
-from medlit.datasets.io.volume import Geometry
+from medlit.datasets.io.volume import Geometry, write_image
 from medlit.datasets.luna16.phantom import write_luna16
 from medlit.datasets.luna16.source import (
     ANNOTATION_COLUMNS,
     CANDIDATE_COLUMNS,
+    LUNG_LABELS,
     LUNG_WINDOW,
     N_SUBSETS,
     SUBMISSION_COLUMNS,
     LunaScan,
+    LungPreprocessing,
     Preprocessing,
     candidate_patch,
     check_data_size,
+    check_lung_scan,
     check_scan,
     data_file,
     discover_scans,
     locate,
+    preprocess_lungs,
     preprocess_scan,
     read_header,
     read_table,
@@ -48,6 +59,7 @@ from medlit.datasets.luna16.torch import (
     detection_collate,
     first_item,
 )
+from medlit.datasets.patches import patch_dims
 from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, Report
 
 if TYPE_CHECKING:
@@ -73,7 +85,8 @@ class Subsets:
 
 
 class LUNA16DataModule(BaseDataModule):
-    """LUNA16 lung CT: nodule detection and candidate false-positive reduction.
+    """LUNA16 lung CT: nodule detection, candidate false-positive reduction and lung
+    segmentation.
 
     Args:
         root: folder holding ``subset0..9/``, ``annotations.csv`` and the other CSVs (any
@@ -85,15 +98,22 @@ class LUNA16DataModule(BaseDataModule):
             is neither validation nor test), ``val`` (default [8]) and ``test`` ([9]).
         target: ``boxes``: 2.5D slices with YOLO boxes (DetectionTask); ``candidates``:
             patches around ``candidates_file`` entries (ClassificationTask, false-positive
-            reduction).
+            reduction); ``lungs``: the two lungs of the ``seg-lungs-LUNA16`` masks (values
+            3 and 4; other values are not lung) as a segmentation (SegmentationTask or
+            Segmentation3DTask, ``target: labels``, 3 classes): 2D/2.5D slices or 3D
+            patches of the windowed scan for training, whole scans for evaluation, scored
+            and written on each scan's own grid (label maps in the masks' format). Its
+            demo data are phantoms whose lungs are exact ellipsoids (known volumes).
         candidates_file: ``candidates_V2.csv`` (the revised list) or ``candidates.csv``.
         spacing: resample every scan to this voxel size (x, y, z mm) before caching;
             None keeps each scan's own grid.
         hu_window: Hounsfield window (low, high) mapped to [0, 1]; lung window by default.
         context_slices: neighbouring axial slices on each side as extra channels (1 gives
             three channels, the usual 2.5D input).
-        patch_size: side of square training crops (detection), in voxels.
-        positive_fraction: share of training slices that cut a nodule; the rest touch none.
+        patch_size: side of square training crops, in voxels; lungs: one side (2D/2.5D
+            slices) or ``[z, y, x]`` (3D patches, with ``context_slices: 0``).
+        positive_fraction: share of training slices that cut a nodule, the rest touching
+            none; lungs: the share of training samples forced to hold lung.
         samples_per_epoch: training samples per epoch (slices, or candidates drawn by the
             balanced sampler).
         augment: CT augmentation (flips, small rotation and zoom, mild noise).
@@ -122,12 +142,12 @@ class LUNA16DataModule(BaseDataModule):
         demo: bool = False,
         demo_scans: PositiveInt = 80,
         split: Subsets = Subsets(),
-        target: Literal["boxes", "candidates"] = "boxes",
+        target: Literal["boxes", "candidates", "lungs"] = "boxes",
         candidates_file: str = "candidates_V2.csv",
         spacing: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = (1.0, 1.0, 1.0),
         hu_window: tuple[float, float] = LUNG_WINDOW,
         context_slices: NonNegativeInt = 1,
-        patch_size: PositiveInt = 256,
+        patch_size: PositiveInt | list[PositiveInt] = 256,
         positive_fraction: ClosedUnitInterval = 0.5,
         samples_per_epoch: PositiveInt = 4000,
         augment: bool = True,
@@ -159,6 +179,13 @@ class LUNA16DataModule(BaseDataModule):
             )
         if hu_window[0] >= hu_window[1]:
             raise ConfigError(f"data.hu_window: low {hu_window[0]} must be below high")
+        if target == "lungs":
+            self.patch_3d = patch_dims(patch_size, context_slices)
+        elif not isinstance(patch_size, int):
+            raise ConfigError(
+                f"data.patch_size={patch_size}: 3D patches are for target: lungs; "
+                f"target: {target} takes one side"
+            )
         self.subsets = {"train": train, "val": val, "test": test}
         self.tables: dict[str, pd.DataFrame] = {}
 
@@ -173,7 +200,35 @@ class LUNA16DataModule(BaseDataModule):
 
     @property
     def classes(self) -> tuple[str, ...]:
-        return ("nodule",) if self.hparams["target"] == "boxes" else ("non_nodule", "nodule")
+        target = self.hparams["target"]
+        if target == "lungs":
+            return tuple(LUNG_LABELS)
+        return ("nodule",) if target == "boxes" else ("non_nodule", "nodule")
+
+    def segmentation_target(self) -> tuple[str, int, list[str]] | None:
+        if self.hparams["target"] != "lungs":
+            return None
+        return "labels", len(LUNG_LABELS) + 1, list(LUNG_LABELS)
+
+    def label_names(self) -> dict[int, str]:
+        if self.hparams["target"] != "lungs":
+            return {}
+        return {value: name for name, value in LUNG_LABELS.items()}
+
+    def grid_spacing(self) -> tuple[float, float, float] | None:
+        spacing = self.hparams["spacing"]
+        if self.hparams["target"] != "lungs" or spacing is None:
+            return None
+        return tuple(float(s) for s in reversed(spacing))  # type: ignore[return-value]
+
+    def mirror_axes(self) -> tuple[int, ...]:
+        """Lungs: not x, whose flip would swap the left lung and the right."""
+        return (0, 1) if self.hparams["target"] == "lungs" else (0, 1, 2)
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        side = self.hparams["patch_size"]
+        return getattr(self, "patch_3d", None) or (side, side)
 
     @property
     def class_counts(self) -> list[int]:
@@ -199,7 +254,11 @@ class LUNA16DataModule(BaseDataModule):
         """The official CSVs: (path, columns, required) by name."""
         h = self.hparams
         return {
-            "annotations": (self.root / "annotations.csv", ANNOTATION_COLUMNS, True),
+            "annotations": (
+                self.root / "annotations.csv",
+                ANNOTATION_COLUMNS,
+                h["target"] != "lungs",
+            ),
             "excluded": (self.root / "annotations_excluded.csv", ANNOTATION_COLUMNS, False),
             "candidates": (
                 self.root / h["candidates_file"],
@@ -212,9 +271,11 @@ class LUNA16DataModule(BaseDataModule):
 
     def demo_data(self) -> tuple[Callable[[Path], object], str]:
         h = self.hparams
+        lungs = "ellipsoids" if h["target"] == "lungs" else "anatomical"
         return (
-            lambda root: write_luna16(root, h["demo_scans"], seed=h["seed"]),
-            f"{h['demo_scans']} synthetic LUNA16 scans",
+            lambda root: write_luna16(root, h["demo_scans"], seed=h["seed"], lungs=lungs),
+            f"{h['demo_scans']} synthetic LUNA16 scans"
+            + (" (ellipsoid lungs)" if lungs == "ellipsoids" else ""),
         )
 
     def discover(self, report: Report) -> dict[str, LunaScan]:
@@ -251,10 +312,13 @@ class LUNA16DataModule(BaseDataModule):
             for name, (_, table) in self._raw_tables.items()
         }
         spacing = tuple(h["spacing"]) if h["spacing"] is not None else None
-        self._prep = Preprocessing(spacing)
-        self._cache = VolumeCache(
-            cache_root(h["cache_dir"], "luna16", self.root), asdict(self._prep)
-        )
+        if h["target"] == "lungs":  # another layout (cached_case's): its own cache
+            self._prep = LungPreprocessing(spacing, tuple(h["hu_window"]))
+            folder = cache_root(h["cache_dir"], "luna16-lungs", self.root)
+        else:
+            self._prep = Preprocessing(spacing)
+            folder = cache_root(h["cache_dir"], "luna16", self.root)
+        self._cache = VolumeCache(folder, asdict(self._prep))
         return scans
 
     def split(self, cases: dict[str, LunaScan], report: Report) -> dict[str, list[str]]:
@@ -279,7 +343,19 @@ class LUNA16DataModule(BaseDataModule):
     def prepare_case(self, uid: str, scan: LunaScan, report: Report, deep: bool) -> bool:
         """The scan checked (data size against its header, readable, 3D, finite, its lung
         mask) and cached, then every annotation and candidate of it placed in its grid (a
-        point outside the scan is an error naming the CSV line)."""
+        point outside the scan is an error naming the CSV line). Lungs: the scan and its
+        lung mask checked and cached as a segmentation case."""
+        if self.hparams["target"] == "lungs":
+            entry, _ = self.check_and_cache(
+                self._cache,
+                uid,
+                scan.sources,
+                partial(check_lung_scan, scan),
+                partial(preprocess_lungs, scan, self._prep),
+                report,
+                deep,
+            )
+            return entry is None or entry.built
         entry, checked = self.check_and_cache(
             self._cache,
             uid,
@@ -312,6 +388,9 @@ class LUNA16DataModule(BaseDataModule):
     def finish(self, report: Report) -> str:
         """The tables of the prepared scans, with each row's voxel position (z, y, x) and
         radius in the cached grid."""
+        if self.hparams["target"] == "lungs":
+            self.tables = {name: table for name, (_, table) in self._raw_tables.items()}
+            return f", {sum(e.nbytes() for e in self.entries.values()) / 1e6:.1f} MB"
         for name, (_, raw) in self._raw_tables.items():
             parts = [
                 rows.assign(z=at[:, 0], y=at[:, 1], x=at[:, 2], radius_mm=at[:, 3])
@@ -377,6 +456,17 @@ class LUNA16DataModule(BaseDataModule):
                 raise ConfigError(
                     f"no scan of subsets {self.subsets[split]} ({split}) under {self.root}"
                 )
+        if h["target"] == "lungs":
+            self.volume_datasets(
+                stage,
+                lambda split: entries["test" if split == "predict" else split],
+                _lung_classes,
+                _lung_regions,
+                _slice_augment(),
+                foreground_fraction=h["positive_fraction"],
+            )
+            return
+        for split in splits:
             if h["target"] == "candidates":
                 self.datasets[split] = self._candidates(split)
             elif split == "train":
@@ -407,7 +497,7 @@ class LUNA16DataModule(BaseDataModule):
         file of the declared size) before anything runs; scans are resampled and
         windowed as for training when they are read (nothing is cached)."""
         h = self.hparams
-        if h["target"] != "boxes":
+        if h["target"] == "candidates":
             raise ConfigError(
                 "predict with the detector (target: boxes); a false-positive-reduction "
                 "classifier re-ranks its candidates through --model.fpr_checkpoint"
@@ -443,18 +533,25 @@ class LUNA16DataModule(BaseDataModule):
             scans[mhd.stem] = LunaScan(mhd.stem, -1, mhd, data_file(mhd, header))
         spacing = tuple(h["spacing"]) if h["spacing"] is not None else None
         self.predict_input = path
-        self.datasets["predict"] = OnTheFly(
-            list(scans.values()),
-            partial(_predict_item, prep=Preprocessing(spacing), hu_window=tuple(h["hu_window"])),
-        )
+        if h["target"] == "lungs":
+            prep = LungPreprocessing(spacing, tuple(h["hu_window"]))
+            item = partial(_predict_lungs, prep=prep)
+        else:
+            prep = Preprocessing(spacing)
+            item = partial(_predict_item, prep=prep, hu_window=tuple(h["hu_window"]))
+        self.datasets["predict"] = OnTheFly(list(scans.values()), item)
         log.info("LUNA16 %s: %d scans to predict", path, len(scans))
 
     def _eval_loader(self, split: str) -> DataLoader:
+        if self.hparams["target"] == "lungs":
+            return self._loader(split, collate_fn=one_item_batch if split == "predict" else None)
         if self.hparams["target"] == "candidates":
             return self._loader(split, batch_size=self.batch_size)
         return self._loader(split, collate_fn=first_item)
 
     def train_dataloader(self) -> DataLoader:
+        if self.hparams["target"] == "lungs":
+            return self._loader("train")
         if self.hparams["target"] == "boxes":
             return self._loader("train", collate_fn=detection_collate)
         if self.hparams["balance"] != "sampler":
@@ -496,6 +593,29 @@ class LUNA16DataModule(BaseDataModule):
     ) -> None:
         """False-positive reduction: the LUNA16 submission CSV of the scored candidates."""
         write_submission(path, self.candidate_marks(ids, probs))
+
+    def write_prediction(
+        self, case_id: str, regions: np.ndarray, folder: Path, meta: dict | None = None
+    ) -> Path:
+        """Lungs: a scan's predicted lungs as a mask in the ``seg-lungs-LUNA16`` format
+        (values 3 and 4, ``<seriesuid>.mhd`` + ``.zraw``) on the scan's own grid, turned
+        back from the identity direction the network saw to the scan's own axes."""
+        if self.hparams["target"] != "lungs":
+            return super().write_prediction(case_id, regions, folder, meta)
+        if meta is None:
+            meta = next(
+                e.meta
+                for d in self.datasets.values()
+                for e in getattr(d, "entries", ())
+                if getattr(e, "meta", {}).get("case_id") == case_id
+            )
+        mask = np.zeros(regions.shape[1:], np.uint8)
+        for region, value in zip(regions.astype(bool), LUNG_LABELS.values(), strict=True):
+            mask[region] = value
+        image = Geometry.from_dict(meta["geometry"]).apply(sitk.GetImageFromArray(mask))
+        image = sitk.DICOMOrient(image, meta["orientation"])  # the scan's own axes
+        write_image(image, path := Path(folder) / f"{case_id}.mhd", compress=True)
+        return path
 
     def write_detections(self, path: Path, marks: pd.DataFrame) -> None:
         """The LUNA16 submission CSV ``seriesuid,coordX,coordY,coordZ,probability``."""
@@ -556,4 +676,34 @@ def _predict_item(scan: LunaScan, prep: Preprocessing, hu_window: tuple[float, .
         "meta": meta,
         "nodules": torch.zeros(0, 4, dtype=torch.float64),
         "hu": arrays["image"],
+    }
+
+
+def _lung_classes(seg: np.ndarray) -> np.ndarray:
+    """Training target: the cached class indices (0, 1 left lung, 2 right lung)."""
+    return seg.astype(np.int64)
+
+
+def _lung_regions(seg: np.ndarray) -> np.ndarray:
+    """Evaluation target: (2, ...) masks of the left and the right lung."""
+    return np.stack([seg == 1, seg == 2]).astype(np.uint8)
+
+
+def _slice_augment() -> Any:
+    """2D/2.5D lung slices: flips across the midline would swap the lungs' sides, so
+    only a small rotation and zoom."""
+    import albumentations as A
+
+    return A.Compose(
+        [A.Affine(scale=(0.9, 1.1), rotate=(-10, 10), border_mode=0, fill=0, fill_mask=0, p=0.5)]
+    )
+
+
+def _predict_lungs(scan: LunaScan, prep: LungPreprocessing) -> dict:
+    """One scan (a lung mask beside it is not needed) as the lung cache holds it."""
+    arrays, meta = preprocess_lungs(scan, prep, need_mask=False)
+    return {
+        "image": torch.from_numpy(arrays["image"].astype(np.float32)),
+        "case_id": scan.seriesuid,
+        "meta": meta,
     }

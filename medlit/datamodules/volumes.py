@@ -21,11 +21,11 @@ from torch.utils.data import DataLoader
 from medlit.constraints import ClosedUnitInterval, NonNegativeInt, PositiveFloat, PositiveInt
 from medlit.datamodules.base import BaseDataModule, Loader, cache_root, one_item_batch
 from medlit.datamodules.splits import SPLIT_KEYS, Split, check_split_file, split_groups
-from medlit.datasets.brats.torch import CaseDataset, SliceDataset
+from medlit.datasets.brats.torch import CaseDataset
 from medlit.datasets.io.cache import CacheEntry, OnTheFly, VolumeCache
 from medlit.datasets.io.files import atomic_write
 from medlit.datasets.io.volume import Geometry, write_volume
-from medlit.datasets.patches import Augment3D, PatchBatches, patch_dims
+from medlit.datasets.patches import patch_dims
 from medlit.datasets.volumes.phantom import write_phantoms
 from medlit.datasets.volumes.source import (
     ENDINGS,
@@ -448,50 +448,30 @@ class VolumeDataModule(BaseDataModule):
             return
         self.index()
         labels = self._spec().labels
-        eval_target = labels.regions
-        if stage == "fit" and self.patch_3d:
-            self.datasets["train"] = PatchBatches(
-                self._entries(self.cases["train"]),
-                labels.training_target,
-                self.patch_3d,
-                self.batch_size,
-                h["foreground_fraction"],
-                length=max(h["samples_per_epoch"] // self.batch_size, 1),
-                augment=Augment3D(elastic=h["elastic"]).build() if h["augment"] else None,
-            )
-        elif stage == "fit":
-            augment = None
-            if h["augment"]:
-                import albumentations as A
+        augment = None
+        if stage == "fit" and not self.patch_3d and h["augment"]:
+            import albumentations as A
 
-                augment = A.Compose(
-                    [
-                        A.HorizontalFlip(p=0.5),
-                        A.Affine(
-                            scale=(0.85, 1.15),
-                            rotate=(-15, 15),
-                            border_mode=0,
-                            fill=0,
-                            fill_mask=0,
-                            p=0.5,
-                        ),
-                    ]
-                )
-            self.datasets["train"] = SliceDataset(
-                self._entries(self.cases["train"]),
-                labels.training_target,
-                patch_size=h["patch_size"],
-                context=h["context_slices"],
-                foreground_fraction=h["foreground_fraction"],
-                length=h["samples_per_epoch"],
-                augment=augment,
+            augment = A.Compose(
+                [
+                    A.HorizontalFlip(p=0.5),
+                    A.Affine(
+                        scale=(0.85, 1.15),
+                        rotate=(-15, 15),
+                        border_mode=0,
+                        fill=0,
+                        fill_mask=0,
+                        p=0.5,
+                    ),
+                ]
             )
-        if stage in ("fit", "validate"):
-            self.datasets["val"] = CaseDataset(self._entries(self.cases["val"]), eval_target)
-        if stage == "test":
-            self.datasets["test"] = CaseDataset(self._entries(self.cases["test"]), eval_target)
-        if stage == "predict":
-            self.datasets["predict"] = CaseDataset(self._entries(self.cases["predict"]), None)
+        self.volume_datasets(
+            stage,
+            lambda split: self._entries(self.cases[split]),
+            labels.training_target,
+            labels.regions,
+            augment,
+        )
 
 
 def _folder_cases(folder: Path, spec: DatasetSpec) -> list[VolumeCase]:

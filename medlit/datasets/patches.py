@@ -144,13 +144,15 @@ def read_patch(array: np.ndarray, start: Sequence[int], patch: Sequence[int]) ->
 class Augment3D:
     """nnU-Net's default 3D augmentation, as MONAI transforms (probabilities are
     nnU-Net's). Turn parts off for data where they do not hold (``mirror: false`` when
-    left and right differ in meaning)."""
+    left and right differ in meaning, or ``mirror_axes`` without the axis whose flip
+    would swap labels, as x for the left and right lung)."""
 
     rotate_degrees: float = 30.0
     scale: tuple[float, float] = (0.7, 1.4)
     elastic: bool = False
     mirror: bool = True
     intensity: bool = True
+    mirror_axes: tuple[int, ...] = (0, 1, 2)
 
     def build(self, keys: tuple[str, str] = ("image", "label")) -> Any:
         from monai import transforms as T
@@ -195,7 +197,7 @@ class Augment3D:
                 T.RandAdjustContrastd(image, gamma=(0.7, 1.5), retain_stats=True, prob=0.3),
             ]
         if self.mirror:
-            steps += [T.RandFlipd(keys, prob=0.5, spatial_axis=a) for a in range(3)]
+            steps += [T.RandFlipd(keys, prob=0.5, spatial_axis=a) for a in self.mirror_axes]
         return T.Compose(steps)
 
 

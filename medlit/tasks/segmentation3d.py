@@ -21,7 +21,7 @@ from medlit.constraints import (
 from medlit.datamodules.base import BaseDataModule
 from medlit.errors import ConfigError
 from medlit.models.volumetric import Arch3D, create_network_3d
-from medlit.sliding import Mirrored, sliding_window
+from medlit.sliding import MIRROR_AXES, Mirrored, sliding_window
 from medlit.tasks.base import warmup_cosine
 from medlit.tasks.segmentation import SegmentationTask
 
@@ -79,7 +79,8 @@ class Segmentation3DTask(SegmentationTask):
         overlap: share of a window's side that neighbouring windows overlap (nnU-Net 0.5).
         tta: ``mirror``: average the logits over all 8 combinations of axis flips (8× the
             inference time) in test (a fit's, ``medlit.evaluate --split test``) and
-            ``medlit.predict``; ``none``. Validation runs without it unless ``val_tta``, as
+            ``medlit.predict``, over the axes the data module allows (LUNA16 lungs: not
+            the left-right one, 4 passes); ``none``. Validation runs without it unless ``val_tta``, as
             nnU-Net's per-epoch validation does.
         val_tta: mirror in validation as well (8× its cost; the best checkpoint is then
             picked on mirrored scores).
@@ -242,7 +243,11 @@ class Segmentation3DTask(SegmentationTask):
         logits_mb = h["num_classes"] * volume[0].numel() * 4 / 2**20
         on_accelerator = volume.device.type != "cpu"
         out_device = "cpu" if on_accelerator and logits_mb > h["stitch_limit_mb"] else None
-        predictor = Mirrored(self.model) if self.mirroring() else self.model
+        predictor = self.model
+        if self.mirroring():
+            dm = getattr(self._trainer, "datamodule", None)
+            axes = dm.mirror_axes() if isinstance(dm, BaseDataModule) else MIRROR_AXES
+            predictor = Mirrored(self.model, axes)
         logits = sliding_window(
             volume[None], predictor, self.patch, h["overlap"], h["sw_batch_size"], out_device
         )[0].float()

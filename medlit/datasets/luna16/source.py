@@ -464,6 +464,96 @@ def preprocess_scan(
     return arrays, meta
 
 
+# ---- lung segmentation (target: lungs) ----------------------------------------------------
+
+LUNG_LABELS = {"left_lung": 3, "right_lung": 4}  # seg-lungs-LUNA16 values; others: not lung
+CANONICAL = "LPS"  # ITK's code of the identity direction (LUNA16's world frame)
+
+
+@dataclass(frozen=True)
+class LungPreprocessing:
+    """What a lung-segmentation cache entry depends on (its cache key): the target
+    ``spacing`` (x, y, z mm; None: each scan's own grid) and the HU window mapped to
+    [0, 1]."""
+
+    spacing: tuple[float, float, float] | None
+    hu_window: tuple[float, float]
+    version: int = 1  # bump when preprocess_lungs changes what it stores
+
+
+def check_lung_scan(scan: LunaScan, report: Report) -> tuple[sitk.Image, sitk.Image | None] | None:
+    """:func:`check_scan`, and a lung mask that exists and holds a lung: lung segmentation
+    trains and scores on it."""
+    start = report.count()
+    checked = check_scan(scan, report)
+    if scan.lungs is None:
+        report.error(
+            scan.seriesuid,
+            scan.mhd,
+            f"no lung mask seg-lungs-LUNA16/{scan.seriesuid}.mhd (data.target: lungs "
+            "trains and scores on the masks)",
+        )
+    if checked is None or any(q.severity == "error" for q in report.problems[start:]):
+        return None
+    return checked
+
+
+def lung_labels(mask: np.ndarray) -> np.ndarray:
+    """seg-lungs-LUNA16 values as class indices: 1 the left lung (3), 2 the right (4), 0
+    everything else (5, reported to be the airway, too)."""
+    out = np.zeros(mask.shape, np.uint8)
+    for k, value in enumerate(LUNG_LABELS.values(), 1):
+        out[mask == value] = k
+    return out
+
+
+def preprocess_lungs(
+    scan: LunaScan,
+    prep: LungPreprocessing,
+    report: Report | None = None,
+    need_mask: bool = True,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """One scan as a volume segmentation case (:func:`medlit.datasets.patches.cached_case`):
+    ``image`` (1, z, y, x), the HU window mapped to [0, 1], resampled to ``prep.spacing``;
+    ``seg`` the lungs as class indices (:func:`lung_labels`) on that grid, and on the
+    scan's own grid as ``seg_native`` when resampled (scores are taken there). Both are
+    turned to the identity direction first; ``meta``: that grid's geometry and shape and
+    the scan's ``orientation``, where predictions are written back to."""
+    from medlit.datasets.patches import cached_case
+
+    uid = scan.seriesuid
+    check = check_lung_scan if need_mask else check_scan
+    checked = check(scan, report or Report())
+    if checked is None:  # only a collecting report gets here
+        raise InvalidCaseError(uid, scan.mhd, "the scan has errors (listed)")
+    image, lungs = checked
+    # Left and right are classes: the arrays are turned to the identity direction (LPS)
+    # first, as MONAI's Orientation does, or a scan stored mirrored (some LUNA16 scans'
+    # direction is -1 -1 1) shows each lung on the other's side. ``orientation`` turns a
+    # prediction back to the scan's own axes (write_prediction).
+    orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
+        image.GetDirection()
+    )
+    image = sitk.DICOMOrient(image, CANONICAL)
+    geometry = Geometry.of(image)
+    hu = sitk.GetArrayFromImage(image)
+    meta = {
+        "case_id": uid,
+        "seriesuid": uid,
+        "subset": scan.subset,
+        "geometry": geometry.to_dict(),
+        "orientation": orientation,
+        "shape": list(hu.shape),
+        "bbox": [[0, n] for n in hu.shape],
+        "sources": [str(s) for s in scan.sources],
+    }
+    seg = None
+    if lungs is not None:
+        seg = lung_labels(sitk.GetArrayFromImage(sitk.DICOMOrient(lungs, CANONICAL)))
+    target = list(reversed(prep.spacing)) if prep.spacing is not None else None
+    return cached_case(window(hu, prep.hu_window)[None], seg, geometry.spacing_zyx, target, meta)
+
+
 def window(hu: np.ndarray, lo_hi: Sequence[float] = LUNG_WINDOW) -> np.ndarray:
     """HU -> [0, 1] float32 inside the window ``(lo, hi)``, clipped outside it."""
     lo, hi = float(lo_hi[0]), float(lo_hi[1])
