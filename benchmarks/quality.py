@@ -19,6 +19,7 @@ seeds, so that the test does not fail on an unlucky seed.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -27,7 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+
 from benchmarks.common import REPO, environment
+from medlit.datasets.io.files import MARKER
 
 EXPERIMENTS = REPO / "experiments"
 
@@ -39,6 +43,10 @@ class Outcome:
 
     metrics: dict[str, float]
     history: dict[str, list[float]] = field(default_factory=dict)
+    # The run's per-case tables (artifacts ``<stage>_per_case.csv``, by stem) and the
+    # data root it trained on (its ``data.init_args.root``), for criteria on cases.
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    data_root: Path | None = None
 
     def curve(self, key: str) -> list[float]:
         if key not in self.history:
@@ -46,9 +54,12 @@ class Outcome:
         return self.history[key]
 
 
-def mlflow_outcome(tracking_uri: str, experiment: str) -> Outcome:
-    """The latest run of ``experiment`` in the store: final metrics and every history."""
+def mlflow_outcome(tracking_uri: str, experiment: str, workdir: Path | None = None) -> Outcome:
+    """The latest run of ``experiment`` in the store: final metrics, every history, its
+    per-case tables and data root (a relative root is taken from ``workdir``, the run's
+    working folder; default the current one)."""
     import mlflow
+    from mlflow.artifacts import download_artifacts
 
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
@@ -64,7 +75,11 @@ def mlflow_outcome(tracking_uri: str, experiment: str) -> Outcome:
         ]
         for key in run.data.metrics
     }
-    return Outcome(dict(run.data.metrics), history)
+    folder = Path(download_artifacts(run_id=run.info.run_id, tracking_uri=tracking_uri))
+    tables = {p.stem: pd.read_csv(p) for p in sorted(folder.glob("*_per_case.csv"))}
+    root = run.data.params.get("data.init_args.root")
+    data_root = (workdir or Path.cwd()) / root if root else None
+    return Outcome(dict(run.data.metrics), history, tables, data_root)
 
 
 @dataclass(frozen=True)
@@ -120,6 +135,21 @@ def _fd_ratio(o: Outcome) -> float:
     """The Fréchet distance at the end (best of the last 3 validations) over the first."""
     fd = o.curve("val/fd_resnet18_random")
     return min(fd[-3:]) / fd[0]
+
+
+def _lung_volume_error(o: Outcome) -> float:
+    """The largest error (%) of a test scan's predicted lung volume against the phantom's
+    exact one (its ellipsoid's 4/3 pi abc, which the demo data's marker records), over
+    both lungs of every test scan."""
+    marker = json.loads((o.data_root / MARKER).read_text())
+    exact = marker["lung_volumes_ml"]
+    table = o.tables["test_per_case"]
+    errors = [
+        abs(row[f"volume_ml_pred_{lung}"] / exact[row["case_id"]][k] - 1) * 100
+        for _, row in table.iterrows()
+        for k, lung in enumerate(("left_lung", "right_lung"))
+    ]
+    return max(errors)
 
 
 def _diversity_ratio(o: Outcome) -> float:
@@ -198,6 +228,29 @@ DEMOS: tuple[Demo, ...] = (
             ),
         ),
         "~5 min; test Dice organ 0.98, lesion 0.76",
+    ),
+    Demo(
+        "LUNA16 lungs U-Net",
+        EXPERIMENTS / "demo/luna16_lungs_unet.yaml",
+        "luna16-lungs-demo",
+        (
+            Criterion(
+                "test Dice, worse lung",
+                lambda o: min(o.metrics["test/dice_left_lung"], o.metrics["test/dice_right_lung"]),
+                _const(0.95),
+                _const(0.0),  # an empty prediction
+                "≥ 0.95",
+            ),
+            Criterion(
+                "test lung volume vs the ellipsoid formula, worst (%)",
+                _lung_volume_error,
+                _const(2.0),
+                _const(100.0),  # an empty prediction
+                "≤ 2 %",
+                higher=False,
+            ),
+        ),
+        "~4 min; test Dice 0.99 per lung, volumes within 2 % of the exact ones",
     ),
     Demo(
         "ISIC classifier",
@@ -401,7 +454,7 @@ def run_demo(demo: Demo, workdir: Path, log: Callable[[str], None]) -> Result:
     if demo.command == "medlit.sweep":
         outcome = sweep_outcome(workdir)
     else:
-        outcome = mlflow_outcome(f"sqlite:///{workdir}/mlruns/mlflow.db", demo.experiment)
+        outcome = mlflow_outcome(f"sqlite:///{workdir}/mlruns/mlflow.db", demo.experiment, workdir)
     checks = [c.check(outcome) for c in demo.criteria]
     for c in checks:
         log(f"  {demo.name}: {c} -> {'met' if c.met else 'MISSED'}")
