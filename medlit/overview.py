@@ -29,6 +29,7 @@ USAGE = {
     "medlit.generate": "CONFIG --ckpt_path=CKPT --output=DIR [--num_images=100] [--seed=0] "
     "[--key=value ...]",
     "medlit.check": "CONFIG [--key=value ...] [--deep]",
+    "medlit.cv": "CONFIG --num_folds=K [--folds=0,2] [--cv_checkpoint=last|best] [--key=value ...]",
     "medlit.sweep": "SWEEP.yaml [--n-trials N] [--timeout S] [--storage URL] [--workers K] "
     "[--key value ...]",
 }

@@ -96,7 +96,7 @@ def test_a_yaml_alias_bomb_is_refused_in_bounded_memory_and_time() -> None:
     assert "bomb.yaml: its YAML aliases expand to more than 1,000,000 values" in done.stdout
 
 
-@pytest.mark.parametrize("entry", ["medlit.fit", "medlit.check", "medlit.sweep"])
+@pytest.mark.parametrize("entry", ["medlit.fit", "medlit.check", "medlit.sweep", "medlit.cv"])
 def test_an_alias_bomb_config_is_refused_in_one_line_before_parsing(
     tmp_path: Path, entry: str
 ) -> None:

@@ -207,6 +207,28 @@ class BaseDataModule(LightningDataModule):
         network is planned for; None when the cases keep their own or it is not known."""
         return None
 
+    def cv_folds(self, num_folds: int | None) -> list[list[str]]:
+        """Cross-validation (``medlit.cv``): for each fold, the overrides that make it the
+        validation fold and the rest of the non-test cases its training set; the test
+        split is the same in every fold. Default: ``data.split``'s ``num_folds`` and
+        ``fold`` (k-fold over the groups the data module splits by, the test cases held
+        out first); a split file fixes one split and is refused."""
+        split = getattr(self, "split_settings", None)
+        if split is None:
+            raise ConfigError(f"{type(self).__name__} has no folds to cross-validate over")
+        if split.split_file:
+            raise ConfigError(
+                f"data.split.split_file={split.split_file} fixes one split; cross-validation "
+                "makes its folds from data.split.num_folds (and test_fraction): drop the file"
+            )
+        k = num_folds or split.num_folds
+        if not k or k < 2:
+            raise ConfigError(
+                f"cross-validation needs --num_folds K (2 or more), got {k}; the config's "
+                "data.split.num_folds is used when it is set"
+            )
+        return [[f"--data.split.num_folds={k}", f"--data.split.fold={f}"] for f in range(k)]
+
     def mirror_axes(self) -> tuple[int, ...]:
         """Spatial axes (0 = z) a volume may be flipped along without changing what its
         labels mean, for 3D mirroring augmentation and test-time mirroring: all three by

@@ -221,6 +221,35 @@ class LUNA16DataModule(BaseDataModule):
             return None
         return tuple(float(s) for s in reversed(spacing))  # type: ignore[return-value]
 
+    def cv_folds(self, num_folds: int | None) -> list[list[str]]:
+        """The official subsets are LUNA16's folds: one fold per subset of ``split.train``
+        and ``split.val`` present under ``root``, validating on it and training on the
+        others (``split.test`` stays out); ``num_folds`` does not re-split them."""
+        self.index()
+        present = {s.subset for s in self.cases_found.values()}
+        pool = sorted(
+            s
+            for s in {*self.subsets["train"], *self.subsets["val"]} & present
+            if s not in self.subsets["test"]
+        )
+        if len(pool) < 2:
+            raise ConfigError(
+                f"LUNA16 cross-validation runs over its subsets: subsets {sorted(present)} "
+                f"are under {self.root}, of which {pool} train or validate; 2 are needed"
+            )
+        if num_folds not in (None, len(pool)):
+            log.info(
+                "LUNA16's folds are its subsets: %d folds (subsets %s); --num_folds=%d does "
+                "not re-split them",
+                len(pool),
+                pool,
+                num_folds,
+            )
+        return [
+            [f"--data.split.train={[o for o in pool if o != s]}", f"--data.split.val=[{s}]"]
+            for s in pool
+        ]
+
     def mirror_axes(self) -> tuple[int, ...]:
         """Lungs: not x, whose flip would swap the left lung and the right."""
         return (0, 1) if self.hparams["target"] == "lungs" else (0, 1, 2)

@@ -212,7 +212,7 @@ class Tracking:
 # --------------------------------------------------------------------------- worker
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+def die_with_parent() -> None:  # pragma: no cover - runs in the forked child
     """Linux: the trial process gets SIGKILL when its worker dies, so a killed worker
     leaves no orphan training on (its trial is failed and retried elsewhere)."""
     with contextlib.suppress(Exception):
@@ -452,7 +452,7 @@ class Worker:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # Ctrl-C reaches the worker, which stops the trial
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
             try:
                 with _quiet_optuna(), get_heartbeat_thread(trial._trial_id, self.storage):

@@ -1,0 +1,156 @@
+"""``medlit.cv``: k folds of one experiment under one MLflow parent run, every non-test
+case predicted once out of fold, and a killed cross-validation continued by the same
+command (finished folds not trained again, the interrupted one from its last.ckpt)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from medlit.cv import plan
+from medlit.datasets.luna16.phantom import write_luna16
+from medlit.errors import ConfigError
+from tests.test_fit import tiny
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cv_command(root: Path, uri: str, *extra: str) -> list[str]:
+    """The tiny 2.5D U-Net on the 8-case BraTS fixture (2 test cases, 3 folds of 2)."""
+    return [
+        sys.executable,
+        "-m",
+        "medlit.cv",
+        *tiny(root, uri, "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1"),
+        "--num_folds=3",
+        *extra,
+    ]
+
+
+def children(client: mlflow.MlflowClient, role: str) -> dict[int, mlflow.entities.Run]:
+    exp = client.get_experiment_by_name("test")
+    if exp is None:
+        return {}
+    runs = client.search_runs([exp.experiment_id], f"tags.`medlit.cv.role` = '{role}'")
+    return {int(r.data.tags["fold"]): r for r in runs}
+
+
+def test_folds_partition_the_non_test_cases_and_luna16_folds_are_its_subsets(
+    brats_root: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    folds = plan(tiny(brats_root, tracking_uri)[:], 3)
+    assert len(folds.folds) == 3 and len(folds.test) == 2
+    vals = [c for f in folds.folds for c in f.val]
+    assert len(vals) == len(set(vals)) == 6 and not set(vals) & set(folds.test)
+    for f in folds.folds:
+        assert sorted(f.train) == sorted(set(vals) - set(f.val))
+    table = folds.table()
+    assert sorted(table["fold"].unique()) == ["0", "1", "2", "test"]
+    split = tmp_path / "split.yaml"
+    split.write_text("train: [x]\n")
+    with pytest.raises(ConfigError, match="split_file.*fixes one split"):
+        plan([*tiny(brats_root, tracking_uri), f"--data.split.split_file={split}"], 3)
+    # LUNA16: one fold per subset that trains or validates; num_folds does not re-split
+    luna = tmp_path / "LUNA16"
+    write_luna16(luna, 10, seed=1, shape_range=((16, 20), (40, 40), (40, 40)))
+    args = [
+        str(REPO / "experiments/demo/luna16_lungs_unet.yaml"),
+        f"--data.root={luna}",
+        "--data.demo=false",
+        f"--trainer.logger.init_args.tracking_uri={tracking_uri}",
+    ]
+    subsets = plan(args, 5)  # the demo config: val [8], test [9, 7]
+    assert [f.overrides[1] for f in subsets.folds] == [
+        f"--data.split.val=[{s}]" for s in (0, 1, 2, 3, 4, 5, 6, 8)
+    ]
+    assert all(len(f.val) == 1 for f in subsets.folds) and len(subsets.test) == 2
+
+
+@pytest.mark.slow
+def test_a_killed_cross_validation_continues_where_it_stopped(
+    brats_root: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    """SIGKILL while fold 2 trains (after its first epoch's last.ckpt); the same command
+    again trains neither fold 0 nor 1, continues fold 2 in its own run, predicts every
+    non-test case once out of fold and finishes the parent run with the summary."""
+    client = mlflow.MlflowClient(tracking_uri)
+    cmd = cv_command(brats_root, tracking_uri)
+    log = tmp_path / "first.log"
+    with open(log, "wb") as out:
+        victim = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and victim.poll() is None:
+            fold2 = children(client, "fold").get(2)
+            if fold2 is not None:
+                ckpts = Path(tracking_uri.removeprefix("sqlite:///")).parent
+                last = ckpts / fold2.info.experiment_id / fold2.info.run_id / "checkpoints"
+                if (last / "last.ckpt").is_file():
+                    victim.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.1)
+        victim.wait()
+    assert victim.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    before = children(client, "fold")
+    assert before[0].info.status == before[1].info.status == "FINISHED"
+    assert before[2].info.status == "RUNNING"  # SIGKILL: nobody ended it
+    pid = json.loads(before[2].data.tags.get("medlit.owner", "{}")).get("pid")
+    for _ in range(100):  # the fold's own process died with the command (PDEATHSIG)
+        if pid is None or not _alive(pid):
+            break
+        time.sleep(0.1)
+    second = subprocess.run(cmd, capture_output=True, text=True)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert "fold 0 of 3: finished before" in out and "fold 1 of 3: finished before" in out
+    assert f"continuing run {before[2].info.run_id} from" in out
+    after = children(client, "fold")
+    assert {f: r.info.run_id for f, r in after.items()} == {
+        f: r.info.run_id for f, r in before.items()
+    }
+    for f in (0, 1):  # not touched again
+        assert after[f].info.end_time == before[f].info.end_time
+    assert after[2].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(after[2].info.run_id, "val/dice_mean")]
+    assert sorted(steps) == sorted(set(steps)) and len(steps) == 2  # each epoch once
+    [parent] = client.search_runs([after[0].info.experiment_id], "tags.`medlit.cv.role` = 'parent'")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["medlit.cv.folds_done"] == "0,1,2"
+    oof = children(client, "oof")
+    assert sorted(oof) == [0, 1, 2] and all(r.info.status == "FINISHED" for r in oof.values())
+    for r in (*after.values(), *oof.values()):
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    art = tmp_path / "parent"
+    client.download_artifacts(parent.info.run_id, "", str(art))
+    folds = pd.read_csv(art / "folds.csv", dtype=str)
+    per_case = pd.read_csv(art / "cv_per_case.csv", dtype={"case_id": str})
+    held = folds[folds["fold"] != "test"].set_index("case_id")["fold"].astype(int)
+    assert sorted(per_case["case_id"]) == sorted(held.index)  # each non-test case once
+    assert (per_case.set_index("case_id")["fold"] == held[per_case["case_id"]].values).all()
+    summary = pd.read_csv(art / "cv_summary.csv")
+    by = summary.set_index(["metric", "across"])
+    assert by.loc[("val/dice_mean", "folds"), "n"] == 3
+    assert by.loc[("test/dice_mean", "folds"), "n"] == 3
+    assert by.loc[("dice_WT", "cases"), "n"] == 6
+    # the fold mean of the out-of-fold Dice is the mean of the three runs' values
+    values = [oof[f].data.metrics["val/dice_mean"] for f in range(3)]
+    assert by.loc[("val/dice_mean", "folds"), "mean"] == pytest.approx(sum(values) / 3)
+    assert parent.data.metrics["cv/val/dice_mean_mean"] == pytest.approx(sum(values) / 3)
+    # the cases' mean Dice is that of the per-case table (what each fold predicted)
+    assert by.loc[("dice_WT", "cases"), "mean"] == pytest.approx(per_case["dice_WT"].mean())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
