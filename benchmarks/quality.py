@@ -227,7 +227,7 @@ DEMOS: tuple[Demo, ...] = (
                 "≥ 0.6",
             ),
         ),
-        "~5 min; test Dice organ 0.98, lesion 0.76",
+        "~5 min; test Dice organ 0.98, lesion 0.70-0.76",
     ),
     Demo(
         "LUNA16 lungs U-Net",
