@@ -460,9 +460,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
     cv = CrossValidation(rest, folds, ours.cv_checkpoint)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     trained = {f.index: cv.train(f) for f in folds.folds if f.index in selected}
-    for f in folds.folds:
-        if f.index in selected:
-            cv.predict_out_of_fold(f, trained[f.index])
+    scored = {
+        f.index: cv.predict_out_of_fold(f, trained[f.index])
+        for f in folds.folds
+        if f.index in selected
+    }
     # every fold predicted out of fold so far, by this command or an earlier one (--folds)
     done = [
         f for f in folds.folds if (r := cv.child("oof", f.index)) and r.info.status == "FINISHED"
@@ -470,7 +472,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
     tables, metrics = [], []
     for f in done:
         oof, fit = cv.child("oof", f.index), cv.child("fold", f.index)
-        tables.append(cv.predict_out_of_fold(f, fit))
+        tables.append(scored[f.index] if f.index in scored else cv.predict_out_of_fold(f, fit))
         metrics.append(
             {
                 **{k: v for k, v in oof.data.metrics.items() if k.startswith("val/")},
