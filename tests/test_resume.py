@@ -323,11 +323,14 @@ def test_a_file_that_is_not_a_safe_checkpoint_is_refused_by_name(
 # resolved key, defaults included): the tag of every run started before the hash came to
 # leave defaults out.
 BEFORE_DEFAULTS_LEFT_OUT = {
-    # Shipped with the 3D path (no older medlit ran them): the legacy hash as computed now.
+    # Shipped with the 3D path, the Volumes module and LUNA16 lungs (no older medlit ran
+    # them): the legacy hash as computed now.
     "experiments/brats_unet3d.yaml": "a5c2e6aaefc72950",
     "experiments/demo/brats_unet3d.yaml": "1b9fc066dd61839a",
     "experiments/demo/volumes_unet.yaml": "58e299fee344c312",
     "experiments/volumes_unet3d.yaml": "86c5058d4aba0508",
+    "experiments/demo/luna16_lungs_unet.yaml": "ce98a8c7e448c0e5",
+    "experiments/luna16_lungs_unet.yaml": "4fd76ab51b72afff",
     "experiments/brats_deeplabv3plus.yaml": "6ff82cbf521a31ad",
     "experiments/brats_pix2pix.yaml": "544899e62cfbc228",
     "experiments/brats_unet.yaml": "6685feefbce8192f",
@@ -354,6 +357,8 @@ DEFAULTS_LEFT_OUT = {
     "experiments/demo/brats_unet3d.yaml": "2c67327ff3fe01f4",
     "experiments/demo/volumes_unet.yaml": "6b44d72a4f1ab5a0",
     "experiments/volumes_unet3d.yaml": "3d3325102794f2d7",
+    "experiments/demo/luna16_lungs_unet.yaml": "75e1e169c6d61c16",
+    "experiments/luna16_lungs_unet.yaml": "50703c155acedc48",
     "experiments/brats_deeplabv3plus.yaml": "0ece9a6eb85aa8a0",
     "experiments/brats_pix2pix.yaml": "c107f944bc801e3f",
     "experiments/brats_unet.yaml": "5295a9e556affc7b",
