@@ -3,6 +3,11 @@
     python -m medlit.predict CONFIG --ckpt_path PATH --input DIR_OR_FILE --output DIR
         [--batch_size N] [--device auto|cpu|cuda|cuda:K] [--num_workers N] [--no_progress]
         [config overrides ...]
+    python -m medlit.predict CONFIG --cv_run RUN_ID --input ... --output ...   (an ensemble)
+
+``--ckpt_path`` given several times, or ``--cv_run`` with a ``medlit.cv`` parent run
+(every fold's checkpoint), predicts with their ensemble: the members' probabilities
+averaged (:mod:`medlit.ensemble`; segmentation and classification).
 
 What is written, by the experiment's task and data module:
 
@@ -33,9 +38,9 @@ from pathlib import Path
 
 import torch
 
-from medlit.checkpoints import load_checkpoint
 from medlit.cli import build, normalise_args
 from medlit.datamodules.base import BaseDataModule
+from medlit.ensemble import checkpoint_paths, load_members
 from medlit.errors import ConfigError, run_main
 from medlit.overview import maybe_overview
 from medlit.tasks.base import BaseTask
@@ -60,7 +65,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     """Predict; returns the files written (on rank 0: all of them)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m medlit.predict", add_help=False)
-    parser.add_argument("--ckpt_path", required=True)
+    parser.add_argument("--ckpt_path", action="append")
+    parser.add_argument("--cv_run", default=None)
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--batch_size", type=int, default=None)
@@ -73,8 +79,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     ours, rest = parser.parse_known_args(args)
     if not rest:
         raise ConfigError("give the experiment's CONFIG file first")
-    ckpt = Path(ours.ckpt_path).expanduser()
-    state = load_checkpoint(ckpt)
+    paths = checkpoint_paths(ours.ckpt_path, ours.cv_run, rest)
     extra = [
         f"--trainer.enable_progress_bar={str(not ours.no_progress).lower()}",
         *device_args(ours.device),
@@ -88,24 +93,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
         raise ConfigError("medlit.predict needs a medlit task and data module")
     out = Path(ours.output).expanduser()
     writer = model.prediction_writer(out)  # refused here for a task that writes none
-    try:
-        model.on_load_checkpoint(state)
-        model.load_state_dict(state.get("state_dict", {}))
-    except RuntimeError as e:  # size mismatch / missing keys: another architecture
-        detail = " ".join(str(e).split())[:600]
-        raise ConfigError(
-            f"--ckpt_path {ckpt} does not fit the model of {normalise_args(rest)[1]} ({detail})"
-        ) from None
+    load_members(model, dm, paths, normalise_args(rest)[1])
     if ours.batch_size is not None:
         if ours.batch_size < 1:
             raise ConfigError(f"--batch_size {ours.batch_size}: must be at least 1")
         dm.batch_size = ours.batch_size  # images per batch (ISIC)
         if "inference_batch_size" in model.hparams:  # slices per forward pass
             model.hparams["inference_batch_size"] = ours.batch_size
-    # What the data module kept in the checkpoint (VolumeDataModule: the training data's
-    # fingerprint, which preprocesses new cases as training did).
-    if (dm_state := state.get(type(dm).__qualname__)) is not None:
-        dm.load_state_dict(dm_state)
     dm.predict_from(Path(ours.input).expanduser(), num_classes=model.hparams.get("num_classes"))
     try:
         out.mkdir(parents=True, exist_ok=True)

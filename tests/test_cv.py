@@ -84,6 +84,7 @@ def test_a_killed_cross_validation_continues_where_it_stopped(
     non-test case once out of fold and finishes the parent run with the summary."""
     client = mlflow.MlflowClient(tracking_uri)
     cmd = cv_command(brats_root, tracking_uri)
+    ckpts_root = Path(tracking_uri.removeprefix("sqlite:///")).parent
     log = tmp_path / "first.log"
     with open(log, "wb") as out:
         victim = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -91,8 +92,7 @@ def test_a_killed_cross_validation_continues_where_it_stopped(
         while time.monotonic() < deadline and victim.poll() is None:
             fold2 = children(client, "fold").get(2)
             if fold2 is not None:
-                ckpts = Path(tracking_uri.removeprefix("sqlite:///")).parent
-                last = ckpts / fold2.info.experiment_id / fold2.info.run_id / "checkpoints"
+                last = ckpts_root / fold2.info.experiment_id / fold2.info.run_id / "checkpoints"
                 if (last / "last.ckpt").is_file():
                     victim.send_signal(signal.SIGKILL)
                     break
@@ -146,6 +146,38 @@ def test_a_killed_cross_validation_continues_where_it_stopped(
     assert parent.data.metrics["cv/val/dice_mean_mean"] == pytest.approx(sum(values) / 3)
     # the cases' mean Dice is that of the per-case table (what each fold predicted)
     assert by.loc[("dice_WT", "cases"), "mean"] == pytest.approx(per_case["dice_WT"].mean())
+
+    # The folds' ensemble scores the fixed test split in a child run of the parent ...
+    from medlit.evaluate import main as evaluate
+    from medlit.predict import main as predict
+
+    experiment = cmd[3:-1]  # the experiment's arguments, without --num_folds
+    ensemble = evaluate([*experiment, f"--cv_run={parent.info.run_id}", "--split=test"])
+    [run] = client.search_runs([parent.info.experiment_id], "tags.`medlit.cv.role` = 'ensemble'")
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert run.data.params["evaluate.members"] == "3"
+    per_test = pd.read_csv(client.download_artifacts(run.info.run_id, "test_per_case.csv"))
+    assert sorted(per_test["case_id"].astype(str)) == sorted(folds[folds["fold"] == "test"].case_id)
+    parent_metrics = client.get_run(parent.info.run_id).data.metrics
+    assert parent_metrics["ensemble/test/dice_mean"] == pytest.approx(ensemble["test/dice_mean"])
+    # ... as the same three checkpoints given by path do
+    ckpts = [
+        ckpts_root / r.info.experiment_id / r.info.run_id / "checkpoints" / "last.ckpt"
+        for r in (after[f] for f in range(3))
+    ]
+    by_path = evaluate([*experiment, *(f"--ckpt_path={c}" for c in ckpts), "--split=test"])
+    assert by_path == pytest.approx(ensemble)
+    # and predicts new cases with every fold's model
+    case = next(p for p in sorted(brats_root.iterdir()) if p.name.startswith("BraTS"))
+    written = predict(
+        [
+            *experiment,
+            f"--cv_run={parent.info.run_id}",
+            f"--input={case}",
+            f"--output={tmp_path / 'p'}",
+        ]
+    )
+    assert [w.name for w in written] == [f"{case.name}.nii.gz"]
 
 
 def _alive(pid: int) -> bool:

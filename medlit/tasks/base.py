@@ -95,6 +95,53 @@ class BaseTask(LightningModule):
     def configure_models(self) -> None:
         raise NotImplementedError
 
+    # ---- ensembles ---------------------------------------------------------------------
+    # A task that averages the probabilities of several models (the folds of a
+    # cross-validation) says so; ``medlit.ensemble`` loads the members, and the task's
+    # evaluation and prediction go through :meth:`ensemble_mean`.
+    ensembles: ClassVar[bool] = False
+    # The hyperparameters that give the outputs their meaning: every member must agree.
+    output_hparams: ClassVar[tuple[str, ...]] = ("num_classes",)
+
+    def set_ensemble(self, members: Sequence[BaseTask]) -> None:
+        """Make this task average ``members`` (itself among them, first) wherever it
+        predicts. They stay a plain list, not submodules: the task's own state dict,
+        checkpoint and device placement are unchanged (:meth:`ensemble_mean` moves each
+        member to this task's device and dtype when it is used)."""
+        if not type(self).ensembles:
+            raise ConfigError(
+                f"{type(self).__name__} does not ensemble several checkpoints; give one --ckpt_path"
+            )
+        members = list(members)
+        if not members or members[0] is not self:
+            raise ValueError("the task itself must be the first member of its ensemble")
+        self._members = members
+
+    @property
+    def members(self) -> list[BaseTask]:
+        """The models this task averages: itself alone unless :meth:`set_ensemble`."""
+        return getattr(self, "_members", None) or [self]
+
+    def ensemble_mean(self, predict: Callable[[BaseTask], torch.Tensor]) -> torch.Tensor:
+        """The mean of ``predict(member)`` (probabilities, in float32) over the members.
+        nnU-Net's ensemble: each member's probabilities are computed whole (its own
+        sliding window and mirroring), then averaged."""
+        members = self.members
+        if len(members) == 1:
+            return predict(self).float()
+        param = next(self.parameters(), None)
+        total: torch.Tensor | None = None
+        for m in members:
+            if m is not self:
+                if param is not None:
+                    m.to(device=param.device, dtype=param.dtype)
+                m.eval()
+                m.trainer = self._trainer  # the stage decides (mirroring in test only)
+            out = predict(m).float()
+            total = out if total is None else total + out
+        assert total is not None
+        return total / len(members)
+
     def prediction_writer(self, output: Path) -> BasePredictionWriter:
         """The writer of this task's predictions into ``output`` (``medlit.predict``): one
         of :mod:`medlit.writers`, matching what ``predict_step`` returns."""

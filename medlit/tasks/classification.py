@@ -60,6 +60,8 @@ class ClassificationTask(BaseTask):
     monitor = "val/balanced_accuracy"
     mode = "max"
     renamed_arguments = {"in_channels": "in_chans"}
+    ensembles = True
+    output_hparams = ("num_classes", "class_names")
 
     def __init__(
         self,
@@ -154,8 +156,14 @@ class ClassificationTask(BaseTask):
         self.log_train_loss(loss, len(batch["label"]))
         return loss
 
+    @torch.no_grad()
+    def probabilities(self, images: Tensor) -> Tensor:
+        """(B, K) class probabilities on the CPU: this model's softmax, or the mean of its
+        ensemble's (:meth:`~medlit.tasks.base.BaseTask.set_ensemble`)."""
+        return self.ensemble_mean(lambda m: m(images).float().softmax(1)).cpu()
+
     def _collect(self, batch: dict[str, Any]) -> None:
-        probs = self(batch["image"]).float().softmax(1).cpu()
+        probs = self.probabilities(batch["image"])
         for i, case in enumerate(batch["case_id"]):
             self._outputs.append(
                 {"case_id": case, "target": int(batch["label"][i]), "probs": probs[i].tolist()}
@@ -265,7 +273,7 @@ class ClassificationTask(BaseTask):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Class probabilities of each image (:class:`~medlit.writers.SubmissionWriter`
         writes the release's submission CSV of every rank's images)."""
-        probs = self(batch["image"]).float().softmax(1).cpu()
+        probs = self.probabilities(batch["image"])
         return [
             {"case_id": c, "probs": p.tolist()}
             for c, p in zip(batch["case_id"], probs, strict=True)

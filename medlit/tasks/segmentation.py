@@ -103,6 +103,9 @@ class SegmentationTask(BaseTask):
     # Volumes and component counts: read per case in the tables, not averaged into metrics.
     table_only = ("volume_ml_", "components_")
 
+    ensembles = True
+    output_hparams = ("num_classes", "target", "class_to_region", "region_names")
+
     def __init__(
         self,
         arch: str = "unet",
@@ -200,6 +203,12 @@ class SegmentationTask(BaseTask):
 
     @torch.no_grad()
     def predict_volume(self, volume: Tensor) -> Tensor:
+        """(C, Z, Y, X) volume -> (K, Z, Y, X) probabilities of this model, or the mean of
+        its ensemble's (:meth:`~medlit.tasks.base.BaseTask.set_ensemble`)."""
+        return self.ensemble_mean(lambda m: m.volume_probabilities(volume))
+
+    @torch.no_grad()
+    def volume_probabilities(self, volume: Tensor) -> Tensor:
         """(C, Z, Y, X) volume -> (K, Z, Y, X) probabilities, slice by slice along z."""
         h = self.hparams
         return predict_slices(

@@ -236,7 +236,7 @@ class Segmentation3DTask(SegmentationTask):
         return bool(h["val_tta"])
 
     @torch.no_grad()
-    def predict_volume(self, volume: Tensor) -> Tensor:
+    def volume_probabilities(self, volume: Tensor) -> Tensor:
         """(C, Z, Y, X) volume -> (K, Z, Y, X) probabilities: Gaussian-weighted sliding
         window (mirrored when ``tta: mirror``), logits stitched, then the activation."""
         h = self.hparams
