@@ -78,6 +78,7 @@ LEGACY_ADDED: frozenset[str] = frozenset(
         "BraTSDataModule.elastic",  # the 3D path
         "BraTSDataModule.target_spacing",
         "DetectionTask.grad_clip_norm",  # Ultralytics' gradient clipping
+        "VolumeDataModule.fingerprint_from",  # cross-validation's shared fingerprint
     }
 )
 

@@ -82,6 +82,11 @@ class VolumeDataModule(BaseDataModule):
         elastic: 3D: add elastic deformation.
         intensity_samples: foreground voxels drawn (with replacement, evenly over the
             training cases) for the CT channels' statistics; nnU-Net's 10e7.
+        fingerprint_from: the cases the fingerprint reads: ``train`` (the training split
+            only: nothing of the validation cases leaks into preprocessing), or
+            ``train_val`` (every case but the test split's, as nnU-Net fingerprints all of
+            imagesTr). ``medlit.cv`` sets ``train_val`` for its folds, so that they share
+            one preprocessing (and cache), and an ensemble of them sees one input.
         split: which cases train, validate and test (``val_fraction``,
             ``test_fraction``, ``split_file``, ``num_folds``, ``fold``).
         seed: seed of the split and of the demo data.
@@ -108,6 +113,7 @@ class VolumeDataModule(BaseDataModule):
         augment: bool = True,
         elastic: bool = False,
         intensity_samples: PositiveInt = STATS_VOXELS,
+        fingerprint_from: Literal["train", "train_val"] = "train",
         split: Split = Split(),
         seed: int = 42,
         cache_dir: str | None = None,
@@ -191,6 +197,12 @@ class VolumeDataModule(BaseDataModule):
 
     # ---- the fingerprint, the cache ---------------------------------------------------------
 
+    def cv_folds(self, num_folds: int | None) -> list[list[str]]:
+        """The k folds, each fingerprinted on all the non-test cases (nnU-Net's choice):
+        one target spacing, normalisation and cache for every fold, so that the folds'
+        models see the same input and ensemble."""
+        return [[*o, "--data.fingerprint_from=train_val"] for o in super().cv_folds(num_folds)]
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps to preprocess and write new cases as training did, with
         the training data gone: the fingerprint and dataset.json (less its case lists)."""
@@ -208,14 +220,17 @@ class VolumeDataModule(BaseDataModule):
         (for the target spacing), the share of each case its non-zero crop keeps, and the
         intensity statistics of the foreground of each CT channel. Unlike nnU-Net, which
         fingerprints every case of imagesTr (its cross-validation holds nothing out), only
-        the training split is read: nothing of the validation or test cases leaks into
-        their preprocessing. Kept in the cache folder, keyed by dataset.json and the
+        the training split is read by default: nothing of the validation or test cases
+        leaks into their preprocessing (``fingerprint_from: train_val`` adds the
+        validation cases, for cross-validation). Kept in the cache folder, keyed by dataset.json and the
         training files' sizes and times; a fingerprint loaded from a checkpoint wins
         (prediction)."""
         if self.fingerprint is not None:
             return self.fingerprint
         spec = self._spec()
-        train = self.cases.get("train") or []
+        train = list(self.cases.get("train") or [])
+        if self.hparams["fingerprint_from"] == "train_val":  # in case order: every fold's
+            train = sorted([*train, *(self.cases.get("val") or [])], key=lambda c: c.case_id)
         if not train:
             raise ConfigError("no training cases to take the dataset's fingerprint from")
         samples_total = self.hparams["intensity_samples"]

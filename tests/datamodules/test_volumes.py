@@ -105,6 +105,31 @@ def test_nnunet_raw_phantoms_are_read_checked_and_cached(phantoms: Path, tmp_pat
     assert batch["image"].shape == (1, 64, 64) and set(batch["mask"].unique().tolist()) <= {0, 1, 2}
 
 
+def test_cross_validation_folds_are_fingerprinted_on_all_non_test_cases(
+    phantoms: Path, tmp_path: Path
+) -> None:
+    """medlit.cv's folds share one fingerprint (one preprocessing, so that their models
+    ensemble); a single fit's stays its training split's."""
+    folds = datamodule(phantoms, tmp_path).cv_folds(3)
+    assert folds[1] == [
+        "--data.split.num_folds=3",
+        "--data.split.fold=1",
+        "--data.fingerprint_from=train_val",
+    ]
+    prints = {}
+    for fold in (0, 1):
+        for source in ("train", "train_val"):
+            split = {"test_fraction": 0.2, "num_folds": 3, "fold": fold}
+            dm = datamodule(
+                phantoms, tmp_path, split=split, fingerprint_from=source, intensity_samples=20_000
+            )
+            dm.prepare_data()
+            dm.setup("fit")
+            prints[fold, source] = json.dumps(dm.fingerprint, sort_keys=True)
+    assert prints[0, "train_val"] == prints[1, "train_val"]
+    assert prints[0, "train"] != prints[1, "train"]
+
+
 def test_an_msd_task_with_4d_images_reads_as_its_channels(phantoms: Path, tmp_path: Path) -> None:
     msd = tmp_path / "Task09_Phantom"
     to_msd(phantoms, msd)
