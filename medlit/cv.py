@@ -44,6 +44,7 @@ import pandas as pd
 
 from medlit.errors import ConfigError, run_main
 from medlit.overview import maybe_overview
+from medlit.postprocessing import Postprocessing, choose, load_cases
 from medlit.tracking.store import sqlite_dir
 from medlit.tuning.worker import die_with_parent
 
@@ -137,11 +138,12 @@ class CrossValidation:
     """The parent run and its fold and out-of-fold child runs, found again by the
     experiment's ``cv_key`` so that the same command continues where it stopped."""
 
-    def __init__(self, args: list[str], plan: Plan, checkpoint: str) -> None:
+    def __init__(self, args: list[str], plan: Plan, checkpoint: str, metric: str = "dice") -> None:
         from medlit.tuning.worker import Tracking, resolve, tracking_of
 
-        self.args, self.plan, self.checkpoint = args, plan, checkpoint
+        self.args, self.plan, self.checkpoint, self.metric = args, plan, checkpoint, metric
         self.config, self.config_yaml = resolve(args)
+        self.segmentation = _is_segmentation(self.config)
         uri, self.experiment = tracking_of(self.config)
         self.tracking = Tracking(uri, self.experiment)
         self.client = self.tracking.client
@@ -272,6 +274,9 @@ class CrossValidation:
             )
             from medlit.evaluate import main as evaluate
 
+            # Segmentation: each case's raw regions are kept beside the run, for the
+            # postprocessing to be chosen on.
+            regions = [f"--save_regions={self.regions(run_id)}"] if self.segmentation else []
             # In this process: an evaluation holds no state worth isolating, and a
             # process start (torch, Lightning, MLflow imports) costs more than a small
             # fold's evaluation.
@@ -281,6 +286,8 @@ class CrossValidation:
                     *fold.overrides,
                     f"--ckpt_path={ckpt}",
                     "--split=val",
+                    "--postprocessing=none",
+                    *regions,
                     f"--trainer.logger.init_args.run_id={run_id}",
                 ]
             )
@@ -303,6 +310,51 @@ class CrossValidation:
                 table = pd.read_csv(path).rename(columns={"image": "case_id"})
                 return table.drop(columns=[c for c in ("epoch",) if c in table])
         raise ConfigError(f"out-of-fold run {run.info.run_id} logged no per-case table")
+
+    def regions(self, run_id: str) -> Path:
+        """Where the out-of-fold run ``run_id`` keeps its cases' raw regions."""
+        run = self.client.get_run(run_id)
+        return checkpoint_folder(self.tracking.uri, self.config, run).parent / "oof_regions"
+
+    def choose_postprocessing(self, done: list[Fold]) -> pd.DataFrame | None:
+        """The postprocessing the out-of-fold segmentations of ``done`` support
+        (:func:`medlit.postprocessing.choose`), recorded on the parent run:
+        ``postprocessing.json`` (what ``medlit.predict``/``evaluate --cv_run`` apply),
+        ``postprocessing.csv`` (every step tried, the metric per region before and
+        after), the tag ``medlit.cv.postprocessing`` and the metrics
+        ``cv/postprocessed/<metric>_<region>``."""
+        if not self.segmentation or not done:
+            return None
+        folders = [self.regions(self.child("oof", f.index).info.run_id) for f in done]
+        if missing := [f.index for f, d in zip(done, folders, strict=True) if not d.is_dir()]:
+            log.warning("folds %s kept no out-of-fold regions: no postprocessing chosen", missing)
+            return None
+        cases, names = load_cases(folders)
+        chosen, table = choose(cases, names, self.metric)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "postprocessing.json").write_text(chosen.to_json())
+            table.to_csv(Path(tmp) / "postprocessing.csv", index=False)
+            for name in ("postprocessing.json", "postprocessing.csv"):
+                self.tracking.call(
+                    name, self.client.log_artifact, self.parent, str(Path(tmp) / name)
+                )
+        self.tracking.call(
+            "tag", self.client.set_tag, self.parent, "medlit.cv.postprocessing", chosen.describe()
+        )
+        for k, name in enumerate(names):
+            for when, values in (
+                ("raw", table.attrs["start"]),
+                ("postprocessed", table.attrs["end"]),
+            ):
+                self.tracking.call(
+                    "metric",
+                    self.client.log_metric,
+                    self.parent,
+                    f"cv/{when}/{self.metric}_{name}",
+                    float(values[k]),
+                )
+        table.attrs["chosen"] = chosen
+        return table
 
     def _medlit(self, command: str, *extra: str) -> None:
         """``python -m <command>`` on the experiment with ``extra``; SIGKILL reaches it
@@ -449,6 +501,25 @@ def fold_checkpoints(args: list[str], run_id: str) -> list[Path]:
     ]
 
 
+def chosen_postprocessing(args: list[str], run_id: str) -> Postprocessing | None:
+    """The postprocessing the cross-validation ``run_id`` chose (``postprocessing.json``
+    on its parent run), or None when it chose none or has not chosen yet."""
+    from medlit.tuning.worker import Tracking, resolve, tracking_of
+
+    config, _ = resolve(args)
+    uri, experiment = tracking_of(config)
+    Tracking(uri, experiment)  # the store, checked and named when it cannot be reached
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path="postprocessing.json", dst_path=tmp, tracking_uri=uri
+            )
+        except Exception:  # noqa: BLE001 - no such artifact: nothing was chosen
+            return None
+        chosen = Postprocessing.read(Path(path))
+    return None if chosen.empty else chosen
+
+
 def record_ensemble(
     args: list[str], parent_id: str, trackers: list[Any], split: str, metrics: dict[str, float]
 ) -> None:
@@ -501,6 +572,33 @@ def _pooled(per_case: pd.DataFrame) -> list[tuple[str, str, float, float, int]]:
     return rows
 
 
+def _is_segmentation(config: dict[str, Any]) -> bool:
+    """Whether the experiment's task segments (its out-of-fold regions can be kept)."""
+    import importlib
+
+    from medlit.tasks.segmentation import SegmentationTask
+
+    path = str((config.get("model") or {}).get("class_path", ""))
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, SegmentationTask)
+
+
+def render_postprocessing(table: pd.DataFrame, metric: str) -> str:
+    """Each step tried, the mean metric before and after, and whether it was kept."""
+    lines = ["", f"Postprocessing, chosen on the out-of-fold cases ({metric})", "-" * 60]
+    for r in table.itertuples():
+        where = f"{r.step} {r.region}" + (f" {r.setting}" if r.setting else "")
+        before = getattr(r, f"{metric}_mean_before")
+        after = getattr(r, f"{metric}_mean_after")
+        lines.append(f"{where:<44} {before:.4f} -> {after:.4f}  {'kept' if r.kept else 'not kept'}")
+    lines.append(f"chosen: {table.attrs['chosen'].describe()}")
+    return "\n".join(lines)
+
+
 def render(summary: pd.DataFrame) -> str:
     """The summary's metrics (the per-case volumes and component counts stay in the
     CSV): mean ± sd across the folds' runs, across the cases, pooled."""
@@ -518,6 +616,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num_folds", "--num-folds", type=int, default=None)
     p.add_argument("--folds", type=str, default=None, help="the folds to run, e.g. 0,2")
     p.add_argument("--cv_checkpoint", "--cv-checkpoint", choices=("last", "best"), default="last")
+    p.add_argument(
+        "--postprocessing_metric",
+        "--postprocessing-metric",
+        choices=("dice", "jaccard"),
+        default="dice",
+    )
     return p
 
 
@@ -537,7 +641,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
         raise ConfigError(f"--folds {ours.folds}: give fold numbers, e.g. --folds 0,2") from None
     if bad := [f for f in selected if not 0 <= f < k]:
         raise ConfigError(f"--folds {ours.folds}: {bad} outside 0..{k - 1}")
-    cv = CrossValidation(rest, folds, ours.cv_checkpoint)
+    cv = CrossValidation(rest, folds, ours.cv_checkpoint, ours.postprocessing_metric)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     trained = {f.index: cv.train(f) for f in folds.folds if f.index in selected}
     scored = {
@@ -560,11 +664,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
             }
         )
     summary = cv.summarise(done, tables, metrics)
+    chosen = cv.choose_postprocessing(done)
     cv.finish([f.index for f in done])
     print(render(summary))
+    if chosen is not None:
+        print(render_postprocessing(chosen, ours.postprocessing_metric))
     print(
         f"MLflow parent run {cv.parent} (experiment '{cv.experiment}'): cv_per_case.csv, "
         "cv_summary.csv, folds.csv, config.yaml"
+        + (", postprocessing.json/.csv" if chosen is not None else "")
         + ("" if len(done) == k else f"; {k - len(done)} folds still to run")
     )
     return summary

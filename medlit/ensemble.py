@@ -1,6 +1,7 @@
 """Checkpoints loaded into a task for ``medlit.predict`` and ``medlit.evaluate``: one, or
 an ensemble of several (``--ckpt_path A --ckpt_path B``, or ``--cv_run RUN_ID``: every
-fold of a ``medlit.cv`` cross-validation).
+fold of a ``medlit.cv`` cross-validation), and the postprocessing applied to what it
+predicts (``--postprocessing``).
 
 An ensemble averages its members' probabilities, as nnU-Net ensembles its folds: each
 member predicts a case whole (its own sliding window and mirroring, when the task has
@@ -99,3 +100,34 @@ def load_members(
     if len(members) > 1:
         log.info("an ensemble of %d checkpoints: %s", len(paths), ", ".join(map(str, paths)))
     return states
+
+
+def set_postprocessing(model: BaseTask, choice: str, cv_run: str | None, args: list[str]) -> str:
+    """``--postprocessing``: ``auto`` applies what ``--cv_run``'s cross-validation chose
+    on its out-of-fold cases (nothing without ``--cv_run``, or when it chose none),
+    ``none`` nothing, a path that file's steps (a ``postprocessing.json``). Returns what
+    is applied, in words."""
+    from medlit.postprocessing import Postprocessing
+    from medlit.tasks.segmentation import SegmentationTask
+
+    if choice == "none":
+        return "none"
+    if choice == "auto":
+        if not cv_run:
+            return "none"
+        from medlit.cv import chosen_postprocessing
+
+        chosen = chosen_postprocessing(args, cv_run)
+        if chosen is None:
+            return "none"
+    else:
+        chosen = Postprocessing.read(Path(choice).expanduser())
+    if not isinstance(model, SegmentationTask):
+        raise ConfigError(f"--postprocessing {choice}: postprocessing is for segmentation tasks")
+    if list(chosen.regions) != list(model.region_names):
+        raise ConfigError(
+            f"--postprocessing {choice}: chosen for the regions {list(chosen.regions)}, the "
+            f"model's are {model.region_names}"
+        )
+    model.postprocessing = chosen
+    return chosen.describe()

@@ -14,6 +14,12 @@ scores the ensemble of the checkpoints (every fold's, for ``--cv_run``): their
 probabilities averaged (:mod:`medlit.ensemble`). The evaluation run of a ``--cv_run``
 ensemble is a child of the parent run (tag ``medlit.cv.role=ensemble``), and the parent
 gets its metrics as ``ensemble/<split>/<metric>``.
+
+Segmentations are postprocessed (``--postprocessing``): by default with the steps that
+``--cv_run``'s cross-validation chose on its out-of-fold cases (:mod:`medlit.postprocessing`),
+``none`` for the raw output, or a ``postprocessing.json``. ``--save_regions DIR`` keeps
+each case's raw predicted and reference regions there (``medlit.cv`` chooses the
+postprocessing on them).
 """
 
 from __future__ import annotations
@@ -21,15 +27,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from medlit.cli import build, normalise_args, prepare
 from medlit.cv import record_ensemble
 from medlit.datamodules.base import BaseDataModule
-from medlit.ensemble import checkpoint_paths, load_members
+from medlit.ensemble import checkpoint_paths, load_members, set_postprocessing
 from medlit.errors import ConfigError, run_main
 from medlit.fit import summary
 from medlit.overview import maybe_overview
 from medlit.tasks.base import BaseTask
+from medlit.tasks.segmentation import SegmentationTask
 from medlit.tracking import MLflowTracker
 
 log = logging.getLogger("medlit")
@@ -42,6 +50,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--ckpt_path", action="append")
     parser.add_argument("--cv_run", default=None)
     parser.add_argument("--split", choices=("val", "test"), default="val")
+    parser.add_argument("--postprocessing", default="auto")
+    parser.add_argument("--save_regions", default=None)
     args = list(sys.argv[1:] if argv is None else argv)
     if maybe_overview("medlit.evaluate", args):  # before --ckpt_path is required
         return {}
@@ -50,6 +60,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     experiment = build(rest)
     model, datamodule, trainer = experiment.model, experiment.datamodule, experiment.trainer
     run = trainer.validate if ours.split == "val" else trainer.test
+    applied = set_postprocessing(model, ours.postprocessing, ours.cv_run, rest)
+    if ours.save_regions:
+        if not isinstance(model, SegmentationTask):
+            raise ConfigError("--save_regions: only a segmentation task predicts regions")
+        model.regions_dir = Path(ours.save_regions).expanduser()
     if len(paths) == 1:
         prepare(datamodule)  # check and cache, as medlit.fit does
         kwargs = {"ckpt_path": str(paths[0]), "weights_only": True}
@@ -72,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     "evaluate.ckpt_path": ",".join(map(str, paths))[:6000],
                     "evaluate.split": ours.split,
                     "evaluate.members": len(paths),
+                    "evaluate.postprocessing": applied,
                 }
             )
         if ours.cv_run:

@@ -7,7 +7,9 @@
 
 ``--ckpt_path`` given several times, or ``--cv_run`` with a ``medlit.cv`` parent run
 (every fold's checkpoint), predicts with their ensemble: the members' probabilities
-averaged (:mod:`medlit.ensemble`; segmentation and classification).
+averaged (:mod:`medlit.ensemble`; segmentation and classification). Segmentations are
+postprocessed with what ``--cv_run``'s cross-validation chose on its out-of-fold cases
+(``--postprocessing auto``, the default), ``none``, or a ``postprocessing.json``'s steps.
 
 What is written, by the experiment's task and data module:
 
@@ -40,7 +42,7 @@ import torch
 
 from medlit.cli import build, normalise_args
 from medlit.datamodules.base import BaseDataModule
-from medlit.ensemble import checkpoint_paths, load_members
+from medlit.ensemble import checkpoint_paths, load_members, set_postprocessing
 from medlit.errors import ConfigError, run_main
 from medlit.overview import maybe_overview
 from medlit.tasks.base import BaseTask
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num_workers", type=int, default=None)
     parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--postprocessing", default="auto")
     args = list(sys.argv[1:] if argv is None else argv)
     if maybe_overview("medlit.predict", args):  # before --ckpt_path is required
         return []
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     out = Path(ours.output).expanduser()
     writer = model.prediction_writer(out)  # refused here for a task that writes none
     load_members(model, dm, paths, normalise_args(rest)[1])
+    applied = set_postprocessing(model, ours.postprocessing, ours.cv_run, rest)
     if ours.batch_size is not None:
         if ours.batch_size < 1:
             raise ConfigError(f"--batch_size {ours.batch_size}: must be at least 1")
@@ -112,6 +116,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     count = int(trainer.strategy.reduce(torch.tensor(len(writer.written)), reduce_op="sum"))
     if trainer.is_global_zero:
         print(f"medlit.predict: {len(dm.datasets['predict'])} inputs, wrote {count} files to {out}")
+        if applied != "none":
+            print(f"  postprocessed: {applied}")
         if writer.tables:
             print(f"  and {', '.join(p.name for p in writer.tables)}")
     return sorted(writer.written)

@@ -19,6 +19,7 @@ import pytest
 from medlit.cv import plan
 from medlit.datasets.luna16.phantom import write_luna16
 from medlit.errors import ConfigError
+from medlit.postprocessing import Postprocessing
 from tests.test_fit import tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,6 +148,13 @@ def test_a_killed_cross_validation_continues_where_it_stopped(
     # the cases' mean Dice is that of the per-case table (what each fold predicted)
     assert by.loc[("dice_WT", "cases"), "mean"] == pytest.approx(per_case["dice_WT"].mean())
 
+    # The postprocessing chosen on the out-of-fold cases' regions (one file per case)
+    steps = pd.read_csv(art / "postprocessing.csv")
+    assert list(steps["region"][:4]) == ["all foreground", "WT", "WT", "TC"]
+    chosen = Postprocessing.read(art / "postprocessing.json")
+    assert parent.data.tags["medlit.cv.postprocessing"] == chosen.describe()
+    kept = sorted(p.stem for p in ckpts_root.glob("*/*/oof_regions/*.npz"))
+    assert kept == sorted(held.index)
     # The folds' ensemble scores the fixed test split in a child run of the parent ...
     from medlit.evaluate import main as evaluate
     from medlit.predict import main as predict
@@ -156,6 +164,7 @@ def test_a_killed_cross_validation_continues_where_it_stopped(
     [run] = client.search_runs([parent.info.experiment_id], "tags.`medlit.cv.role` = 'ensemble'")
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert run.data.params["evaluate.members"] == "3"
+    assert run.data.params["evaluate.postprocessing"] == chosen.describe()
     per_test = pd.read_csv(client.download_artifacts(run.info.run_id, "test_per_case.csv"))
     assert sorted(per_test["case_id"].astype(str)) == sorted(folds[folds["fold"] == "test"].case_id)
     parent_metrics = client.get_run(parent.info.run_id).data.metrics
@@ -165,7 +174,14 @@ def test_a_killed_cross_validation_continues_where_it_stopped(
         ckpts_root / r.info.experiment_id / r.info.run_id / "checkpoints" / "last.ckpt"
         for r in (after[f] for f in range(3))
     ]
-    by_path = evaluate([*experiment, *(f"--ckpt_path={c}" for c in ckpts), "--split=test"])
+    by_path = evaluate(
+        [
+            *experiment,
+            *(f"--ckpt_path={c}" for c in ckpts),
+            "--split=test",
+            f"--postprocessing={art / 'postprocessing.json'}",
+        ]
+    )
     assert by_path == pytest.approx(ensemble)
     # and predicts new cases with every fold's model
     case = next(p for p in sorted(brats_root.iterdir()) if p.name.startswith("BraTS"))

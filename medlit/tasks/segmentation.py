@@ -25,6 +25,7 @@ from medlit.constraints import (
 from medlit.errors import ConfigError
 from medlit.metrics.segmentation import region_metrics, structure_measures, volume_diagonal
 from medlit.models import load_weights, smp_names
+from medlit.postprocessing import Postprocessing, save_case
 from medlit.tasks.base import BaseTask, predict_slices
 from medlit.visualize import save_overlays
 from medlit.writers import CaseWriter
@@ -146,6 +147,11 @@ class SegmentationTask(BaseTask):
         """The evaluated regions' names, the metrics, and the monitored one."""
         # Volumes and components of each case's reference, measured once per run.
         self._ref_measures: dict[str, dict[str, float]] = {}
+        # Set by medlit.evaluate / medlit.predict: the postprocessing applied to every
+        # prediction, and where evaluation keeps each case's raw predicted and reference
+        # regions (medlit.cv's out-of-fold cases, to choose the postprocessing on).
+        self.postprocessing: Postprocessing | None = None
+        self.regions_dir: Path | None = None
         n_regions = num_classes if target == "regions" else num_classes - 1
         if class_to_region is not None:
             n_regions = len(class_to_region)
@@ -261,6 +267,11 @@ class SegmentationTask(BaseTask):
         probs = self.to_grid(probs, ref.shape[-3:], _scale(batch["spacing"][0], batch, 0))
         pred = self.to_regions(probs)
         spacing = batch["spacing"][0].tolist()
+        if self.regions_dir is not None:
+            case_id = str(batch["case_id"][0])
+            save_case(self.regions_dir, case_id, pred, ref, spacing, self.region_names)
+        if self.postprocessing is not None:
+            pred = self.postprocessing.apply(pred, spacing)
         diagonal = volume_diagonal(batch["shape"][0].tolist(), spacing)
         row = {
             "case_id": batch["case_id"][0],
@@ -317,9 +328,16 @@ class SegmentationTask(BaseTask):
                     probs, tuple(b - a for a, b in bbox), _scale(native, batch, i, meta)
                 )
             regions = self.to_regions(probs)
+            if meta is not None and "geometry" in meta:
+                spacing = list(reversed(meta["geometry"]["spacing"]))
+            elif "spacing" in batch:
+                spacing = [float(v) for v in batch["spacing"][i]]
+            else:
+                spacing = [1.0] * (regions.ndim - 1)
+            if self.postprocessing is not None:
+                regions = self.postprocessing.apply(regions, spacing)
             case = {"case_id": case_id, "regions": regions, "meta": meta}
             if meta is not None and "geometry" in meta and regions.shape[-3] > 1:
-                spacing = list(reversed(meta["geometry"]["spacing"]))
                 case["measures"] = structure_measures(regions, self.region_names, spacing, "pred")
             out.append(case)
         return out
