@@ -264,6 +264,10 @@ class CrossValidation:
         if run is not None and run.info.status != "FINISHED":
             self._abandon(run, "stopped before its evaluation ended")
             run = None
+        if run is not None and self.segmentation and not self.regions(run.info.run_id).is_dir():
+            # (its folder removed, or an earlier medlit's run): the postprocessing needs them
+            self._abandon(run, "kept no out-of-fold regions")
+            run = None
         if run is None:
             ckpt = fold_checkpoint(
                 self._checkpoints(trained), self.checkpoint, fold.index, trained.info.run_id

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -194,6 +195,14 @@ def test_a_killed_cross_validation_continues_where_it_stopped(
         ]
     )
     assert [w.name for w in written] == [f"{case.name}.nii.gz"]
+    # A fold whose out-of-fold regions are gone is evaluated again, not retrained
+    gone = next(ckpts_root.glob(f"*/{oof[1].info.run_id}/oof_regions"))
+    shutil.rmtree(gone)
+    third = subprocess.run(cmd, capture_output=True, text=True)
+    assert third.returncode == 0, (third.stdout + third.stderr)[-3000:]
+    assert "kept no out-of-fold regions" in third.stderr
+    assert "fold 1 of 3: finished before" in third.stderr
+    assert sorted(p.stem for p in ckpts_root.glob("*/*/oof_regions/*.npz")) == kept
 
 
 def _alive(pid: int) -> bool:
