@@ -34,7 +34,7 @@ def checkpoint_paths(
     if bool(ckpt_paths) == bool(cv_run):
         raise ConfigError("give --ckpt_path (once, or once per ensemble member) or --cv_run RUN_ID")
     if cv_run:
-        from medlit.cv import fold_checkpoints
+        from medlit.cvruns import fold_checkpoints
 
         paths = fold_checkpoints(args, cv_run)
     else:
@@ -115,7 +115,7 @@ def set_postprocessing(model: BaseTask, choice: str, cv_run: str | None, args: l
     if choice == "auto":
         if not cv_run:
             return "none"
-        from medlit.cv import chosen_postprocessing
+        from medlit.cvruns import chosen_postprocessing
 
         chosen = chosen_postprocessing(args, cv_run)
         if chosen is None:

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from medlit.cli import build, normalise_args, prepare
-from medlit.cv import record_ensemble
+from medlit.cvruns import record_ensemble
 from medlit.datamodules.base import BaseDataModule
 from medlit.ensemble import checkpoint_paths, load_members, set_postprocessing
 from medlit.errors import ConfigError, run_main

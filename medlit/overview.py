@@ -23,13 +23,17 @@ WIDTH = 100
 # its module docstring.
 USAGE = {
     "medlit.fit": "CONFIG [--key=value ...]",
-    "medlit.predict": "CONFIG --ckpt_path=CKPT --input=PATH --output=DIR [--device=auto] "
-    "[--batch_size=N] [--num_workers=N] [--no_progress] [--key=value ...]",
-    "medlit.evaluate": "CONFIG --ckpt_path=CKPT [--split=val|test] [--key=value ...]",
+    "medlit.predict": "CONFIG --ckpt_path=CKPT [--ckpt_path=CKPT2 ...] | --cv_run=RUN_ID "
+    "--input=PATH --output=DIR [--device=auto] [--batch_size=N] [--num_workers=N] "
+    "[--postprocessing=auto|none|FILE] [--uncertainty[=entropy|variance]] [--no_progress] "
+    "[--key=value ...]",
+    "medlit.evaluate": "CONFIG --ckpt_path=CKPT [--ckpt_path=CKPT2 ...] | --cv_run=RUN_ID "
+    "[--split=val|test] [--postprocessing=auto|none|FILE] [--key=value ...]",
     "medlit.generate": "CONFIG --ckpt_path=CKPT --output=DIR [--num_images=100] [--seed=0] "
     "[--key=value ...]",
     "medlit.check": "CONFIG [--key=value ...] [--deep]",
-    "medlit.cv": "CONFIG --num_folds=K [--folds=0,2] [--cv_checkpoint=last|best] [--key=value ...]",
+    "medlit.cv": "CONFIG --num_folds=K [--folds=0,2] [--cv_checkpoint=last|best] "
+    "[--postprocessing_metric=dice|jaccard] [--key=value ...]",
     "medlit.sweep": "SWEEP.yaml [--n-trials N] [--timeout S] [--storage URL] [--workers K] "
     "[--key value ...]",
 }

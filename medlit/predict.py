@@ -11,6 +11,14 @@ averaged (:mod:`medlit.ensemble`; segmentation and classification). Segmentation
 postprocessed with what ``--cv_run``'s cross-validation chose on its out-of-fold cases
 (``--postprocessing auto``, the default), ``none``, or a ``postprocessing.json``'s steps.
 
+``--uncertainty`` (``entropy``, the default, or ``variance``) writes the predictive
+uncertainty: segmentation, a per-voxel map beside each prediction
+(``<case>_uncertainty.nii.gz``, ``.mhd`` for LUNA16, ``.tif`` for ISIC) and each case's
+mean over the volume and over the predicted foreground in ``volumes.csv``;
+classification, ``uncertainty.csv`` with one value per image. ``entropy`` is that of the
+(ensemble's mean) probabilities, in nats (of independent regions, the sum of their binary
+entropies); ``variance`` the ensemble members' variance of the probabilities.
+
 What is written, by the experiment's task and data module:
 
 * BraTS segmentation: ``<case>.nii.gz`` per case, in the input release's label values
@@ -76,6 +84,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--num_workers", type=int, default=None)
     parser.add_argument("--no_progress", action="store_true")
     parser.add_argument("--postprocessing", default="auto")
+    parser.add_argument(
+        "--uncertainty", nargs="?", const="entropy", default=None, choices=("entropy", "variance")
+    )
     args = list(sys.argv[1:] if argv is None else argv)
     if maybe_overview("medlit.predict", args):  # before --ckpt_path is required
         return []
@@ -98,6 +109,17 @@ def main(argv: list[str] | None = None) -> list[Path]:
     writer = model.prediction_writer(out)  # refused here for a task that writes none
     load_members(model, dm, paths, normalise_args(rest)[1])
     applied = set_postprocessing(model, ours.postprocessing, ours.cv_run, rest)
+    if ours.uncertainty:
+        if not type(model).ensembles:
+            raise ConfigError(
+                f"--uncertainty: {type(model).__name__} has no probabilities to take it from"
+            )
+        if ours.uncertainty == "variance" and len(paths) < 2:
+            raise ConfigError(
+                "--uncertainty variance is the ensemble members' disagreement: give several "
+                "--ckpt_path or --cv_run (entropy works with one model)"
+            )
+        model.uncertainty = ours.uncertainty
     if ours.batch_size is not None:
         if ours.batch_size < 1:
             raise ConfigError(f"--batch_size {ours.batch_size}: must be at least 1")

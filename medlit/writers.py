@@ -47,7 +47,8 @@ class _Writer(BasePredictionWriter):
 class CaseWriter(_Writer):
     """Segmentation: each case as soon as its batch is predicted, through
     ``write_prediction`` (``prediction``: a list of ``{"case_id", "regions", "meta"}``,
-    with ``measures`` for volumes); then the tables of the whole run."""
+    with ``measures`` for volumes and the per-case uncertainty, and ``uncertainty``, a
+    per-voxel map written by ``write_map``); then the tables of the whole run."""
 
     def __init__(self, output: Path) -> None:
         super().__init__(output)
@@ -68,12 +69,19 @@ class CaseWriter(_Writer):
             self.written.append(
                 dm.write_prediction(case["case_id"], case["regions"], self.output, case.get("meta"))
             )
+            if "uncertainty" in case:  # medlit.predict --uncertainty: the map beside it
+                self.written.append(
+                    dm.write_map(
+                        case["case_id"], case["uncertainty"], self.output, case.get("meta")
+                    )
+                )
             if "measures" in case:
                 self.rows.append({"case_id": case["case_id"], **case["measures"]})
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """After every case: ``volumes.csv`` (each case's predicted volume in mL and
-        connected components per region) and, where the data module names its label
+        connected components per region; with ``--uncertainty``, its mean over the case
+        and over the predicted foreground) and, where the data module names its label
         values, the label descriptions ITK-SNAP and 3D Slicer load beside the label maps
         (rank 0; the rows of every rank gathered)."""
         rows = pl_module.gather_rows(self.rows)  # a collective: every rank calls it
@@ -112,13 +120,21 @@ class _Gathered(_Writer):
 
 class SubmissionWriter(_Gathered):
     """Classification: ``submission.csv`` of every item's class probabilities, in the
-    dataset's submission format (``write_submission``); rows ``{"case_id", "probs"}``."""
+    dataset's submission format (``write_submission``); rows ``{"case_id", "probs"}``
+    (and ``uncertainty``: then ``uncertainty.csv`` beside it, one value per image)."""
 
     def write(self, dm: BaseDataModule, pl_module: LightningModule, rows: list[dict]) -> Path:
         ids = [r["case_id"] for r in rows]
         probs = np.array([r["probs"] for r in rows], dtype=np.float64)
         path = self.output / "submission.csv"
         dm.write_submission(path, ids, probs, pl_module.class_names)
+        if rows and "uncertainty" in rows[0]:  # medlit.predict --uncertainty
+            kind = getattr(pl_module, "uncertainty", None) or "uncertainty"
+            table = pd.DataFrame({"image": ids, kind: [r["uncertainty"] for r in rows]})
+            atomic_write(
+                extra := self.output / "uncertainty.csv", lambda p: table.to_csv(p, index=False)
+            )
+            self.tables.append(extra)
         return path
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import SimpleITK as sitk
 
 from medlit.cv import plan
 from medlit.datasets.luna16.phantom import write_luna16
@@ -192,9 +193,20 @@ def test_a_killed_cross_validation_continues_where_it_stopped(
             f"--cv_run={parent.info.run_id}",
             f"--input={case}",
             f"--output={tmp_path / 'p'}",
+            "--uncertainty=variance",
         ]
     )
-    assert [w.name for w in written] == [f"{case.name}.nii.gz"]
+    assert [w.name for w in written] == [f"{case.name}.nii.gz", f"{case.name}_uncertainty.nii.gz"]
+    # the members' disagreement per voxel, on the input's exact grid
+    flair = sitk.ReadImage(str(next(case.glob("*flair.nii.gz"))))
+    umap = sitk.ReadImage(str(written[1]))
+    assert umap.GetSize() == flair.GetSize() and umap.GetOrigin() == flair.GetOrigin()
+    values = sitk.GetArrayFromImage(umap)
+    assert values.min() >= 0 and values.max() <= 0.25 and values.max() > 0
+    volumes = pd.read_csv(tmp_path / "p" / "volumes.csv").set_index("case_id")
+    # (the map's mean over the case's crop; the file is 0 outside it)
+    assert volumes.loc[case.name, "variance_mean"] >= values.mean() > 0
+    assert "variance_mean_foreground" in volumes
     # A fold whose out-of-fold regions are gone is evaluated again, not retrained
     gone = next(ckpts_root.glob(f"*/{oof[1].info.run_id}/oof_regions"))
     shutil.rmtree(gone)

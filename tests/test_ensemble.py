@@ -128,3 +128,28 @@ def test_the_checkpoints_are_named_once(tmp_path: Path) -> None:
         checkpoint_paths(["a.ckpt"], "0123", [])
     with pytest.raises(ConfigError, match="give --ckpt_path .* or --cv_run"):
         checkpoint_paths(None, None, [])
+
+
+def test_uncertainty_is_the_entropy_of_the_mean_or_the_members_variance() -> None:
+    from medlit.tasks.base import uncertainty_map
+
+    uniform = torch.full((4, 2, 3), 0.25)  # 4 classes, every voxel undecided
+    assert torch.allclose(
+        uncertainty_map(uniform, None, "entropy", False), torch.log(torch.tensor(4.0))
+    )
+    halves = torch.full((3, 5), 0.5)  # 3 independent regions at 0.5
+    assert torch.allclose(
+        uncertainty_map(halves, None, "entropy", True), 3 * torch.log(torch.tensor(2.0))
+    )
+    sure = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert torch.allclose(uncertainty_map(sure, None, "entropy", False), torch.zeros(2), atol=1e-9)
+    lead = _seg()
+    members = [lead, _other(lead, 7), _other(lead, 8)]
+    lead.set_ensemble(members)
+    volume = torch.randn(4, 2, 32, 32)
+    mean, var = lead.ensemble_moments(lambda m: m.volume_probabilities(volume), variance=True)
+    each = torch.stack([m.volume_probabilities(volume) for m in members])
+    assert torch.allclose(mean, each.mean(0), atol=1e-6)
+    assert torch.allclose(var, each.var(0, unbiased=False), atol=1e-6)
+    umap = uncertainty_map(mean, var, "variance", True)
+    assert umap.shape == (2, 32, 32) and torch.allclose(umap, var.mean(0))

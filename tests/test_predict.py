@@ -188,9 +188,15 @@ def test_isic_classifier_writes_the_release_submission_and_refuses_grey_images(
     assert np.allclose(table[list(CLASSES["2019"])].sum(axis=1), 1, atol=1e-5)
     # One file; the same probabilities whatever the batch.
     one = sorted(images.glob("*.jpg"))[3]
-    [csv1] = predict([*args, "--input", str(one), "--output", str(tmp_path / "one")])
+    [csv1] = predict(
+        [*args, "--input", str(one), "--output", str(tmp_path / "one"), "--uncertainty"]
+    )
     row = pd.read_csv(csv1).set_index("image").loc[one.stem]
     np.testing.assert_allclose(row, table.set_index("image").loc[one.stem], atol=1e-5)
+    # --uncertainty: the entropy (nats) of each image's probabilities, beside them
+    entropy = pd.read_csv(tmp_path / "one" / "uncertainty.csv").set_index("image")["entropy"]
+    p = row[list(CLASSES["2019"])].to_numpy(float)
+    assert entropy[one.stem] == pytest.approx(-(p * np.log(p)).sum(), abs=1e-4)
     # A grey-scale image does not fit an RGB model.
     Image.open(one).convert("L").save(images / "ISIC_9999999.jpg")
     with pytest.raises(InvalidCaseError, match=r"ISIC_9999999.jpg.*L image with 1 channel"):

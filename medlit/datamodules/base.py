@@ -112,6 +112,17 @@ class Scored(Protocol):
         """The score's figure (an FROC curve, ...) as an image file."""
 
 
+def write_uncropped(values: np.ndarray, meta: dict[str, Any], path: Path) -> Path:
+    """(Z, Y, X) ``values`` of a case cropped to ``meta["bbox"]``, put back into the
+    input's shape (0 outside the crop) and written on its exact geometry."""
+    from medlit.datasets.io.volume import Geometry, write_volume
+
+    full = np.zeros(meta["shape"], values.dtype)
+    full[tuple(slice(a, b) for a, b in meta["bbox"])] = values
+    write_volume(full, Geometry.from_dict(meta["geometry"]), path)
+    return path
+
+
 class BaseDataModule(LightningDataModule):
     """Holds the loader settings; subclasses fill ``self.datasets[split]`` in ``setup``.
 
@@ -258,6 +269,28 @@ class BaseDataModule(LightningDataModule):
         raise ConfigError(f"{type(self).__name__} cannot read prediction inputs")
 
     # ---- outputs, in the dataset's own formats -------------------------------------------
+
+    def case_meta(self, case_id: str) -> dict[str, Any]:
+        """The metadata of one of the data module's own cases (its geometry, crop, ...)."""
+        for d in self.datasets.values():
+            for e in getattr(d, "entries", ()):
+                meta = getattr(e, "meta", None)
+                if isinstance(meta, dict) and meta.get("case_id") == case_id:
+                    return meta
+        raise KeyError(case_id)
+
+    def write_map(
+        self,
+        case_id: str,
+        values: np.ndarray,
+        folder: Path,
+        meta: dict | None = None,
+        name: str = "uncertainty",
+    ) -> Path:
+        """Write a per-voxel float map of one case (``values``: (Z, Y, X) on the grid of
+        its segmentation, as :meth:`write_prediction` gets it) beside the segmentation,
+        as ``<case>_<name>`` in the dataset's image format, on the input's exact grid."""
+        raise ConfigError(f"{type(self).__name__} cannot write per-voxel maps")
 
     def write_prediction(
         self, case_id: str, regions: np.ndarray, folder: Path, meta: dict | None = None

@@ -17,7 +17,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from medlit.constraints import ClosedUnitInterval, NonNegativeInt, PositiveFloat, PositiveInt
-from medlit.datamodules.base import BaseDataModule, Loader, cache_root, one_item_batch
+from medlit.datamodules.base import (
+    BaseDataModule,
+    Loader,
+    cache_root,
+    one_item_batch,
+    write_uncropped,
+)
 from medlit.datamodules.splits import SPLIT_KEYS, Split, check_split_file, split_groups
 from medlit.datasets.brats.phantom import write_brats
 from medlit.datasets.brats.source import (
@@ -303,21 +309,24 @@ class BraTSDataModule(BaseDataModule):
         release's label values, uncropped, with the exact geometry of the input images.
         ``meta`` is the case's metadata when it is not one of the data module's own."""
         if meta is None:
-            meta = next(
-                e
-                for d in self.datasets.values()
-                if isinstance(d, CaseDataset)
-                for e in d.entries
-                if e.meta["case_id"] == case_id
-            ).meta
+            meta = self.case_meta(case_id)
             _, et, _ = self._layout_and_labels()
         else:
             et = self._predict_et
-        labels = np.zeros(meta["shape"], np.uint8)
-        labels[tuple(slice(a, b) for a, b in meta["bbox"])] = labels_from_regions(regions, et)
-        geometry = Geometry.from_dict(meta["geometry"])
-        write_volume(labels, geometry, path := folder / f"{case_id}.nii.gz")
-        return path
+        labels = labels_from_regions(regions, et).astype(np.uint8)
+        return write_uncropped(labels, meta, folder / f"{case_id}.nii.gz")
+
+    def write_map(
+        self,
+        case_id: str,
+        values: np.ndarray,
+        folder: Path,
+        meta: dict | None = None,
+        name: str = "uncertainty",
+    ) -> Path:
+        """``<case>_<name>.nii.gz`` (float32), uncropped, on the input's geometry."""
+        meta = meta if meta is not None else self.case_meta(case_id)
+        return write_uncropped(values.astype(np.float32), meta, folder / f"{case_id}_{name}.nii.gz")
 
     def write_synthesis(self, case_id: str, volume: np.ndarray, folder: Path) -> Path:
         """The synthesised target modality (the last of ``modalities``) of a case as

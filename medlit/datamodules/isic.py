@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from medlit.constraints import PositiveInt
 from medlit.datamodules.base import BaseDataModule, Loader, balanced_sampler, cache_root
 from medlit.datamodules.splits import SPLIT_KEYS, Split, check_split_file, split_groups
-from medlit.datasets.io.files import MARKER
+from medlit.datasets.io.files import MARKER, atomic_write
 from medlit.datasets.isic.phantom import write_isic
 from medlit.datasets.isic.source import (
     CLASSES,
@@ -295,6 +295,20 @@ class ISICDataModule(BaseDataModule):
     ) -> Path:
         """A predicted lesion (regions (1, 1, H, W)) as ``<id>_segmentation.png``, 0/255."""
         write_mask(path := folder / f"{image_id}_segmentation.png", regions[0, 0])
+        return path
+
+    def write_map(
+        self,
+        image_id: str,
+        values: np.ndarray,
+        folder: Path,
+        meta: dict | None = None,
+        name: str = "uncertainty",
+    ) -> Path:
+        """A per-pixel map ((1, H, W) at the image's size) as ``<id>_<name>.tif``: one
+        32-bit float channel (Pillow's mode F), the values as they are."""
+        image = Image.fromarray(np.asarray(values, np.float32).reshape(values.shape[-2:]))
+        atomic_write(path := folder / f"{image_id}_{name}.tif", lambda p: image.save(p, "TIFF"))
         return path
 
     def write_submission(

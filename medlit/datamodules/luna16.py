@@ -631,19 +631,36 @@ class LUNA16DataModule(BaseDataModule):
         back from the identity direction the network saw to the scan's own axes."""
         if self.hparams["target"] != "lungs":
             return super().write_prediction(case_id, regions, folder, meta)
-        if meta is None:
-            meta = next(
-                e.meta
-                for d in self.datasets.values()
-                for e in getattr(d, "entries", ())
-                if getattr(e, "meta", {}).get("case_id") == case_id
-            )
         mask = np.zeros(regions.shape[1:], np.uint8)
         for region, value in zip(regions.astype(bool), LUNG_LABELS.values(), strict=True):
             mask[region] = value
-        image = Geometry.from_dict(meta["geometry"]).apply(sitk.GetImageFromArray(mask))
+        return self._write_scan_grid(
+            mask, meta or self.case_meta(case_id), folder / f"{case_id}.mhd"
+        )
+
+    def write_map(
+        self,
+        case_id: str,
+        values: np.ndarray,
+        folder: Path,
+        meta: dict | None = None,
+        name: str = "uncertainty",
+    ) -> Path:
+        """Lungs: ``<seriesuid>_<name>.mhd`` + ``.zraw`` (float32) on the scan's own grid."""
+        if self.hparams["target"] != "lungs":
+            return super().write_map(case_id, values, folder, meta, name)
+        meta = meta or self.case_meta(case_id)
+        return self._write_scan_grid(
+            values.astype(np.float32), meta, folder / f"{case_id}_{name}.mhd"
+        )
+
+    @staticmethod
+    def _write_scan_grid(array: np.ndarray, meta: dict, path: Path) -> Path:
+        """A (z, y, x) array on the identity-direction grid the network saw, turned back
+        to the scan's own axes and written as a compressed MetaImage."""
+        image = Geometry.from_dict(meta["geometry"]).apply(sitk.GetImageFromArray(array))
         image = sitk.DICOMOrient(image, meta["orientation"])  # the scan's own axes
-        write_image(image, path := Path(folder) / f"{case_id}.mhd", compress=True)
+        write_image(image, path, compress=True)
         return path
 
     def write_detections(self, path: Path, marks: pd.DataFrame) -> None:

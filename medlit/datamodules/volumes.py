@@ -19,12 +19,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from medlit.constraints import ClosedUnitInterval, NonNegativeInt, PositiveFloat, PositiveInt
-from medlit.datamodules.base import BaseDataModule, Loader, cache_root, one_item_batch
+from medlit.datamodules.base import (
+    BaseDataModule,
+    Loader,
+    cache_root,
+    one_item_batch,
+    write_uncropped,
+)
 from medlit.datamodules.splits import SPLIT_KEYS, Split, check_split_file, split_groups
-from medlit.datasets.brats.torch import CaseDataset
 from medlit.datasets.io.cache import CacheEntry, OnTheFly, VolumeCache
 from medlit.datasets.io.files import atomic_write
-from medlit.datasets.io.volume import Geometry, write_volume
 from medlit.datasets.patches import patch_dims
 from medlit.datasets.volumes.phantom import write_phantoms
 from medlit.datasets.volumes.source import (
@@ -438,22 +442,23 @@ class VolumeDataModule(BaseDataModule):
         """A case's predicted regions as a label map in dataset.json's values (region-based:
         ``regions_class_order``), uncropped, on the input's exact geometry, as
         ``<case><file_ending>``."""
-        if meta is None:
-            meta = next(
-                e.meta
-                for d in self.datasets.values()
-                if isinstance(d, CaseDataset)
-                for e in d.entries
-                if e.meta["case_id"] == case_id
-            )
+        meta = meta if meta is not None else self.case_meta(case_id)
         spec = self._spec()
-        labels = np.zeros(meta["shape"], np.uint8)
-        labels[tuple(slice(a, b) for a, b in meta["bbox"])] = spec.labels.label_map(regions)
+        labels = spec.labels.label_map(regions).astype(np.uint8)
         ending = spec.file_ending if spec.format == "nnunet" else ".nii.gz"
-        write_volume(
-            labels, Geometry.from_dict(meta["geometry"]), path := folder / f"{case_id}{ending}"
-        )
-        return path
+        return write_uncropped(labels, meta, folder / f"{case_id}{ending}")
+
+    def write_map(
+        self,
+        case_id: str,
+        values: np.ndarray,
+        folder: Path,
+        meta: dict | None = None,
+        name: str = "uncertainty",
+    ) -> Path:
+        """``<case>_<name>.nii.gz`` (float32), uncropped, on the input's geometry."""
+        meta = meta if meta is not None else self.case_meta(case_id)
+        return write_uncropped(values.astype(np.float32), meta, folder / f"{case_id}_{name}.nii.gz")
 
     # ---- datasets -------------------------------------------------------------------------
 

@@ -55,6 +55,25 @@ def predict_slices(
     return torch.cat(out).transpose(0, 1)
 
 
+def uncertainty_map(
+    mean: torch.Tensor, var: torch.Tensor | None, kind: str, regions: bool, dim: int = 0
+) -> torch.Tensor:
+    """Predictive uncertainty, reducing the channel axis ``dim`` of an ensemble's mean
+    probabilities (``var``: the members' variance). ``entropy`` (nats): of the softmax
+    classes, -sum p log p; of independent sigmoid ``regions``, the sum of their binary
+    entropies (the entropy of the regions' joint distribution). ``variance``: the
+    members' variance, averaged over the channels (0 for one model)."""
+    if kind == "variance":
+        if var is None:
+            raise ValueError("the variance needs the members' variance")
+        return var.mean(dim)
+    p = mean.clamp(1e-12, 1)
+    if not regions:
+        return -(p * p.log()).sum(dim)
+    q = (1 - mean).clamp(1e-12, 1)
+    return -(p * p.log() + q * q.log()).sum(dim)
+
+
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, total: int, warmup: int = 0
 ) -> torch.optim.lr_scheduler.LRScheduler:
@@ -126,11 +145,20 @@ class BaseTask(LightningModule):
         """The mean of ``predict(member)`` (probabilities, in float32) over the members.
         nnU-Net's ensemble: each member's probabilities are computed whole (its own
         sliding window and mirroring), then averaged."""
+        return self.ensemble_moments(predict)[0]
+
+    def ensemble_moments(
+        self, predict: Callable[[BaseTask], torch.Tensor], variance: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mean of ``predict(member)`` over the members and, with ``variance``, their
+        variance (population: over the members as they are), both float32."""
         members = self.members
         if len(members) == 1:
-            return predict(self).float()
+            out = predict(self).float()
+            return out, (torch.zeros_like(out) if variance else None)
         param = next(self.parameters(), None)
         total: torch.Tensor | None = None
+        squares: torch.Tensor | None = None
         for m in members:
             if m is not self:
                 if param is not None:
@@ -139,8 +167,18 @@ class BaseTask(LightningModule):
                 m.trainer = self._trainer  # the stage decides (mirroring in test only)
             out = predict(m).float()
             total = out if total is None else total + out
+            if variance:
+                squares = out.square() if squares is None else squares + out.square()
         assert total is not None
-        return total / len(members)
+        mean = total / len(members)
+        if squares is None:
+            return mean, None
+        return mean, (squares / len(members) - mean.square()).clamp(min=0)
+
+    # ---- predictive uncertainty (medlit.predict --uncertainty) ------------------------
+    # ``entropy``: the entropy (nats) of the mean probabilities; ``variance``: the
+    # members' variance of the probabilities, averaged over the channels. None: off.
+    uncertainty: str | None = None
 
     def prediction_writer(self, output: Path) -> BasePredictionWriter:
         """The writer of this task's predictions into ``output`` (``medlit.predict``): one

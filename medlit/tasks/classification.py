@@ -26,7 +26,7 @@ from medlit.deprecation import renamed
 from medlit.errors import ConfigError
 from medlit.metrics.classification import balanced_accuracy, confusion, per_class_auc
 from medlit.models import load_weights, unknown_name
-from medlit.tasks.base import BaseTask
+from medlit.tasks.base import BaseTask, uncertainty_map
 from medlit.visualize import save_confusion, save_gradcam
 from medlit.writers import SubmissionWriter
 
@@ -273,10 +273,22 @@ class ClassificationTask(BaseTask):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Class probabilities of each image (:class:`~medlit.writers.SubmissionWriter`
         writes the release's submission CSV of every rank's images)."""
-        probs = self.probabilities(batch["image"])
+        kind = self.uncertainty
+        if not kind:
+            probs = self.probabilities(batch["image"])
+            return [
+                {"case_id": c, "probs": p.tolist()}
+                for c, p in zip(batch["case_id"], probs, strict=True)
+            ]
+        images = batch["image"]
+        with torch.no_grad():
+            probs, var = self.ensemble_moments(
+                lambda m: m(images).float().softmax(1), variance=kind == "variance"
+            )
+        values = uncertainty_map(probs, var, kind, regions=False, dim=1).cpu()
         return [
-            {"case_id": c, "probs": p.tolist()}
-            for c, p in zip(batch["case_id"], probs, strict=True)
+            {"case_id": c, "probs": p.tolist(), "uncertainty": float(u)}
+            for c, p, u in zip(batch["case_id"], probs.cpu(), values, strict=True)
         ]
 
 

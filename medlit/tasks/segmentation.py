@@ -26,7 +26,7 @@ from medlit.errors import ConfigError
 from medlit.metrics.segmentation import region_metrics, structure_measures, volume_diagonal
 from medlit.models import load_weights, smp_names
 from medlit.postprocessing import Postprocessing, save_case
-from medlit.tasks.base import BaseTask, predict_slices
+from medlit.tasks.base import BaseTask, predict_slices, uncertainty_map
 from medlit.visualize import save_overlays
 from medlit.writers import CaseWriter
 
@@ -313,8 +313,17 @@ class SegmentationTask(BaseTask):
         the data module's format (BraTS: NIfTI on the input's grid; ISIC: a mask PNG at
         the image's size)."""
         out = []
+        kind = self.uncertainty
         for i, case_id in enumerate(batch["case_id"]):
-            probs = self.predict_volume(batch["image"][i])
+            volume = batch["image"][i]
+            if kind:  # the map travels with the probabilities, as one more channel
+                probs, var = self.ensemble_moments(
+                    lambda m, v=volume: m.volume_probabilities(v), variance=kind == "variance"
+                )
+                umap = uncertainty_map(probs, var, kind, self.hparams["target"] == "regions")
+                probs = torch.cat([probs, umap[None]])
+            else:
+                probs = self.predict_volume(volume)
             meta = batch["meta"][i] if "meta" in batch else None
             if "size" in batch:  # resized input: back to the file's own size
                 size = tuple(int(v) for v in batch["size"][i])
@@ -327,6 +336,9 @@ class SegmentationTask(BaseTask):
                 probs = self.to_grid(
                     probs, tuple(b - a for a, b in bbox), _scale(native, batch, i, meta)
                 )
+            umap = None
+            if kind:
+                probs, umap = probs[:-1], probs[-1].float().cpu().numpy()
             regions = self.to_regions(probs)
             if meta is not None and "geometry" in meta:
                 spacing = list(reversed(meta["geometry"]["spacing"]))
@@ -339,6 +351,16 @@ class SegmentationTask(BaseTask):
             case = {"case_id": case_id, "regions": regions, "meta": meta}
             if meta is not None and "geometry" in meta and regions.shape[-3] > 1:
                 case["measures"] = structure_measures(regions, self.region_names, spacing, "pred")
+            if umap is not None:
+                case["uncertainty"] = umap
+                foreground = regions.any(0)
+                case["measures"] = {
+                    **case.get("measures", {}),
+                    f"{kind}_mean": float(umap.mean()),
+                    f"{kind}_mean_foreground": (
+                        float(umap[foreground].mean()) if foreground.any() else float("nan")
+                    ),
+                }
             out.append(case)
         return out
 
