@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -153,3 +154,26 @@ def test_uncertainty_is_the_entropy_of_the_mean_or_the_members_variance() -> Non
     assert torch.allclose(var, each.var(0, unbiased=False), atol=1e-6)
     umap = uncertainty_map(mean, var, "variance", True)
     assert umap.shape == (2, 32, 32) and torch.allclose(umap, var.mean(0))
+
+
+def test_detection_candidates_of_the_folds_cluster_within_a_nodule_s_radius() -> None:
+    from medlit.tasks.detection import ensemble_candidates
+
+    def marks(*rows: tuple[float, float, float, float, float]) -> pd.DataFrame:
+        cols = ["coordX", "coordY", "coordZ", "probability", "diameter_mm"]
+        return pd.DataFrame(rows, columns=cols).assign(seriesuid="s")
+
+    a = marks((0, 0, 0, 0.9, 10), (50, 0, 0, 0.6, 6), (3, 0, 0, 0.5, 4))
+    b = marks((2, 1, 0, 0.7, 8), (100, 0, 0, 0.4, 6))
+    c = marks((1, 0, 1, 0.8, 10))
+    out = ensemble_candidates([a, b, c])
+    # the nodule at 0: one candidate of each model (a's second one nearby stays apart)
+    assert out.iloc[0][["coordX", "probability"]].tolist() == pytest.approx(
+        [0, (0.9 + 0.7 + 0.8) / 3]
+    )
+    # a model without a candidate there counts 0
+    assert sorted(out["probability"].round(4))[:3] == pytest.approx(
+        sorted([round(0.6 / 3, 4), round(0.5 / 3, 4), round(0.4 / 3, 4)])
+    )
+    assert len(out) == 4 and out["probability"].is_monotonic_decreasing
+    assert ensemble_candidates([marks(), marks()]).empty

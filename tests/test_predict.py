@@ -258,6 +258,11 @@ def test_luna16_detector_writes_the_submission_in_world_coordinates(
         for x, y, z in marks[["coordX", "coordY", "coordZ"]].to_numpy():
             index = image.TransformPhysicalPointToContinuousIndex((x, y, z))
             assert all(-0.5 <= i <= s - 0.5 for i, s in zip(index, image.GetSize(), strict=True))
+    # An ensemble of the model with itself: every candidate clusters with its twin, so
+    # the submission is the model's own
+    twice = [*args, "--ckpt_path", str(ckpt)]
+    [csv2] = predict([*twice, "--output", str(tmp_path / "twice"), "--input", str(scans)])
+    pd.testing.assert_frame_equal(pd.read_csv(csv2), table)
     # With a false-positive-reduction classifier: the scans' own HU arrays (not the data
     # module's, which never reads its root here) give the classifier's patches, and the
     # same candidates are re-scored.

@@ -141,6 +141,18 @@ class BaseTask(LightningModule):
         """The models this task averages: itself alone unless :meth:`set_ensemble`."""
         return getattr(self, "_members", None) or [self]
 
+    def ready_members(self) -> list[BaseTask]:
+        """The members, each on this task's device and dtype, in eval mode, attached to
+        its trainer (the stage decides what they do: mirroring in test only)."""
+        members = self.members
+        param = next(self.parameters(), None)
+        for m in members[1:]:
+            if param is not None:
+                m.to(device=param.device, dtype=param.dtype)
+            m.eval()
+            m.trainer = self._trainer
+        return members
+
     def ensemble_mean(self, predict: Callable[[BaseTask], torch.Tensor]) -> torch.Tensor:
         """The mean of ``predict(member)`` (probabilities, in float32) over the members.
         nnU-Net's ensemble: each member's probabilities are computed whole (its own
@@ -152,19 +164,13 @@ class BaseTask(LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The mean of ``predict(member)`` over the members and, with ``variance``, their
         variance (population: over the members as they are), both float32."""
-        members = self.members
+        members = self.ready_members()
         if len(members) == 1:
             out = predict(self).float()
             return out, (torch.zeros_like(out) if variance else None)
-        param = next(self.parameters(), None)
         total: torch.Tensor | None = None
         squares: torch.Tensor | None = None
         for m in members:
-            if m is not self:
-                if param is not None:
-                    m.to(device=param.device, dtype=param.dtype)
-                m.eval()
-                m.trainer = self._trainer  # the stage decides (mirroring in test only)
             out = predict(m).float()
             total = out if total is None else total + out
             if variance:

@@ -160,6 +160,7 @@ class DetectionTask(BaseTask):
     monitor = "val/cpm"
     mode = "max"
     renamed_arguments = {"inference_batch_size": "eval_batch_size"}
+    ensembles = True  # the members' 3D candidates, clustered (ensemble_candidates)
 
     def __init__(
         self,
@@ -337,6 +338,22 @@ class DetectionTask(BaseTask):
         # Rounded as the submission CSV stores them, so scoring the file gives the same.
         return table.head(self.hparams["max_candidates"]).round(6).reset_index(drop=True)
 
+    def candidates(self, item: dict[str, Any]) -> tuple[pd.DataFrame, list]:
+        """A scan's scored 3D candidates, and this model's slice detections (for the
+        slice mAP). An ensemble's members each find their candidates, which are then
+        clustered (:func:`ensemble_candidates`)."""
+        slices = self.detect_slices(item["image"])
+        marks = self.scan_candidates(item, slices)
+        members = self.ready_members()
+        if len(members) == 1:
+            return marks, slices
+        tables = [marks]
+        for m in members[1:]:
+            m._fpr = self._fpr  # the one re-ranking classifier, loaded by this task's setup
+            tables.append(m.scan_candidates(item, m.detect_slices(item["image"])))
+        merged = ensemble_candidates(tables)
+        return merged.head(self.hparams["max_candidates"]).round(6), slices
+
     def _near_lungs(self, uid: str, centres: np.ndarray, meta: dict) -> np.ndarray:
         """Candidates with a lung voxel within ``lung_margin_mm`` (a box around the centre:
         juxtapleural nodules lie on the mask's edge). All kept when the scan has no mask."""
@@ -364,8 +381,7 @@ class DetectionTask(BaseTask):
         return torch.cat(probs).cpu().numpy()
 
     def evaluate_batch(self, item: dict[str, Any], stage: str) -> None:
-        slices = self.detect_slices(item["image"])
-        marks = self.scan_candidates(item, slices)
+        marks, slices = self.candidates(item)
         nodules = item["nodules"].cpu().numpy()
         if stage == "val":
             spacing = spacing_zyx(item["meta"])
@@ -413,7 +429,7 @@ class DetectionTask(BaseTask):
         writes every rank's scans as one submission CSV). A scan from outside the data
         module (``medlit.predict``) brings its HU array (``hu``) for the
         false-positive-reduction patches."""
-        marks = self.scan_candidates(batch, self.detect_slices(batch["image"]))
+        marks, _ = self.candidates(batch)
         return [{"case_id": batch["case_id"], "marks": marks.drop(columns="diameter_mm")}]
 
     # ---- scan-level scoring --------------------------------------------------------------
@@ -474,6 +490,53 @@ class DetectionTask(BaseTask):
             self.log("val/map50", self.val_map.compute()["map"], sync_dist=True)
         self.val_map.reset()
         self.finish_stage("val")
+
+
+def ensemble_candidates(tables: list[pd.DataFrame], max_radius_mm: float = 16.0) -> pd.DataFrame:
+    """One scan's 3D candidates from K models (LUNA16 submission rows in world mm, with
+    ``diameter_mm``), clustered as slice boxes merge into candidates
+    (:func:`merge_detections`): in descending probability, a candidate joins the nearest
+    cluster whose centre lies within the larger of its and the cluster's radius (at most
+    ``max_radius_mm``) and that holds no candidate of its own model yet, else it starts
+    one. A cluster's probability is the mean over the K models of each one's probability
+    there, 0 for a model without a candidate there (agreement ranks up, a lone model's
+    finding down); its centre and diameter are those of its most probable candidate.
+    Sorted by probability."""
+    k = len(tables)
+    pool = pd.concat(
+        [t.assign(member=i) for i, t in enumerate(tables)], ignore_index=True
+    ).sort_values("probability", ascending=False, kind="stable")
+    clusters: list[dict[str, Any]] = []
+    for row in pool.itertuples(index=False):
+        p = np.array([row.coordX, row.coordY, row.coordZ])
+        best, best_d = None, np.inf
+        for c in clusters:
+            if row.member in c["probs"]:
+                continue
+            d = float(np.linalg.norm(c["centre"] - p))
+            reach = min(max(c["radius"], row.diameter_mm / 2), max_radius_mm)
+            if d <= reach and d < best_d:
+                best, best_d = c, d
+        if best is None:
+            clusters.append({"row": row, "centre": p, "radius": row.diameter_mm / 2, "probs": {}})
+            best = clusters[-1]
+        best["probs"][row.member] = row.probability
+    columns = ["seriesuid", "coordX", "coordY", "coordZ", "probability", "diameter_mm"]
+    out = pd.DataFrame(
+        [
+            {
+                "seriesuid": c["row"].seriesuid,
+                "coordX": c["row"].coordX,
+                "coordY": c["row"].coordY,
+                "coordZ": c["row"].coordZ,
+                "probability": sum(c["probs"].values()) / k,
+                "diameter_mm": c["row"].diameter_mm,
+            }
+            for c in clusters
+        ],
+        columns=columns,
+    )
+    return out.sort_values("probability", ascending=False, kind="stable").reset_index(drop=True)
 
 
 def index_to_world_meta(meta: dict, index_zyx: np.ndarray) -> np.ndarray:
