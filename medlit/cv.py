@@ -275,6 +275,10 @@ class CrossValidation:
             # (its folder removed, or an earlier medlit's run): the postprocessing needs them
             self._abandon(run, "kept no out-of-fold regions")
             run = None
+        table = self._table(run) if run is not None else None
+        if run is not None and table is None:  # (an earlier medlit's classifier run)
+            self._abandon(run, "logged no out-of-fold table")
+            run = None
         if run is None:
             ckpt = fold_checkpoint(
                 self._checkpoints(trained), self.checkpoint, fold.index, trained.info.run_id
@@ -303,11 +307,13 @@ class CrossValidation:
                 ]
             )
             run = self.client.get_run(run_id)
-        table = self._table(run)
+            table = self._table(run)
+            if table is None:
+                raise ConfigError(f"out-of-fold run {run_id} logged no per-case table")
         table.insert(0, "fold", fold.index)
         return table
 
-    def _table(self, run: mlflow.entities.Run) -> pd.DataFrame:
+    def _table(self, run: mlflow.entities.Run) -> pd.DataFrame | None:
         """The out-of-fold run's per-case (segmentation, detection) or per-image
         (classification) validation table."""
         for name in ("val_per_case.csv", "val_predictions.csv"):
@@ -320,7 +326,7 @@ class CrossValidation:
                 )
                 table = pd.read_csv(path).rename(columns={"image": "case_id"})
                 return table.drop(columns=[c for c in ("epoch",) if c in table])
-        raise ConfigError(f"out-of-fold run {run.info.run_id} logged no per-case table")
+        return None
 
     def regions(self, run_id: str) -> Path:
         """Where the out-of-fold run ``run_id`` keeps its cases' raw regions."""

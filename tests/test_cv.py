@@ -223,3 +223,64 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.mark.slow
+def test_a_classifier_cross_validates_and_its_folds_ensemble(
+    tmp_path: Path, tracking_uri: str
+) -> None:
+    """ISIC 2019, 3 folds of one epoch: every non-test image predicted once out of fold
+    (the pooled balanced accuracy on the parent), the folds' ensemble on the test split,
+    and per-image entropy from it."""
+    from medlit.cv import main as cv
+    from medlit.evaluate import main as evaluate
+    from medlit.predict import main as predict
+    from tests.data.isic.data import make_isic
+    from tests.test_fit import cli_args
+
+    root = tmp_path / "isic"
+    make_isic(root, "2019", lesions=24, seed=4)
+    args = [
+        str(REPO / "experiments/demo/isic_classifier.yaml"),
+        *cli_args(root, tracking_uri),
+        "--data.image_size=32",
+        "--data.loader.batch_size=8",
+        "--model.model=test_resnet",
+        "--model.num_classes=8",
+        "--model.num_cam_images=0",
+        "--model.log_images=false",
+        "--trainer.max_epochs=1",
+    ]
+    summary = cv([*args, "--num_folds=3"]).set_index(["metric", "across"])
+    client = mlflow.MlflowClient(tracking_uri)
+    [parent] = client.search_runs(
+        [client.get_experiment_by_name("test").experiment_id], "tags.`medlit.cv.role` = 'parent'"
+    )
+    folds = pd.read_csv(client.download_artifacts(parent.info.run_id, "folds.csv"), dtype=str)
+    held = folds[folds["fold"] != "test"]
+    per_case = pd.read_csv(client.download_artifacts(parent.info.run_id, "cv_per_case.csv"))
+    assert sorted(per_case["case_id"]) == sorted(held["case_id"])  # each image once
+    pooled = summary.loc[("balanced_accuracy", "pooled")]
+    assert pooled["n"] == len(held) and 0 <= pooled["mean"] <= 1
+    assert "postprocessing.json" not in {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }  # nothing to postprocess in a classification
+    ensemble = evaluate([*args, f"--cv_run={parent.info.run_id}", "--split=test"])
+    assert 0 <= ensemble["test/balanced_accuracy"] <= 1
+    images = sorted(root.rglob("*.jpg"))[:3]
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for image in images:
+        shutil.copy(image, folder / image.name)
+    predict(
+        [
+            *args,
+            f"--cv_run={parent.info.run_id}",
+            f"--input={folder}",
+            f"--output={tmp_path / 'out'}",
+            "--uncertainty=variance",
+        ]
+    )
+    spread = pd.read_csv(tmp_path / "out" / "uncertainty.csv")
+    assert sorted(spread["image"]) == sorted(p.stem for p in images)
+    assert (spread["variance"] > 0).all()  # three models of one epoch disagree

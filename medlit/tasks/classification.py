@@ -12,6 +12,7 @@ import pandas as pd
 import timm
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 
 from medlit.artifacts import log_file
@@ -203,8 +204,10 @@ class ClassificationTask(BaseTask):
         if scored is not None and stage == "test":
             log_file(self.trainer, "test_froc.png", scored.plot)
         # The validation tables are those of the best epoch so far (the epoch of the best
-        # checkpoint), not of whichever epoch came last.
-        best = stage == "val" and self._new_best(metrics)
+        # checkpoint), not of whichever epoch came last; a validation on its own
+        # (medlit.evaluate --split val, medlit.cv's out-of-fold runs) always has them.
+        alone = self.trainer.state.fn == TrainerFn.VALIDATING
+        best = stage == "val" and (self._new_best(metrics) or alone)
         if stage == "test" or best:
             table = prediction_table(ids, probs, target, names)
             table.insert(0, "epoch", self.current_epoch)
