@@ -240,6 +240,12 @@ class BaseDataModule(LightningDataModule):
             )
         return [[f"--data.split.num_folds={k}", f"--data.split.fold={f}"] for f in range(k)]
 
+    def lesionwise(self) -> tuple[str, bool]:
+        """The BraTS sub-challenge whose lesion-wise parameters (dilation, smallest lesion)
+        score this dataset's lesions (:mod:`medlit.metrics.brats_lesionwise`), and whether
+        segmentation computes those metrics without being asked (``metrics`` unset)."""
+        return "BraTS-GLI", False
+
     def mirror_axes(self) -> tuple[int, ...]:
         """Spatial axes (0 = z) a volume may be flipped along without changing what its
         labels mean, for 3D mirroring augmentation and test-time mirroring: all three by
@@ -269,6 +275,13 @@ class BaseDataModule(LightningDataModule):
         raise ConfigError(f"{type(self).__name__} cannot read prediction inputs")
 
     # ---- outputs, in the dataset's own formats -------------------------------------------
+
+    def written_regions(self, regions: np.ndarray) -> np.ndarray:
+        """Predicted (R, ...) regions as the dataset's label files can hold them (what
+        :meth:`write_prediction` writes, read back): evaluation scores these, so that a
+        run's metrics are the official scorer's on the written files. Default: as they
+        are."""
+        return regions
 
     def case_meta(self, case_id: str) -> dict[str, Any]:
         """The metadata of one of the data module's own cases (its geometry, crop, ...)."""

@@ -164,6 +164,22 @@ class BraTSDataModule(BaseDataModule):
         side = self.hparams["patch_size"]
         return self.patch_3d or (side, side)
 
+    def written_regions(self, regions: np.ndarray) -> np.ndarray:
+        """A label map holds nested regions: a voxel of ET is also TC and WT, one of TC
+        also WT (independent sigmoid regions need not nest until they are written)."""
+        if len(regions) != 3:
+            return regions
+        wt, tc, et = (np.asarray(r, bool) for r in regions)
+        return np.stack([wt | tc | et, tc | et, et])
+
+    def lesionwise(self) -> tuple[str, bool]:
+        """BraTS 2023 and later rank by lesion-wise Dice and HD95: on by default for them."""
+        try:
+            year = self._layout_and_labels()[0]
+        except Exception:  # noqa: BLE001 - no data yet (prediction): the default
+            return "BraTS-GLI", False
+        return "BraTS-GLI", int(year) >= 2023
+
     def _layout_and_labels(self) -> tuple[str, int, tuple[int, ...]]:
         h = self.hparams
         layout = LAYOUTS[h["year"]] if h["year"] else detect_layout(self.root)

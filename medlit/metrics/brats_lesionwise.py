@@ -197,15 +197,14 @@ def score_files(
     from medlit.datasets.io.volume import read_volume
 
     def cases(folder: Path) -> dict[str, Path]:
+        """Case id -> label file; where some files are named ``*-seg``/``*_seg`` (a
+        release's case folders, images beside them), only those."""
         if not folder.is_dir():
             raise ConfigError(f"{folder}: not a folder of label files")
-        found = {}
-        for p in sorted(folder.rglob("*.nii*")):
-            stem = p.name.split(".nii")[0]
-            for suffix in ("-seg", "_seg"):
-                stem = stem.removesuffix(suffix)
-            found[stem] = p
-        return found
+        files = sorted(folder.rglob("*.nii*"))
+        stems = {p: p.name.split(".nii")[0] for p in files}
+        segs = [p for p in files if stems[p].endswith(("-seg", "_seg"))]
+        return {stems[p].removesuffix("-seg").removesuffix("_seg"): p for p in (segs or files)}
 
     preds, refs = cases(pred_dir), cases(ref_dir)
     if missing := sorted(set(refs) - set(preds)):

@@ -23,6 +23,7 @@ from medlit.constraints import (
     PositiveInt,
 )
 from medlit.errors import ConfigError
+from medlit.metrics.brats_lesionwise import lesionwise
 from medlit.metrics.segmentation import region_metrics, structure_measures, volume_diagonal
 from medlit.models import load_weights, smp_names
 from medlit.postprocessing import Postprocessing, save_case
@@ -90,8 +91,12 @@ class SegmentationTask(BaseTask):
             must not leave the site.
         num_log_cases: cases shown in each overlay figure.
         metrics: per-case metrics of each region: ``dice``, ``hd95`` (mm), ``jaccard``,
-            ``threshold_jaccard`` (ISIC 2018: Jaccard < 0.65 counts 0). The first of them
-            that is not hd95 picks the best checkpoint (``val/<metric>_mean``).
+            ``threshold_jaccard`` (ISIC 2018: Jaccard < 0.65 counts 0), ``lesionwise``
+            (BraTS 2023's lesion-wise Dice and HD95 with the lesion counts,
+            ``lesion_dice_<R>``, ``lesion_hd95_<R>``, ``lesion_tp|fp|fn_<R>``; on by
+            default, with ``metrics`` unset, for the data modules whose challenge ranks by
+            them: BraTS 2023 and later). The first of them that is neither hd95 nor
+            lesionwise picks the best checkpoint (``val/<metric>_mean``).
         predictions_dir: when set, the test stage writes each case's prediction there in
             the dataset's own format (the data module's ``write_prediction``: BraTS NIfTI in
             the release's labels with the input's geometry, ISIC 0/255 PNG masks) and
@@ -128,7 +133,8 @@ class SegmentationTask(BaseTask):
         display_channel: int = -1,
         log_images: bool = True,
         num_log_cases: NonNegativeInt = 3,
-        metrics: list[Literal["dice", "hd95", "jaccard", "threshold_jaccard"]] | None = None,
+        metrics: list[Literal["dice", "hd95", "jaccard", "threshold_jaccard", "lesionwise"]]
+        | None = None,
         predictions_dir: str | None = None,
     ) -> None:
         self.setup_regions(target, num_classes, class_to_region, region_names, metrics)
@@ -162,10 +168,22 @@ class SegmentationTask(BaseTask):
             )
         self.region_names = names
         self.metric_names = list(metrics or ["dice", "hd95"])
-        ranking = [m for m in self.metric_names if m != "hd95"]
+        ranking = [m for m in self.metric_names if m not in ("hd95", "lesionwise")]
         if not ranking:
             raise ConfigError("metrics must include one of dice, jaccard, threshold_jaccard")
         self.monitor = f"val/{ranking[0]}_mean"
+
+    def setup(self, stage: str) -> None:
+        """Lesion-wise metrics where the data module's challenge ranks by them (BraTS
+        2023 and later), unless ``metrics`` is set."""
+        dm = self.data
+        if (
+            self.hparams["metrics"] is None
+            and dm is not None
+            and dm.lesionwise()[1]
+            and "lesionwise" not in self.metric_names
+        ):
+            self.metric_names.append("lesionwise")
 
     def configure_models(self) -> None:
         h = self.hparams
@@ -266,6 +284,8 @@ class SegmentationTask(BaseTask):
         # Resized or resampled input: scored at the label's resolution.
         probs = self.to_grid(probs, ref.shape[-3:], _scale(batch["spacing"][0], batch, 0))
         pred = self.to_regions(probs)
+        if self.data is not None:  # as the label files hold them (BraTS: nested)
+            pred = self.data.written_regions(pred)
         spacing = batch["spacing"][0].tolist()
         if self.regions_dir is not None:
             case_id = str(batch["case_id"][0])
@@ -273,10 +293,14 @@ class SegmentationTask(BaseTask):
         if self.postprocessing is not None:
             pred = self.postprocessing.apply(pred, spacing)
         diagonal = volume_diagonal(batch["shape"][0].tolist(), spacing)
+        plain = [m for m in self.metric_names if m != "lesionwise"]
         row = {
             "case_id": batch["case_id"][0],
-            **region_metrics(pred, ref, self.region_names, spacing, diagonal, self.metric_names),
+            **region_metrics(pred, ref, self.region_names, spacing, diagonal, plain),
         }
+        if "lesionwise" in self.metric_names and ref.shape[-3] > 1:
+            challenge = self.data.lesionwise()[0] if self.data is not None else "BraTS-GLI"
+            row |= lesionwise(pred, ref, self.region_names, spacing, challenge)
         if ref.shape[-3] > 1:  # a volume (not a 2D image): its structures' sizes
             row |= structure_measures(pred, self.region_names, spacing, "pred")
             if row["case_id"] not in self._ref_measures:
@@ -367,7 +391,10 @@ class SegmentationTask(BaseTask):
     def finish_stage(self, stage: str) -> None:
         rows = self.gather_rows(self._rows)
         means = self.log_case_table(stage, rows)
-        for metric in self.metric_names:  # mean over regions of the per-region means
+        stems = [m for m in self.metric_names if m != "lesionwise"]
+        if "lesionwise" in self.metric_names:
+            stems += ["lesion_dice", "lesion_hd95"]
+        for metric in stems:  # mean over regions of the per-region means
             values = [
                 means[f"{stage}/{metric}_{n}"]
                 for n in self.region_names

@@ -91,8 +91,8 @@ class Segmentation3DTask(SegmentationTask):
         display_channel: input channel shown in the logged overlays.
         log_images: log PNG overlays of validation/test slices.
         num_log_cases: cases shown in each overlay figure.
-        metrics: per-case metrics of each region (the first that is not hd95 picks the best
-            checkpoint).
+        metrics: per-case metrics of each region, as :class:`SegmentationTask`'s (the
+            first that is neither hd95 nor lesionwise picks the best checkpoint).
         predictions_dir: where the test stage writes each case's prediction (NIfTI).
     """
 
@@ -124,7 +124,8 @@ class Segmentation3DTask(SegmentationTask):
         display_channel: int = -1,
         log_images: bool = True,
         num_log_cases: NonNegativeInt = 3,
-        metrics: list[Literal["dice", "hd95", "jaccard", "threshold_jaccard"]] | None = None,
+        metrics: list[Literal["dice", "hd95", "jaccard", "threshold_jaccard", "lesionwise"]]
+        | None = None,
         predictions_dir: str | None = None,
     ) -> None:
         if not 0 <= overlap < 1:

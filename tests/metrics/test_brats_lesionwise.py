@@ -186,3 +186,36 @@ def test_earlier_releases_labels_are_remapped(tmp_path: Path) -> None:
     (tmp_path / "pred" / "BraTS2021_00001.nii.gz").unlink()
     with pytest.raises(ConfigError, match="no prediction for 1 cases"):
         main([str(tmp_path / "pred"), str(tmp_path / "ref"), "--output", str(tmp_path / "s.csv")])
+
+
+def test_a_brats_2023_evaluation_logs_them_as_the_file_scorer_scores_its_predictions(
+    brats_unet, tmp_path: Path, tracking_uri: str
+) -> None:
+    """On for a 2023 release without being asked, per case and as means; the files the
+    test stage writes score the same from disk."""
+    from medlit.evaluate import main as evaluate
+    from tests.data.brats.data import make_brats
+    from tests.test_fit import tiny
+
+    assert not any(k.startswith("test/lesion") for k in brats_unet.metrics)  # 2021: off
+    root = tmp_path / "BraTS2023"
+    make_brats(root, "2023", cases=8, seed=3)
+    out = tmp_path / "written"
+    args = [*tiny(root, tracking_uri), f"--ckpt_path={brats_unet.ckpt}", "--split=test"]
+    metrics = evaluate([*args, f"--model.predictions_dir={out}"])
+    assert {f"test/lesion_{m}_mean" for m in ("dice", "hd95")} <= set(metrics)
+    assert 0 <= metrics["test/lesion_dice_mean"] <= 1
+    refs = tmp_path / "refs"  # the test cases' reference label files
+    refs.mkdir()
+    for written in out.glob("*.nii.gz"):
+        case = written.name.removesuffix(".nii.gz")
+        (refs / f"{case}-seg.nii.gz").symlink_to(root / case / f"{case}-seg.nii.gz")
+    table = main([str(out), str(refs), "--output", str(tmp_path / "scores.csv")])
+    assert len(table) == 2
+    for r in ("WT", "TC", "ET"):
+        assert table[f"{r}_lesionwise_dice"].mean() == pytest.approx(
+            metrics[f"test/lesion_dice_{r}"], abs=1e-6
+        )
+        assert table[f"{r}_num_fp"].mean() == pytest.approx(metrics[f"test/lesion_fp_{r}"])
+    off = evaluate([*args, "--model.metrics=[dice, hd95]"])
+    assert not any(k.startswith("test/lesion") for k in off)
