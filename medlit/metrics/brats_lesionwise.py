@@ -1,7 +1,12 @@
 """BraTS 2023 lesion-wise Dice and HD95, as the challenge's metric code computes them.
 
     python -m medlit.metrics.brats_lesionwise PRED_DIR REF_DIR --output scores.csv
-        [--challenge BraTS-GLI] [--labels auto|2023|2021]
+        [--challenge BraTS-GLI] [--labels auto|2023|2021] [--panoptic]
+
+``--panoptic`` adds the newer scorer's panoptic columns per region
+(``<R>_panoptic_pq_dsc``, ``_sq_dsc``, ``_sq_hd95`` and its matched ``_tp|fp|fn``),
+computed by panoptica
+(:mod:`medlit.metrics.brats_panoptic`, the ``lesions`` extra).
 
 The rules follow the BraTS-2023-Metrics repository's ``eval.py`` (R. Saluja, used by the
 BraTS 2023/2024 evaluation), per region (WT = labels 1, 2, 3; TC = 1, 3; ET = 3 in the
@@ -188,7 +193,11 @@ def regions_of(labels: np.ndarray, et_label: int) -> np.ndarray:
 
 
 def score_files(
-    pred_dir: Path, ref_dir: Path, challenge: str = "BraTS-GLI", labels: str = "auto"
+    pred_dir: Path,
+    ref_dir: Path,
+    challenge: str = "BraTS-GLI",
+    labels: str = "auto",
+    panoptic: bool = False,
 ) -> pd.DataFrame:
     """One row per case of the label files in ``pred_dir`` and ``ref_dir`` paired by case
     id (the file name less ``-seg``/``_seg`` and the extension), with the challenge's
@@ -210,6 +219,11 @@ def score_files(
     if missing := sorted(set(refs) - set(preds)):
         raise ConfigError(f"{pred_dir}: no prediction for {len(missing)} cases: {missing[:5]}")
     rows = []
+    if panoptic:
+        from medlit.metrics.brats_panoptic import evaluator
+        from medlit.metrics.brats_panoptic import panoptic as panoptic_scores
+
+        ev = evaluator()
     for case_id in sorted(refs):
         ref, geometry = read_volume(refs[case_id])
         pred, pred_geometry = read_volume(preds[case_id])
@@ -226,6 +240,11 @@ def score_files(
             row[f"{r}_lesionwise_hd95"] = scores[f"lesion_hd95_{r}"]
             for count in ("tp", "fp", "fn"):
                 row[f"{r}_num_{count}"] = scores[f"lesion_{count}_{r}"]
+        if panoptic:  # panoptica reads the 2023 labels
+            as_2023 = [np.where(a == et, 3, np.where(a == 3, 0, a)) for a in (pred, ref)]
+            for key, value in panoptic_scores(*as_2023, spacing, ev).items():
+                region, _, column = key.partition("_")
+                row[f"{region.upper()}_panoptic_{column}"] = value
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -251,8 +270,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--challenge", default="BraTS-GLI", choices=sorted(CHALLENGES))
     p.add_argument("--labels", default="auto", choices=("auto", "2023", "2021"))
+    p.add_argument("--panoptic", action="store_true")
     args = p.parse_args(argv)
-    table = score_files(args.pred_dir, args.ref_dir, args.challenge, args.labels)
+    table = score_files(args.pred_dir, args.ref_dir, args.challenge, args.labels, args.panoptic)
     from medlit.datasets.io.files import atomic_write
 
     atomic_write(args.output, lambda path: table.to_csv(path, index=False))

@@ -91,9 +91,11 @@ def scored(tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, dict
     for case, (ref, pred, spacing) in pairs.items():
         _write(root / "ref", f"BraTS-GLI-{case}-000-seg.nii.gz", ref, spacing)
         _write(root / "pred", f"BraTS-GLI-{case}-000.nii.gz", pred, spacing)
-    table = main([str(root / "pred"), str(root / "ref"), "--output", str(root / "s.csv")])
+    table = main(
+        [str(root / "pred"), str(root / "ref"), "--output", str(root / "s.csv"), "--panoptic"]
+    )
     assert pd.read_csv(root / "s.csv").shape == table.shape
-    return table.set_index("case_id"), pairs
+    return table.set_index("case_id"), pairs, root
 
 
 def row(scored: tuple[pd.DataFrame, dict], case: str, region: str = "ET") -> dict[str, float]:
@@ -219,3 +221,35 @@ def test_a_brats_2023_evaluation_logs_them_as_the_file_scorer_scores_its_predict
         assert table[f"{r}_num_fp"].mean() == pytest.approx(metrics[f"test/lesion_fp_{r}"])
     off = evaluate([*args, "--model.metrics=[dice, hd95]"])
     assert not any(k.startswith("test/lesion") for k in off)
+
+
+def test_the_panoptic_metrics_are_the_brats_evaluation_config_s(scored) -> None:
+    """medlit's panoptica evaluator against brats-evaluation's own config_gli.yaml, on
+    the same files (1e-6)."""
+    from brats_evaluation import config_path
+    from panoptica import Panoptica_Evaluator
+
+    table, pairs, root = scored
+    oracle_ev = Panoptica_Evaluator.load_from_config(str(config_path("gli")))
+    checked = 0
+    for case in pairs:
+        name = f"BraTS-GLI-{case}-000"
+        got = table.loc[name]
+        want = oracle_ev.evaluate(
+            str(root / "pred" / f"{name}.nii.gz"), str(root / "ref" / f"{name}-seg.nii.gz")
+        )
+        for region in ("wt", "tc", "et"):
+            values = want[region].to_dict()
+            for column in ("tp", "fp", "fn", "sq_dsc", "pq_dsc", "sq_hd95"):
+                a, b = float(got[f"{region.upper()}_panoptic_{column}"]), float(values[column])
+                assert (np.isnan(a) and np.isnan(b)) or a == pytest.approx(b, abs=1e-6), (
+                    case,
+                    region,
+                    column,
+                )
+                checked += 1
+    assert checked == len(pairs) * 18
+    # the dilation-grouped lesion-wise rule and the matched panoptic one differ where
+    # lesions lie close: two lesions 2 voxels apart are one lesion-wise, two panoptically
+    grouped = table.loc["BraTS-GLI-grouped-000"]
+    assert grouped["ET_num_fn"] == 0 and grouped["ET_panoptic_fn"] == 1
