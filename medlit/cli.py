@@ -79,6 +79,8 @@ LEGACY_ADDED: frozenset[str] = frozenset(
         "BraTSDataModule.target_spacing",
         "DetectionTask.grad_clip_norm",  # Ultralytics' gradient clipping
         "VolumeDataModule.fingerprint_from",  # cross-validation's shared fingerprint
+        "SegmentationTask.explain",  # Seg-Grad-CAM overlays
+        "Segmentation3DTask.explain",
     }
 )
 

@@ -25,7 +25,8 @@ USAGE = {
     "medlit.fit": "CONFIG [--key=value ...]",
     "medlit.predict": "CONFIG --ckpt_path=CKPT [--ckpt_path=CKPT2 ...] | --cv_run=RUN_ID "
     "--input=PATH --output=DIR [--device=auto] [--batch_size=N] [--num_workers=N] "
-    "[--postprocessing=auto|none|FILE] [--uncertainty[=entropy|variance]] [--no_progress] "
+    "[--postprocessing=auto|none|FILE] [--uncertainty[=entropy|variance]] [--explain=REGION] "
+    "[--no_progress] "
     "[--key=value ...]",
     "medlit.evaluate": "CONFIG --ckpt_path=CKPT [--ckpt_path=CKPT2 ...] | --cv_run=RUN_ID "
     "[--split=val|test] [--postprocessing=auto|none|FILE] [--key=value ...]",

@@ -19,6 +19,10 @@ classification, ``uncertainty.csv`` with one value per image. ``entropy`` is tha
 (ensemble's mean) probabilities, in nats (of independent regions, the sum of their binary
 entropies); ``variance`` the ensemble members' variance of the probabilities.
 
+``--explain REGION`` (segmentation) writes the region's Seg-Grad-CAM (:mod:`medlit.explain`,
+of the first model of an ensemble) beside each prediction as ``<case>_explain_<REGION>``
+in the same format as the uncertainty map, on the input's grid, scaled to [0, 1].
+
 What is written, by the experiment's task and data module:
 
 * BraTS segmentation: ``<case>.nii.gz`` per case, in the input release's label values
@@ -54,6 +58,7 @@ from medlit.ensemble import checkpoint_paths, load_members, set_postprocessing
 from medlit.errors import ConfigError, run_main
 from medlit.overview import maybe_overview
 from medlit.tasks.base import BaseTask
+from medlit.tasks.segmentation import SegmentationTask
 
 log = logging.getLogger("medlit")
 
@@ -87,6 +92,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument(
         "--uncertainty", nargs="?", const="entropy", default=None, choices=("entropy", "variance")
     )
+    parser.add_argument("--explain", default=None, metavar="REGION")
     args = list(sys.argv[1:] if argv is None else argv)
     if maybe_overview("medlit.predict", args):  # before --ckpt_path is required
         return []
@@ -120,6 +126,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
                 "--ckpt_path or --cv_run (entropy works with one model)"
             )
         model.uncertainty = ours.uncertainty
+    if ours.explain:
+        if not isinstance(model, SegmentationTask):
+            raise ConfigError("--explain: explanations are for segmentation tasks")
+        model.explain_region = ours.explain  # refused here when the model has no such region
     if ours.batch_size is not None:
         if ours.batch_size < 1:
             raise ConfigError(f"--batch_size {ours.batch_size}: must be at least 1")

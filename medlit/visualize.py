@@ -19,12 +19,23 @@ def save_overlays(shown: Sequence[dict], region_names: Sequence[str], path: str 
     """One row per case: the image, the reference contours, the predicted contours.
 
     Each item of ``shown`` has ``image`` (Y, X), ``ref``/``pred`` (R, Y, X) booleans,
-    ``case_id`` and ``z`` (the slice index).
+    ``case_id`` and ``z`` (the slice index); with ``cam`` (Y, X, in [0, 1]) and
+    ``cam_region``, a fourth column shows that explanation over the image.
     """
-    fig, axes = plt.subplots(len(shown), 3, figsize=(9, 3 * len(shown)), squeeze=False)
+    columns = 4 if any("cam" in item for item in shown) else 3
+    fig, axes = plt.subplots(
+        len(shown), columns, figsize=(3 * columns, 3 * len(shown)), squeeze=False
+    )
     for row, item in zip(axes, shown, strict=True):
+        if columns == 4:  # Seg-Grad-CAM of one region (medlit.explain) over the image
+            ax = row[3]
+            ax.imshow(item["image"], cmap="gray")
+            if "cam" in item:
+                ax.imshow(item["cam"], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            ax.set_axis_off()
+            ax.set_title(f"{item['case_id']} Grad-CAM {item.get('cam_region', '')}", fontsize=8)
         for ax, title, masks in zip(
-            row,
+            row[:3],
             ("image", "reference", "prediction"),
             (None, item["ref"], item["pred"]),
             strict=True,

@@ -69,6 +69,10 @@ class CaseWriter(_Writer):
             self.written.append(
                 dm.write_prediction(case["case_id"], case["regions"], self.output, case.get("meta"))
             )
+            for name, values in case.get("maps", {}).items():  # --explain
+                self.written.append(
+                    dm.write_map(case["case_id"], values, self.output, case.get("meta"), name)
+                )
             if "uncertainty" in case:  # medlit.predict --uncertainty: the map beside it
                 self.written.append(
                     dm.write_map(

@@ -23,6 +23,7 @@ from medlit.constraints import (
     PositiveInt,
 )
 from medlit.errors import ConfigError
+from medlit.explain import normalise, region_index, seg_grad_cam
 from medlit.metrics.brats_lesionwise import lesionwise
 from medlit.metrics.segmentation import region_metrics, structure_measures, volume_diagonal
 from medlit.models import load_weights, smp_names
@@ -101,6 +102,9 @@ class SegmentationTask(BaseTask):
             the dataset's own format (the data module's ``write_prediction``: BraTS NIfTI in
             the release's labels with the input's geometry, ISIC 0/255 PNG masks) and
             attaches them to the run as ``test_predictions/``.
+        explain: a region to explain (``ET``): the logged validation and test overlays get
+            its Seg-Grad-CAM (:mod:`medlit.explain`) beside them; off by default (a
+            backward pass per shown case).
     """
 
     # monitor is set per instance from ``metrics`` (val/<first ranking metric>_mean)
@@ -136,6 +140,7 @@ class SegmentationTask(BaseTask):
         metrics: list[Literal["dice", "hd95", "jaccard", "threshold_jaccard", "lesionwise"]]
         | None = None,
         predictions_dir: str | None = None,
+        explain: str | None = None,
     ) -> None:
         self.setup_regions(target, num_classes, class_to_region, region_names, metrics)
         super().__init__()
@@ -231,6 +236,31 @@ class SegmentationTask(BaseTask):
         its ensemble's (:meth:`~medlit.tasks.base.BaseTask.set_ensemble`)."""
         return self.ensemble_mean(lambda m: m.volume_probabilities(volume))
 
+    @property
+    def explain_region(self) -> str | None:
+        """The region explained (``explain``, or ``medlit.predict --explain``)."""
+        return getattr(self, "_explain", None) or self.hparams.get("explain")
+
+    @explain_region.setter
+    def explain_region(self, region: str | None) -> None:
+        if region is not None:
+            region_index(self.region_names, region)  # refused here when it is not one
+        self._explain = region
+
+    def explain_volume(self, volume: Tensor) -> Tensor:
+        """(C, Z, Y, X) -> (Z, Y, X) Seg-Grad-CAM of :attr:`explain_region`, in [0, 1]
+        (2D/2.5D: slice by slice, each slice with its context)."""
+        h = self.hparams
+        k = region_index(self.region_names, self.explain_region)
+        cam = predict_slices(
+            volume,
+            lambda x: seg_grad_cam(self.model, x, k, h["target"] == "regions", h["threshold"]),
+            h["in_channels"],
+            h["inference_batch_size"],
+            32,
+        )[0]
+        return torch.from_numpy(normalise(cam))
+
     @torch.no_grad()
     def volume_probabilities(self, volume: Tensor) -> Tensor:
         """(C, Z, Y, X) volume -> (K, Z, Y, X) probabilities, slice by slice along z."""
@@ -319,15 +349,18 @@ class SegmentationTask(BaseTask):
             image = batch["image"][0, self.hparams["display_channel"], z * depth // ref.shape[1]]
             image = image.float()
             image = F.interpolate(image[None, None], size=ref.shape[-2:])[0, 0].cpu().numpy()
-            self._shown.append(
-                {
-                    "case_id": row["case_id"],
-                    "z": z,
-                    "image": image,
-                    "ref": ref[:, z],
-                    "pred": pred[:, z],
-                }
-            )
+            shown = {
+                "case_id": row["case_id"],
+                "z": z,
+                "image": image,
+                "ref": ref[:, z],
+                "pred": pred[:, z],
+            }
+            if self.explain_region and not self.trainer.sanity_checking:
+                cam = self.to_grid(self.explain_volume(batch["image"][0])[None], ref.shape[-3:])
+                shown["cam"] = cam[0, z].cpu().numpy()
+                shown["cam_region"] = self.explain_region
+            self._shown.append(shown)
 
     def prediction_writer(self, output: Path) -> BasePredictionWriter:
         return CaseWriter(output)
@@ -340,14 +373,18 @@ class SegmentationTask(BaseTask):
         kind = self.uncertainty
         for i, case_id in enumerate(batch["case_id"]):
             volume = batch["image"][i]
-            if kind:  # the map travels with the probabilities, as one more channel
+            maps: list[Tensor] = []  # travel with the probabilities, as more channels
+            if kind:
                 probs, var = self.ensemble_moments(
                     lambda m, v=volume: m.volume_probabilities(v), variance=kind == "variance"
                 )
-                umap = uncertainty_map(probs, var, kind, self.hparams["target"] == "regions")
-                probs = torch.cat([probs, umap[None]])
+                maps.append(uncertainty_map(probs, var, kind, self.hparams["target"] == "regions"))
             else:
                 probs = self.predict_volume(volume)
+            if self.explain_region:
+                maps.append(self.explain_volume(volume).to(probs.device, probs.dtype))
+            if maps:
+                probs = torch.cat([probs, *(m[None] for m in maps)])
             meta = batch["meta"][i] if "meta" in batch else None
             if "size" in batch:  # resized input: back to the file's own size
                 size = tuple(int(v) for v in batch["size"][i])
@@ -360,9 +397,17 @@ class SegmentationTask(BaseTask):
                 probs = self.to_grid(
                     probs, tuple(b - a for a, b in bbox), _scale(native, batch, i, meta)
                 )
-            umap = None
-            if kind:
-                probs, umap = probs[:-1], probs[-1].float().cpu().numpy()
+            extra = {}
+            if maps:
+                names = [
+                    n for n, on in (("uncertainty", kind), ("explain", self.explain_region)) if on
+                ]
+                extra = {
+                    n: m.float().cpu().numpy()
+                    for n, m in zip(names, probs[-len(maps) :], strict=True)
+                }
+                probs = probs[: -len(maps)]
+            umap = extra.get("uncertainty")
             regions = self.to_regions(probs)
             if meta is not None and "geometry" in meta:
                 spacing = list(reversed(meta["geometry"]["spacing"]))
@@ -375,6 +420,8 @@ class SegmentationTask(BaseTask):
             case = {"case_id": case_id, "regions": regions, "meta": meta}
             if meta is not None and "geometry" in meta and regions.shape[-3] > 1:
                 case["measures"] = structure_measures(regions, self.region_names, spacing, "pred")
+            if "explain" in extra:
+                case["maps"] = {f"explain_{self.explain_region}": extra["explain"]}
             if umap is not None:
                 case["uncertainty"] = umap
                 foreground = regions.any(0)

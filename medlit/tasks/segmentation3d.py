@@ -20,6 +20,7 @@ from medlit.constraints import (
 )
 from medlit.datamodules.base import BaseDataModule
 from medlit.errors import ConfigError
+from medlit.explain import normalise, region_index, seg_grad_cam
 from medlit.models.volumetric import Arch3D, create_network_3d
 from medlit.sliding import MIRROR_AXES, Mirrored, sliding_window
 from medlit.tasks.base import warmup_cosine
@@ -94,6 +95,7 @@ class Segmentation3DTask(SegmentationTask):
         metrics: per-case metrics of each region, as :class:`SegmentationTask`'s (the
             first that is neither hd95 nor lesionwise picks the best checkpoint).
         predictions_dir: where the test stage writes each case's prediction (NIfTI).
+        explain: a region whose Seg-Grad-CAM the logged overlays show (off by default).
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class Segmentation3DTask(SegmentationTask):
         metrics: list[Literal["dice", "hd95", "jaccard", "threshold_jaccard", "lesionwise"]]
         | None = None,
         predictions_dir: str | None = None,
+        explain: str | None = None,
     ) -> None:
         if not 0 <= overlap < 1:
             raise ConfigError(f"model.overlap={overlap} must be in [0, 1)")
@@ -235,6 +238,20 @@ class Segmentation3DTask(SegmentationTask):
         if trainer is None or trainer.state.fn in (TrainerFn.TESTING, TrainerFn.PREDICTING):
             return True
         return bool(h["val_tta"])
+
+    def explain_volume(self, volume: Tensor) -> Tensor:
+        """(C, Z, Y, X) -> (Z, Y, X) Seg-Grad-CAM of :attr:`explain_region` in [0, 1],
+        window by window with the Gaussian sliding window (no mirroring)."""
+        h = self.hparams
+        k = region_index(self.region_names, self.explain_region)
+        cam = sliding_window(
+            volume[None],
+            lambda x: seg_grad_cam(self.model, x, k, h["target"] == "regions", h["threshold"]),
+            self.patch,
+            h["overlap"],
+            h["sw_batch_size"],
+        )[0, 0]
+        return torch.from_numpy(normalise(cam))
 
     @torch.no_grad()
     def volume_probabilities(self, volume: Tensor) -> Tensor:
