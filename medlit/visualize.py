@@ -30,10 +30,14 @@ def save_overlays(shown: Sequence[dict], region_names: Sequence[str], path: str 
         if columns == 4:  # Seg-Grad-CAM of one region (medlit.explain) over the image
             ax = row[3]
             ax.imshow(item["image"], cmap="gray")
-            if "cam" in item:
-                ax.imshow(item["cam"], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            if "cam" in item:  # the slice's own range: the case's peak may lie elsewhere
+                top = float(np.max(item["cam"])) or 1.0
+                ax.imshow(item["cam"], cmap="jet", alpha=0.45, vmin=0, vmax=top)
             ax.set_axis_off()
-            ax.set_title(f"{item['case_id']} Grad-CAM {item.get('cam_region', '')}", fontsize=8)
+            ax.set_title(
+                f"{item['case_id']} Grad-CAM {item.get('cam_region', '')} (slice-scaled)",
+                fontsize=8,
+            )
         for ax, title, masks in zip(
             row[:3],
             ("image", "reference", "prediction"),
