@@ -1,7 +1,7 @@
 """K-fold cross-validation of one experiment, tracked in MLflow (nnU-Net's recipe).
 
     python -m medlit.cv CONFIG --num_folds K [--folds 0,2] [--cv_checkpoint last|best]
-        [--postprocessing_metric dice|jaccard] [--key=value ...]
+        [--postprocessing_metric dice|jaccard|lesion_dice] [--key=value ...]
 
 One MLflow parent run holds the config, the fold assignment (``folds.csv``) and the
 summary; each fold is a child run (tags ``fold=k``, ``medlit.cv.role=fold``) trained by
@@ -17,7 +17,8 @@ scores too). The test split is never used to choose anything.
 Segmentation: each out-of-fold case's raw regions are kept beside its run, and the
 postprocessing is chosen on them (:mod:`medlit.postprocessing`: nnU-Net's largest
 components, medlit's minimum component volume; a step is kept only if the mean Dice,
-or ``--postprocessing_metric jaccard``, improves and no region gets worse), recorded on
+or ``--postprocessing_metric jaccard`` or ``lesion_dice`` (BraTS 2023's lesion-wise
+Dice), improves and no region gets worse), recorded on
 the parent (``postprocessing.json`` and ``.csv``). ``medlit.evaluate CONFIG --cv_run
 PARENT --split test`` then scores the folds' ensemble on the test split, postprocessed
 as chosen, and ``medlit.predict CONFIG --cv_run PARENT ...`` predicts with it.
@@ -523,7 +524,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--postprocessing_metric",
         "--postprocessing-metric",
-        choices=("dice", "jaccard"),
+        choices=("dice", "jaccard", "lesion_dice"),
         default="dice",
     )
     return p

@@ -34,7 +34,7 @@ USAGE = {
     "[--key=value ...]",
     "medlit.check": "CONFIG [--key=value ...] [--deep]",
     "medlit.cv": "CONFIG --num_folds=K [--folds=0,2] [--cv_checkpoint=last|best] "
-    "[--postprocessing_metric=dice|jaccard] [--key=value ...]",
+    "[--postprocessing_metric=dice|jaccard|lesion_dice] [--key=value ...]",
     "medlit.sweep": "SWEEP.yaml [--n-trials N] [--timeout S] [--storage URL] [--workers K] "
     "[--key value ...]",
 }

@@ -215,10 +215,14 @@ def choose(
     """The postprocessing that the out-of-fold ``cases`` support, and the table of every
     step tried: its metric per region (mean over cases) before and after, and whether it
     was kept."""
-    if metric not in METRICS:
-        raise ConfigError(f"postprocessing metric {metric!r}: use one of {sorted(METRICS)}")
+    if metric not in (*METRICS, "lesion_dice"):
+        raise ConfigError(
+            f"postprocessing metric {metric!r}: use one of {sorted((*METRICS, 'lesion_dice'))}"
+        )
     if not cases:
         raise ConfigError("no out-of-fold segmentations to choose the postprocessing on")
+    if metric == "lesion_dice":
+        return _choose_by_lesions(cases, list(names))
     fn = METRICS[metric]
     names = list(names)
     preds = [np.asarray(c.pred, bool) for c in cases]
@@ -294,6 +298,96 @@ def choose(
             min_volume[name] = best[1]
             current = after
     chosen = Postprocessing(tuple(names), keep_fg, tuple(largest), min_volume)
+    table = pd.DataFrame(rows)
+    table.attrs["start"], table.attrs["end"] = start, current
+    return chosen, table
+
+
+def _choose_by_lesions(
+    cases: Sequence[Case], names: list[str]
+) -> tuple[Postprocessing, pd.DataFrame]:
+    """:func:`choose` by BraTS 2023's lesion-wise Dice (GLI's dilation and threshold):
+    the same steps, in the same order, with the same acceptance; each candidate applied
+    to every case and scored whole, since removing a component changes which lesions a
+    prediction matches, not only its overlap."""
+    from medlit.metrics.brats_lesionwise import CHALLENGES, lesionwise_region
+
+    dilation, threshold = CHALLENGES["BraTS-GLI"]
+
+    def score(post: Postprocessing) -> np.ndarray:
+        out = []
+        for c in cases:
+            pred = post.apply(c.pred, c.spacing)
+            out.append(
+                [
+                    lesionwise_region(pred[k], c.ref[k], c.spacing, dilation, threshold, False).dice
+                    for k in range(len(names))
+                ]
+            )
+        return np.asarray(out).mean(0)
+
+    rows: list[dict] = []
+
+    def record(step: str, region: str, setting: str, before, after, kept: bool) -> None:
+        row = {"step": step, "region": region, "setting": setting, "kept": kept}
+        for k, n in enumerate(names):
+            row[f"lesion_dice_{n}_before"] = float(before[k])
+            row[f"lesion_dice_{n}_after"] = float(after[k])
+        row["lesion_dice_mean_before"] = float(np.mean(before))
+        row["lesion_dice_mean_after"] = float(np.mean(after))
+        rows.append(row)
+
+    chosen = Postprocessing(tuple(names))
+    current = start = score(chosen)
+    trial = Postprocessing(tuple(names), keep_largest_foreground=True)
+    after = score(trial)
+    ok = _better(after, current)
+    record("keep_largest", "all foreground", "", current, after, ok)
+    if ok:
+        chosen, current = trial, after
+    voxel = float(np.median([np.prod(c.spacing) for c in cases]))
+    for name in names:
+        trial = Postprocessing(
+            tuple(names),
+            chosen.keep_largest_foreground,
+            (*chosen.keep_largest, name),
+            dict(chosen.min_volume_mm3),
+        )
+        after = score(trial)
+        ok = _better(after, current)
+        record("keep_largest", name, "", current, after, ok)
+        if ok:
+            chosen, current = trial, after
+        best: tuple[np.ndarray, float] | None = None
+        for n_vox in MIN_VOXELS:
+            mm3 = n_vox * voxel
+            trial = Postprocessing(
+                tuple(names),
+                chosen.keep_largest_foreground,
+                chosen.keep_largest,
+                {**chosen.min_volume_mm3, name: mm3},
+            )
+            after = score(trial)
+            if best is None or after.mean() > best[0].mean():
+                best = (after, mm3)
+        assert best is not None
+        ok = _better(best[0], current)
+        record(
+            "min_volume",
+            name,
+            f"{best[1]:.4g} mm³ ({best[1] / voxel:.0f} voxels)",
+            current,
+            best[0],
+            ok,
+        )
+        if ok:
+            chosen = Postprocessing(
+                tuple(names),
+                chosen.keep_largest_foreground,
+                chosen.keep_largest,
+                {**chosen.min_volume_mm3, name: best[1]},
+            )
+            current = best[0]
     table = pd.DataFrame(rows)
     table.attrs["start"], table.attrs["end"] = start, current
     return chosen, table

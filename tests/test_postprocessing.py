@@ -114,3 +114,28 @@ def test_a_segmentation_task_postprocesses_what_it_predicts() -> None:
     task.postprocessing = Postprocessing(tuple(NAMES), min_volume_mm3={"WT": 4000.0})
     regions = task.predict_step(batch, 0)[0]["regions"]
     assert not regions[0].any() and regions[1:].all()
+
+
+def test_the_lesion_wise_dice_can_choose_it() -> None:
+    """BraTS 2023's lesion-wise Dice counts a false-positive component as a lesion of
+    Dice 0: the ET speck inside the tumour (A) and the lone one of a case without ET (B)
+    are what keeping the largest ET component and a minimum ET volume remove."""
+    shape = (16, 40, 40)
+    ref = np.zeros((3, *shape), bool)
+    ref[0, 1:15, 2:38, 2:38] = True
+    ref[1, 2:14, 4:30, 4:30] = True
+    ref[2, 3:8, 5:10, 5:10] = True  # 125 mm³: above the 50 mm³ of a counted lesion
+    a = ref.copy()
+    a[2, 12, 25, 25] = True
+    ref_b = ref.copy()
+    ref_b[2] = False
+    b = ref_b.copy()
+    b[2, 8, 20, 20] = True
+    cases = [Case("A", a, ref, (1.0, 1.0, 1.0)), Case("B", b, ref_b, (1.0, 1.0, 1.0))]
+    chosen, table = choose(cases, NAMES, metric="lesion_dice")
+    assert not chosen.keep_largest_foreground  # the specks lie inside the tumour
+    assert chosen.keep_largest == ("ET",)
+    assert set(chosen.min_volume_mm3) == {"ET"}
+    assert table.attrs["start"] == pytest.approx([1, 1, 0.25])  # ET: (1/2 + 0) / 2
+    assert table.attrs["end"] == pytest.approx([1, 1, 1])
+    assert "lesion_dice_ET_after" in table

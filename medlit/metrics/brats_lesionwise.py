@@ -113,9 +113,16 @@ def _dilate(mask: np.ndarray, times: int) -> np.ndarray:
 
 
 def lesionwise_region(
-    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], dilation: int, threshold: float
+    pred: np.ndarray,
+    ref: np.ndarray,
+    spacing: Sequence[float],
+    dilation: int,
+    threshold: float,
+    with_hd95: bool = True,
 ) -> RegionScore:
-    """The lesion-wise scores of one region (boolean (Z, Y, X) volumes)."""
+    """The lesion-wise scores of one region (boolean (Z, Y, X) volumes); without
+    ``with_hd95`` the HD95 of each found lesion is skipped (NaN: the Dice alone, for
+    choosing postprocessing)."""
     pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
     voxel = float(np.prod(spacing))
     groups, n_lesions = connected_components(_dilate(ref, dilation))
@@ -148,7 +155,7 @@ def lesionwise_region(
         found = np.isin(components, hits)
         inter = float(np.count_nonzero(found & full))
         kept_dice.append(2.0 * inter / (float(lesion.sum()) + float(sizes[hits].sum())))
-        hd = robust_hd95(full, found, spacing)
+        hd = robust_hd95(full, found, spacing) if with_hd95 else float("nan")
         kept_hd.append(MISSED_HD95 if not np.isfinite(hd) else hd)
     fp = n_components - len(touched)
     count = len(kept_dice) + fp
