@@ -1,7 +1,7 @@
 """The ``medlit`` command: ``medlit <command> [arguments]`` runs ``python -m medlit.<command>``
 with the same arguments (``medlit fit CONFIG``, ``medlit predict CONFIG --ckpt_path ...``).
 
-Commands: fit, cv, sweep, check, evaluate, predict, generate, tracking; ``medlit`` alone
+Commands: fit, cv, sweep, check, evaluate, predict, export, generate, tracking; ``medlit`` alone
 (or ``--help``) lists them with what each does.
 """
 
@@ -21,6 +21,7 @@ COMMANDS = {
     "check": "medlit.check",
     "evaluate": "medlit.evaluate",
     "predict": "medlit.predict",
+    "export": "medlit.export",
     "generate": "medlit.generate",
     "tracking": "medlit.tracking",
 }

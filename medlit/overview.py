@@ -33,6 +33,8 @@ USAGE = {
     "medlit.generate": "CONFIG --ckpt_path=CKPT --output=DIR [--num_images=100] [--seed=0] "
     "[--key=value ...]",
     "medlit.check": "CONFIG [--key=value ...] [--deep]",
+    "medlit.export": "CONFIG --ckpt_path=CKPT [--format=onnx|torch-export] --output=FILE "
+    "[--key=value ...]",
     "medlit.cv": "CONFIG --num_folds=K [--folds=0,2] [--cv_checkpoint=last|best] "
     "[--postprocessing_metric=dice|jaccard|lesion_dice] [--key=value ...]",
     "medlit.sweep": "SWEEP.yaml [--n-trials N] [--timeout S] [--storage URL] [--workers K] "

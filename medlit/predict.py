@@ -19,6 +19,10 @@ classification, ``uncertainty.csv`` with one value per image. ``entropy`` is tha
 (ensemble's mean) probabilities, in nats (of independent regions, the sum of their binary
 entropies); ``variance`` the ensemble members' variance of the probabilities.
 
+``--model FILE.onnx`` (from ``medlit.export``) runs the same pipeline (slices or sliding
+window, mirroring, postprocessing, writers) with the network executed by onnxruntime;
+the file's metadata gives the data module's preprocessing state.
+
 ``--explain REGION`` (segmentation) writes the region's Seg-Grad-CAM (:mod:`medlit.explain`,
 of the first model of an ensemble) beside each prediction as ``<case>_explain_<REGION>``
 in the same format as the uncertainty map, on the input's grid, scaled to [0, 1].
@@ -56,6 +60,7 @@ from medlit.cli import build, normalise_args
 from medlit.datamodules.base import BaseDataModule
 from medlit.ensemble import checkpoint_paths, load_members, set_postprocessing
 from medlit.errors import ConfigError, run_main
+from medlit.export import use_exported
 from medlit.overview import maybe_overview
 from medlit.tasks.base import BaseTask
 from medlit.tasks.segmentation import SegmentationTask
@@ -82,6 +87,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(prog="python -m medlit.predict", add_help=False)
     parser.add_argument("--ckpt_path", action="append")
     parser.add_argument("--cv_run", default=None)
+    parser.add_argument("--model", default=None)
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--batch_size", type=int, default=None)
@@ -99,7 +105,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     ours, rest = parser.parse_known_args(args)
     if not rest:
         raise ConfigError("give the experiment's CONFIG file first")
-    paths = checkpoint_paths(ours.ckpt_path, ours.cv_run, rest)
+    exported = Path(ours.model).expanduser() if ours.model else None
+    if exported is not None and (ours.ckpt_path or ours.cv_run):
+        raise ConfigError("give --model FILE.onnx or --ckpt_path / --cv_run, not both")
+    paths = checkpoint_paths(ours.ckpt_path, ours.cv_run, rest) if exported is None else []
     extra = [
         f"--trainer.enable_progress_bar={str(not ours.no_progress).lower()}",
         *device_args(ours.device),
@@ -113,7 +122,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
         raise ConfigError("medlit.predict needs a medlit task and data module")
     out = Path(ours.output).expanduser()
     writer = model.prediction_writer(out)  # refused here for a task that writes none
-    load_members(model, dm, paths, normalise_args(rest)[1])
+    if exported is None:
+        load_members(model, dm, paths, normalise_args(rest)[1])
+    else:
+        use_exported(model, dm, exported)
     applied = set_postprocessing(model, ours.postprocessing, ours.cv_run, rest)
     if ours.uncertainty:
         if not type(model).ensembles:
