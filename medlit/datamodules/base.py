@@ -302,8 +302,15 @@ class BaseDataModule(LightningDataModule):
     ) -> Path:
         """Write a per-voxel float map of one case (``values``: (Z, Y, X) on the grid of
         its segmentation, as :meth:`write_prediction` gets it) beside the segmentation,
-        as ``<case>_<name>`` in the dataset's image format, on the input's exact grid."""
-        raise ConfigError(f"{type(self).__name__} cannot write per-voxel maps")
+        as ``<case>_<name>`` in the dataset's image format, on the input's exact grid.
+        Default: for a case cropped from a volume (its metadata has ``shape``, ``bbox``
+        and ``geometry``: BraTS, nnU-Net/MSD datasets), ``<case>_<name>.nii.gz`` (float32),
+        uncropped."""
+        meta = meta if meta is not None else self.case_meta(case_id)
+        if not {"shape", "bbox", "geometry"} <= set(meta):
+            raise ConfigError(f"{type(self).__name__} cannot write per-voxel maps")
+        path = folder / f"{case_id}_{name}.nii.gz"
+        return write_uncropped(values.astype(np.float32), meta, path)
 
     def write_prediction(
         self, case_id: str, regions: np.ndarray, folder: Path, meta: dict | None = None

@@ -40,9 +40,7 @@ from medlit.datasets.brats.source import (
     labels_from_regions,
     preprocess_case,
 )
-from medlit.datasets.brats.torch import CaseDataset
 from medlit.datasets.io.cache import CacheEntry, OnTheFly, VolumeCache
-from medlit.datasets.io.volume import Geometry, write_volume
 from medlit.datasets.patches import patch_dims
 from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, Report
 
@@ -332,33 +330,11 @@ class BraTSDataModule(BaseDataModule):
         labels = labels_from_regions(regions, et).astype(np.uint8)
         return write_uncropped(labels, meta, folder / f"{case_id}.nii.gz")
 
-    def write_map(
-        self,
-        case_id: str,
-        values: np.ndarray,
-        folder: Path,
-        meta: dict | None = None,
-        name: str = "uncertainty",
-    ) -> Path:
-        """``<case>_<name>.nii.gz`` (float32), uncropped, on the input's geometry."""
-        meta = meta if meta is not None else self.case_meta(case_id)
-        return write_uncropped(values.astype(np.float32), meta, folder / f"{case_id}_{name}.nii.gz")
-
     def write_synthesis(self, case_id: str, volume: np.ndarray, folder: Path) -> Path:
         """The synthesised target modality (the last of ``modalities``) of a case as
         ``<case>/<case>_<modality>-synth.nii.gz``, uncropped, on the input's geometry."""
-        meta = next(
-            e.meta
-            for d in self.datasets.values()
-            if isinstance(d, CaseDataset)
-            for e in d.entries
-            if e.meta["case_id"] == case_id
-        )
-        full = np.zeros(meta["shape"], np.float32)
-        full[tuple(slice(a, b) for a, b in meta["bbox"])] = volume
         path = folder / case_id / f"{case_id}_{self.modalities[-1]}-synth.nii.gz"
-        write_volume(full, Geometry.from_dict(meta["geometry"]), path)
-        return path
+        return write_uncropped(np.asarray(volume, np.float32), self.case_meta(case_id), path)
 
     # ---- datasets ----------------------------------------------------------------------
 

@@ -448,18 +448,6 @@ class VolumeDataModule(BaseDataModule):
         ending = spec.file_ending if spec.format == "nnunet" else ".nii.gz"
         return write_uncropped(labels, meta, folder / f"{case_id}{ending}")
 
-    def write_map(
-        self,
-        case_id: str,
-        values: np.ndarray,
-        folder: Path,
-        meta: dict | None = None,
-        name: str = "uncertainty",
-    ) -> Path:
-        """``<case>_<name>.nii.gz`` (float32), uncropped, on the input's geometry."""
-        meta = meta if meta is not None else self.case_meta(case_id)
-        return write_uncropped(values.astype(np.float32), meta, folder / f"{case_id}_{name}.nii.gz")
-
     # ---- datasets -------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
