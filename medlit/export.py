@@ -219,9 +219,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     ours, rest = parser.parse_known_args(args)
     if not rest:
         raise ConfigError("give the experiment's CONFIG file first")
-    from medlit import __version__
     from medlit.cli import build, normalise_args
     from medlit.ensemble import load_members
+    from medlit.tracking.metadata import package_versions
     from medlit.tuning.worker import resolve
 
     ckpt = Path(ours.ckpt_path).expanduser()
@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     state = dm.state_dict() if hasattr(dm, "state_dict") else {}
     _, config_yaml = resolve(rest)
     e.meta |= {
-        "medlit_version": __version__,
+        "medlit_version": (versions := package_versions()).get("medlit", "unknown"),
+        "versions": versions,
         "checkpoint": str(ckpt),
         "data_state": json.loads(json.dumps(state, default=str)),
         "config": config_yaml,
