@@ -29,9 +29,7 @@ def test_a_segmentation_network_exports_and_predicts_the_same_on_onnxruntime(
     from medlit.datasets.brats.phantom import write_brats
 
     # a case of 64-voxel slices: the exported network's smallest (the fixture's are 32)
-    write_brats(
-        tmp_path / "new", 1, year="2021", shape=(16, 64, 64), spacing=3.75, seed=2
-    )
+    write_brats(tmp_path / "new", 1, year="2021", shape=(16, 64, 64), spacing=3.75, seed=2)
     case = next(p for p in sorted((tmp_path / "new").iterdir()) if p.name.startswith("BraTS"))
     common = [*args, f"--input={case}"]
     [torch_out] = predict([*common, f"--ckpt_path={brats_unet.ckpt}", f"--output={tmp_path / 'a'}"])
