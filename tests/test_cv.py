@@ -236,21 +236,11 @@ def test_a_classifier_cross_validates_and_its_folds_ensemble(
     from medlit.evaluate import main as evaluate
     from medlit.predict import main as predict
     from tests.data.isic.data import make_isic
-    from tests.test_fit import cli_args
+    from tests.test_fit import tiny_classifier
 
     root = tmp_path / "isic"
     make_isic(root, "2019", lesions=24, seed=4)
-    args = [
-        str(REPO / "experiments/demo/isic_classifier.yaml"),
-        *cli_args(root, tracking_uri),
-        "--data.image_size=32",
-        "--data.loader.batch_size=8",
-        "--model.model=test_resnet",
-        "--model.num_classes=8",
-        "--model.num_cam_images=0",
-        "--model.log_images=false",
-        "--trainer.max_epochs=1",
-    ]
+    args = tiny_classifier(root, tracking_uri, "--model.log_images=false", "--trainer.max_epochs=1")
     summary = cv([*args, "--num_folds=3"]).set_index(["metric", "across"])
     client = mlflow.MlflowClient(tracking_uri)
     [parent] = client.search_runs(

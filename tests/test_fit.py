@@ -61,6 +61,21 @@ def cli_args(root: Path, tracking_uri: str, *extra: str) -> list[str]:
     ]
 
 
+def tiny_classifier(root: Path, tracking_uri: str, *extra: str) -> list[str]:
+    """The ISIC classifier demo shrunk to seconds on an ISIC 2019 layout at ``root``: 32 px
+    images, timm's ``test_resnet``, no Grad-CAM."""
+    return [
+        str(REPO / "experiments/demo/isic_classifier.yaml"),
+        *cli_args(root, tracking_uri),
+        "--data.image_size=32",
+        "--data.loader.batch_size=8",
+        "--model.model=test_resnet",
+        "--model.num_classes=8",
+        "--model.num_cam_images=0",
+        *extra,
+    ]
+
+
 def _runs(tracking_uri: str) -> list[mlflow.entities.Run]:
     client = mlflow.MlflowClient(tracking_uri)
     return client.search_runs([e.experiment_id for e in client.search_experiments()])

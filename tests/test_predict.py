@@ -27,7 +27,7 @@ from medlit.predict import main as predict
 from tests.data.brats.data import make_brats
 from tests.data.isic.data import make_isic
 from tests.helpers.shared import Trained
-from tests.test_fit import REPO, cli_args, tiny
+from tests.test_fit import REPO, cli_args, tiny, tiny_classifier
 from tests.test_fit_luna16 import tiny_detector, tiny_fpr
 
 MISSING = "--data.root=/nonexistent/training-data"  # prediction never reads the training root
@@ -165,15 +165,7 @@ def test_isic_classifier_writes_the_release_submission_and_refuses_grey_images(
 ) -> None:
     root = tmp_path / "isic"
     make_isic(root, "2019", lesions=24, seed=4)
-    config = [
-        str(REPO / "experiments/demo/isic_classifier.yaml"),
-        *cli_args(root, tracking_uri),
-        "--data.image_size=32",
-        "--data.loader.batch_size=8",
-        "--model.model=test_resnet",
-        "--model.num_classes=8",
-        "--model.num_cam_images=0",
-    ]
+    config = tiny_classifier(root, tracking_uri)
     ckpt = trained(tmp_path, config)
     images = tmp_path / "new"
     shutil.copytree(next(root.rglob("ISIC_2019_Training_Input")), images)
