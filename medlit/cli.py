@@ -81,6 +81,9 @@ LEGACY_ADDED: frozenset[str] = frozenset(
         "VolumeDataModule.fingerprint_from",  # cross-validation's shared fingerprint
         "SegmentationTask.explain",  # Seg-Grad-CAM overlays
         "Segmentation3DTask.explain",
+        "BraTSDataModule.dicom",  # DICOM input rules and DICOM SEG codes
+        "VolumeDataModule.dicom",
+        "LUNA16DataModule.dicom",
     }
 )
 

@@ -52,12 +52,24 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from medlit.cli import build, normalise_args
 from medlit.datamodules.base import BaseDataModule
+from medlit.datasets.io.dicom import (
+    DicomSettings,
+    Series,
+    cases_from_series,
+    find_series,
+    is_dicom,
+    segment_codes,
+    stage_cases,
+    write_seg,
+)
 from medlit.ensemble import checkpoint_paths, load_members, set_postprocessing
 from medlit.errors import ConfigError, run_main
 from medlit.export import use_exported
@@ -99,6 +111,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         "--uncertainty", nargs="?", const="entropy", default=None, choices=("entropy", "variance")
     )
     parser.add_argument("--explain", default=None, metavar="REGION")
+    parser.add_argument("--series", action="append", default=[], metavar="CHANNEL=REGEX")
     args = list(sys.argv[1:] if argv is None else argv)
     if maybe_overview("medlit.predict", args):  # before --ckpt_path is required
         return []
@@ -148,14 +161,24 @@ def main(argv: list[str] | None = None) -> list[Path]:
         dm.batch_size = ours.batch_size  # images per batch (ISIC)
         if "inference_batch_size" in model.hparams:  # slices per forward pass
             model.hparams["inference_batch_size"] = ours.batch_size
-    dm.predict_from(Path(ours.input).expanduser(), num_classes=model.hparams.get("num_classes"))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--output {out}: cannot create it ({e.strerror})") from None
-    trainer.callbacks.append(writer)
-    model.eval()
-    trainer.predict(model, datamodule=dm, return_predictions=False)
+    source = Path(ours.input).expanduser()
+    with tempfile.TemporaryDirectory(prefix="medlit-dicom-") as staging:
+        if is_dicom(source):
+            dicom = dicom_input(dm, source, ours.series, Path(staging))
+        else:
+            if ours.series:
+                raise ConfigError(f"--series: {source} is not DICOM input")
+            dm.predict_from(source, num_classes=model.hparams.get("num_classes"))
+            dicom = None
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--output {out}: cannot create it ({e.strerror})") from None
+        trainer.callbacks.append(writer)
+        model.eval()
+        trainer.predict(model, datamodule=dm, return_predictions=False)
+    if dicom is not None:
+        writer.written += write_dicom_segs(dm, dicom, getattr(writer, "by_case", {}))
     # What this run's writer wrote (every rank's count), not whatever else is in the folder.
     count = int(trainer.strategy.reduce(torch.tensor(len(writer.written)), reduce_op="sum"))
     if trainer.is_global_zero:
@@ -165,6 +188,61 @@ def main(argv: list[str] | None = None) -> list[Path]:
         if writer.tables:
             print(f"  and {', '.join(p.name for p in writer.tables)}")
     return sorted(writer.written)
+
+
+def dicom_input(
+    dm: BaseDataModule, source: Path, series: list[str], staging: Path
+) -> dict[str, Any]:
+    """Read the DICOM input ``source`` (:mod:`medlit.datasets.io.dicom`): its series
+    checked, mapped to the model's channels (the data module's rule, ``data.dicom.series``,
+    then ``--series CHANNEL=REGEX``), converted into ``staging`` and given to the data
+    module. Returns the cases' series and the DICOM SEG's segment codes, which are checked
+    here, before anything runs."""
+    rules = dm.dicom_rules()
+    for item in series:
+        channel, sep, regex = item.partition("=")
+        if not sep or channel not in rules:
+            raise ConfigError(
+                f"--series {item}: give CHANNEL=REGEX, CHANNEL one of {', '.join(rules)}"
+            )
+        rules[channel] = regex
+    cases = cases_from_series(find_series(source), rules)
+    dm.predict_from_images(stage_cases(cases, staging, dm.dicom_suffix), source)
+    names = dm.label_names()
+    settings = getattr(dm, "dicom_settings", DicomSettings())
+    codes = segment_codes(names, settings.codes, dm.dicom_codes()) if names else {}
+    log.info("DICOM %s: %d cases (%s)", source, len(cases), ", ".join(rules))
+    return {"cases": cases, "names": names, "codes": codes}
+
+
+def write_dicom_segs(
+    dm: BaseDataModule, dicom: dict[str, Any], label_files: dict[str, Path]
+) -> list[Path]:
+    """Each segmentation predicted from DICOM as ``<case>_seg.dcm`` beside its label file:
+    a DICOM SEG referencing the case's first channel's series (the others as further
+    sources). Detection writes its CSV in world mm, which needs nothing more."""
+    import SimpleITK as sitk
+
+    from medlit.tracking.metadata import package_versions
+
+    if not dicom["names"]:
+        return []
+    version = f"medlit {package_versions().get('medlit', 'unknown')}"
+    written = []
+    for cid, path in sorted(label_files.items()):
+        channels: list[Series] = list(dicom["cases"][cid].values())
+        written.append(
+            write_seg(
+                sitk.ReadImage(str(path)),
+                channels[0],
+                dicom["names"],
+                dicom["codes"],
+                path.parent / f"{cid}_seg.dcm",
+                further=channels[1:],
+                software=version,
+            )
+        )
+    return written
 
 
 if __name__ == "__main__":

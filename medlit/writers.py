@@ -53,6 +53,7 @@ class CaseWriter(_Writer):
     def __init__(self, output: Path) -> None:
         super().__init__(output)
         self.rows: list[dict[str, Any]] = []
+        self.by_case: dict[str, Path] = {}  # case id -> its label file (DICOM SEG's source)
 
     def write_on_batch_end(
         self,
@@ -66,9 +67,11 @@ class CaseWriter(_Writer):
     ) -> None:
         dm = _data(trainer)
         for case in prediction:
-            self.written.append(
-                dm.write_prediction(case["case_id"], case["regions"], self.output, case.get("meta"))
+            path = dm.write_prediction(
+                case["case_id"], case["regions"], self.output, case.get("meta")
             )
+            self.written.append(path)
+            self.by_case[case["case_id"]] = path
             for name, values in case.get("maps", {}).items():  # --explain
                 self.written.append(
                     dm.write_map(case["case_id"], values, self.output, case.get("meta"), name)

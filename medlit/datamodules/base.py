@@ -274,6 +274,28 @@ class BaseDataModule(LightningDataModule):
         output format depends on it (ISIC's releases). Bad input raises, naming the file."""
         raise ConfigError(f"{type(self).__name__} cannot read prediction inputs")
 
+    # ---- DICOM input (medlit.predict --input DIR of DICOM series) --------------------------
+
+    # The image format a DICOM series is converted to before predict_from_images reads it.
+    dicom_suffix: ClassVar[str] = ".nii.gz"
+
+    def dicom_rules(self) -> dict[str, str | None]:
+        """The model's input channels, in order, each with the default regular expression
+        its series' SeriesDescription must match (None: any series, for one channel);
+        ``data.dicom.series`` overrides them (:mod:`medlit.datasets.io.dicom`)."""
+        raise ConfigError(f"{type(self).__name__} does not read DICOM input")
+
+    def dicom_codes(self) -> dict[int, dict[str, Any]]:
+        """Label value -> ``{"category", "type"}`` codes of the DICOM SEG's segments for
+        the labels this dataset knows (``data.dicom.codes`` overrides them)."""
+        return {}
+
+    def predict_from_images(self, cases: dict[str, list[Path]], source: Path) -> None:
+        """As :meth:`predict_from`, for cases given as image files (case id -> one file of
+        :attr:`dicom_suffix` per channel, in :meth:`dicom_rules`' order), converted from
+        the DICOM input ``source``."""
+        raise ConfigError(f"{type(self).__name__} does not read DICOM input")
+
     # ---- outputs, in the dataset's own formats -------------------------------------------
 
     def written_regions(self, regions: np.ndarray) -> np.ndarray:

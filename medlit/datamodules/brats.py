@@ -31,6 +31,7 @@ from medlit.datasets.brats.source import (
     LAYOUTS,
     MODALITIES,
     BraTSCase,
+    Layout,
     Modality,
     Preprocessing,
     check_case,
@@ -41,10 +42,21 @@ from medlit.datasets.brats.source import (
     preprocess_case,
 )
 from medlit.datasets.io.cache import CacheEntry, OnTheFly, VolumeCache
+from medlit.datasets.io.dicom import DicomSettings
 from medlit.datasets.patches import patch_dims
 from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, Report
 
 log = logging.getLogger(__name__)
+
+
+# DICOM input: each modality's series by its SeriesDescription (medlit.datasets.io.dicom).
+_CONTRAST = r"((?<![a-z])(post|gad|gd|ce|contrast)(?![a-z])|\+ ?c(?![a-z])|(?<![a-z])c\+)"
+DICOM_SERIES: dict[str, str] = {
+    "flair": r"flair",
+    "t2": r"t2(?![*a-z])(?!.*flair)",
+    "t1ce": rf"t1(?!.*flair).*{_CONTRAST}|t1ce?(?![a-z0-9])",
+    "t1": rf"t1(?![c0-9])(?!.*{_CONTRAST})(?!.*flair)",
+}
 
 
 class BraTSDataModule(BaseDataModule):
@@ -87,6 +99,9 @@ class BraTSDataModule(BaseDataModule):
             ``~/.cache/medlit``.
         loader: ``batch_size`` (training patches per batch; evaluation takes one case
             per batch) and ``num_workers``.
+        dicom: DICOM input (``medlit.predict --input`` a DICOM folder): the
+            SeriesDescription pattern of each channel and the DICOM SEG's segment codes
+            (:class:`medlit.datasets.io.dicom.DicomSettings`).
     """
 
     moved_arguments: ClassVar[dict[str, str]] = {
@@ -116,11 +131,14 @@ class BraTSDataModule(BaseDataModule):
         seed: int = 42,
         cache_dir: str | None = None,
         loader: Loader = Loader(batch_size=16),
+        dicom: DicomSettings = DicomSettings(),
         **legacy: Any,
     ) -> None:
         super().__init__(root)
         self.save_hyperparameters(logger=False)  # the resolved config is logged whole
-        self.split_settings: Split = self.settings(legacy, split=split, loader=loader)["split"]
+        groups = self.settings(legacy, split=split, loader=loader, dicom=dicom)
+        self.split_settings: Split = groups["split"]
+        self.dicom_settings: DicomSettings = groups["dicom"]
         self.modalities = tuple(modalities or MODALITIES)
         self.synthesis = target == "modality"
         if self.synthesis:
@@ -291,6 +309,40 @@ class BraTSDataModule(BaseDataModule):
         cases = [c for c in found if c.case_id == path.name] if own else found
         if not cases:
             raise DatasetNotFoundError(f"--input {path}: no {year} BraTS case folders in it")
+        self._predict_cases(cases, layout, path)
+
+    def dicom_rules(self) -> dict[str, str | None]:
+        """Each modality's series by its SeriesDescription (searched, case-insensitive):
+        ``flair``; ``t2`` but not T2* or FLAIR; ``t1ce``: T1 with post / gd / gad / ce /
+        contrast / +c, or T1C; ``t1``: T1 without those, not T1C, not FLAIR."""
+        rules = {**DICOM_SERIES, **self.dicom_settings.series}
+        return {m: rules.get(m) for m in self.modalities}
+
+    def dicom_codes(self) -> dict[int, dict[str, Any]]:
+        names = self.label_names()
+        et = next(v for v, n in names.items() if "(ET)" in n)
+        abnormal = "MorphologicallyAbnormalStructure"
+        return {
+            1: {"category": abnormal, "type": "Necrosis"},
+            2: {"category": abnormal, "type": "Edema"},
+            et: {"category": abnormal, "type": "Neoplasm"},
+        }
+
+    def predict_from_images(self, cases: dict[str, list[Path]], source: Path) -> None:
+        """Cases converted from DICOM, written in the labels of data.year, else of the
+        training data's release (2021's when that is not here)."""
+        if self.synthesis:
+            raise ConfigError("modality synthesis writes with medlit.generate, not predict")
+        year = self.hparams["year"] or (
+            detect_layout(self.root).year if self.root.is_dir() else "2021"
+        )
+        found = [
+            BraTSCase(cid, files[0].parent, dict(zip(self.modalities, files, strict=True)), None)
+            for cid, files in cases.items()
+        ]
+        self._predict_cases(found, LAYOUTS[year], source)
+
+    def _predict_cases(self, cases: list[BraTSCase], layout: Layout, path: Path) -> None:
         for case in cases:
             for modality, file in case.images.items():
                 if not file.exists():
@@ -311,7 +363,7 @@ class BraTSDataModule(BaseDataModule):
             [BraTSCase(c.case_id, c.folder, c.images, None) for c in cases],
             partial(_predict_item, prep=prep),
         )
-        log.info("BraTS %s: %d %s cases to predict", path, len(cases), year)
+        log.info("BraTS %s: %d %s cases to predict", path, len(cases), layout.year)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", collate_fn=one_item_batch)

@@ -26,6 +26,7 @@ from medlit.datamodules.base import (
     one_item_batch,
 )
 from medlit.datasets.io.cache import OnTheFly, VolumeCache
+from medlit.datasets.io.dicom import DicomSettings
 from medlit.datasets.io.files import atomic_write
 from medlit.datasets.io.volume import Geometry, write_image
 from medlit.datasets.luna16.phantom import write_luna16
@@ -127,6 +128,9 @@ class LUNA16DataModule(BaseDataModule):
             or ``~/.cache/medlit``.
         loader: ``batch_size`` (training samples per batch; evaluation: one scan, or this
             many candidates, per batch) and ``num_workers``.
+        dicom: DICOM input (``medlit.predict --input`` a DICOM folder): the
+            SeriesDescription pattern of each channel and the DICOM SEG's segment codes
+            (:class:`medlit.datasets.io.dicom.DicomSettings`).
     """
 
     moved_arguments: ClassVar[dict[str, str]] = {
@@ -157,11 +161,13 @@ class LUNA16DataModule(BaseDataModule):
         seed: int = 42,
         cache_dir: str | None = None,
         loader: Loader = Loader(batch_size=16),
+        dicom: DicomSettings = DicomSettings(),
         **legacy: Any,
     ) -> None:
         super().__init__(root)
         self.save_hyperparameters(logger=False)
-        split = self.settings(legacy, split=split, loader=loader)["split"]
+        groups = self.settings(legacy, split=split, loader=loader, dicom=dicom)
+        split, self.dicom_settings = groups["split"], groups["dicom"]
         val = list(split.val if split.val is not None else [8])
         test = list(split.test if split.test is not None else [9])
         train = list(
@@ -570,6 +576,23 @@ class LUNA16DataModule(BaseDataModule):
             item = partial(_predict_item, prep=prep, hu_window=tuple(h["hu_window"]))
         self.datasets["predict"] = OnTheFly(list(scans.values()), item)
         log.info("LUNA16 %s: %d scans to predict", path, len(scans))
+
+    # DICOM series are converted to MetaImage, the format LUNA16 distributes.
+    dicom_suffix: ClassVar[str] = ".mhd"
+
+    def dicom_rules(self) -> dict[str, str | None]:
+        """One CT channel: every CT series is a scan (named by its SeriesInstanceUID, as
+        LUNA16's are), unless data.dicom.series gives CT a SeriesDescription pattern."""
+        return {"CT": self.dicom_settings.series.get("CT")}
+
+    def dicom_codes(self) -> dict[int, dict[str, Any]]:
+        return {v: {"category": "AnatomicalStructure", "type": "Lung"} for v in self.label_names()}
+
+    def predict_from_images(self, cases: dict[str, list[Path]], source: Path) -> None:
+        folders = {files[0].parent for files in cases.values()}
+        if len(folders) != 1:
+            raise ConfigError("converted DICOM scans must lie in one folder")
+        self.predict_from(folders.pop())
 
     def _eval_loader(self, split: str) -> DataLoader:
         if self.hparams["target"] == "lungs":

@@ -28,6 +28,7 @@ from medlit.datamodules.base import (
 )
 from medlit.datamodules.splits import SPLIT_KEYS, Split, check_split_file, split_groups
 from medlit.datasets.io.cache import CacheEntry, OnTheFly, VolumeCache
+from medlit.datasets.io.dicom import DicomSettings
 from medlit.datasets.io.files import atomic_write
 from medlit.datasets.patches import patch_dims
 from medlit.datasets.volumes.phantom import write_phantoms
@@ -97,6 +98,9 @@ class VolumeDataModule(BaseDataModule):
         cache_dir: cache of preprocessed cases; default ``$MEDLIT_CACHE_DIR`` or
             ``~/.cache/medlit``.
         loader: ``batch_size`` and ``num_workers``.
+        dicom: DICOM input (``medlit.predict --input`` a DICOM folder): the
+            SeriesDescription pattern of each channel and the DICOM SEG's segment codes
+            (:class:`medlit.datasets.io.dicom.DicomSettings`).
     """
 
     moved_arguments: ClassVar[dict[str, str]] = {
@@ -122,11 +126,14 @@ class VolumeDataModule(BaseDataModule):
         seed: int = 42,
         cache_dir: str | None = None,
         loader: Loader = Loader(batch_size=16),
+        dicom: DicomSettings = DicomSettings(),
         **legacy: Any,
     ) -> None:
         super().__init__(root)
         self.save_hyperparameters(logger=False)
-        self.split_settings: Split = self.settings(legacy, split=split, loader=loader)["split"]
+        groups = self.settings(legacy, split=split, loader=loader, dicom=dicom)
+        self.split_settings: Split = groups["split"]
+        self.dicom_settings: DicomSettings = groups["dicom"]
         self.patch_3d = patch_dims(patch_size, context_slices)
         if isinstance(target_spacing, list) and len(target_spacing) != 3:
             raise ConfigError(f"data.target_spacing={target_spacing} must be [z, y, x] mm")
@@ -396,12 +403,6 @@ class VolumeDataModule(BaseDataModule):
         (the checkpoint's dataset.json; the training data need not be present)."""
         spec = self._spec()
         path = Path(path).expanduser()
-        if self.fingerprint is None:
-            raise ConfigError(
-                "the checkpoint holds no dataset fingerprint (target spacing, intensity "
-                "statistics) to preprocess new cases with; predict with a checkpoint of a "
-                "medlit run of this data module"
-            )
         if path.is_file():
             ending = next((e for e in ENDINGS if path.name.endswith(e)), None)
             if ending is None:
@@ -422,6 +423,29 @@ class VolumeDataModule(BaseDataModule):
             cases = _folder_cases(path, spec)
         else:
             raise DatasetNotFoundError(f"--input {path} does not exist")
+        self._predict_cases(cases, path)
+
+    def dicom_rules(self) -> dict[str, str | None]:
+        """dataset.json's channels, in order; a model of one channel takes every series
+        (each its own case), one of several takes the series whose SeriesDescription
+        contains the channel's name (``T2``, ``ADC``), unless data.dicom.series says."""
+        channels = self._spec().channels
+        own = self.dicom_settings.series
+        if len(channels) == 1:
+            return {channels[0]: own.get(channels[0])}
+        return {c: own.get(c, re.escape(c)) for c in channels}
+
+    def predict_from_images(self, cases: dict[str, list[Path]], source: Path) -> None:
+        self._predict_cases([VolumeCase(c, files, None) for c, files in cases.items()], source)
+
+    def _predict_cases(self, cases: list[VolumeCase], path: Path) -> None:
+        spec = self._spec()
+        if self.fingerprint is None:
+            raise ConfigError(
+                "the checkpoint holds no dataset fingerprint (target spacing, intensity "
+                "statistics) to preprocess new cases with; predict with a checkpoint of a "
+                "medlit run of this data module"
+            )
         for case in cases:
             for f in case.images:
                 if not f.exists():
