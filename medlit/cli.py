@@ -170,7 +170,12 @@ def config_hashes(config: dict[str, Any]) -> list[str]:
         for prefix, cls in classes.items()
         for arg in (a.split(".", 1)[1] for a in LEGACY_ADDED if a.split(".")[0] == cls.__name__)
     }
-    legacy = {back.get(k, k): v for k, v in flat.items() if k not in added}
+    # An added settings group (data.dicom) is left out with each of its fields.
+    legacy = {
+        back.get(k, k): v
+        for k, v in flat.items()
+        if k not in added and k.rpartition(".")[0] not in added
+    }
     return [_digest(current), _digest(legacy)]
 
 
