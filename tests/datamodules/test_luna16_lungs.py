@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 import SimpleITK as sitk
 
@@ -217,3 +218,25 @@ def test_a_trained_network_predicts_scans_as_lung_masks_with_their_volumes(
     assert {"volume_ml_pred_left_lung", "components_pred_right_lung"} <= set(volumes.columns)
     slicer = (tmp_path / "out" / "labels.ctbl").read_text()
     assert "\n3 left_lung " in slicer and "\n4 right_lung " in slicer
+    # The same scan as a DICOM CT series: named by its SeriesInstanceUID, the same mask on
+    # the same grid, and a DICOM SEG of both lungs referencing the series.
+    import highdicom as hd
+
+    from medlit.datasets.io.dicom import write_series
+
+    files = write_series(sitk.ReadImage(str(scans[0])), tmp_path / "dicom", modality="CT")
+    uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+    out = tmp_path / "out-dicom"
+    mask, seg_file = predict(
+        [*tiny, f"--ckpt_path={ckpt}", f"--input={tmp_path / 'dicom'}", f"--output={out}"]
+    )
+    assert (mask.name, seg_file.name) == (f"{uid}.mhd", f"{uid}_seg.dcm")
+    a, b = (sitk.ReadImage(str(f)) for f in (tmp_path / "out" / scans[0].name, mask))
+    assert b.GetSize() == a.GetSize() and b.GetOrigin() == pytest.approx(a.GetOrigin())
+    assert np.mean(sitk.GetArrayFromImage(a) == sitk.GetArrayFromImage(b)) >= 0.999
+    seg = hd.seg.segread(seg_file)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
+    assert {s.segment_label for s in seg.SegmentSequence} <= {"left_lung", "right_lung"}
+    assert {s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning for s in seg.SegmentSequence} == {
+        "Lung"
+    }
