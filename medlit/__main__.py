@@ -1,7 +1,7 @@
 """The ``medlit`` command: ``medlit <command> [arguments]`` runs ``python -m medlit.<command>``
 with the same arguments (``medlit fit CONFIG``, ``medlit predict CONFIG --ckpt_path ...``).
 
-Commands: fit, cv, sweep, check, evaluate, predict, export, generate, tracking; ``medlit`` alone
+Commands: fit, cv, sweep, check, evaluate, predict, export, generate, tracking, deploy; ``medlit`` alone
 (or ``--help``) lists them with what each does.
 """
 
@@ -24,7 +24,10 @@ COMMANDS = {
     "export": "medlit.export",
     "generate": "medlit.generate",
     "tracking": "medlit.tracking",
+    "deploy": "medlit.deploy",
 }
+# Commands that run without the train extra (torch, Lightning, ...).
+WITHOUT_TRAINING = {"deploy"}
 
 
 def _summary(module: str) -> str:
@@ -69,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medlit: no command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = COMMANDS[name]
+    from importlib.util import find_spec
+
+    if name not in WITHOUT_TRAINING and find_spec("pytorch_lightning") is None:
+        print(
+            f"medlit {name} needs the training stack: pip install 'medlit[train]' "
+            "(a deployment without it runs exported networks with medlit deploy)",
+            file=sys.stderr,
+        )
+        return 2
     sys.argv = [f"medlit {name}", *rest]
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)

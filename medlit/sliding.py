@@ -14,24 +14,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 
-import numpy as np
 import torch
-from scipy.ndimage import gaussian_filter
 from torch import Tensor
 
+from medlit.windows import gaussian_weights
+
 Predictor = Callable[[Tensor], Tensor]
-
-
-@lru_cache(maxsize=8)
-def _gaussian(patch: tuple[int, ...], sigma_scale: float, peak: float) -> np.ndarray:
-    delta = np.zeros(patch)
-    delta[tuple(p // 2 for p in patch)] = 1.0
-    # The impulse response of scipy's Gaussian filter (zero outside the patch) is the map.
-    weights = gaussian_filter(delta, [p * sigma_scale for p in patch], order=0, mode="constant")
-    weights = weights / (weights.max() / peak)
-    return weights
 
 
 def gaussian_importance(
@@ -47,7 +36,7 @@ def gaussian_importance(
     where only border voxels cover the volume). nnU-Net scales to 10 (its
     ``value_scaling_factor``); stitching divides by the summed weights, so the scale only
     matters for float16 range."""
-    weights = torch.from_numpy(_gaussian(tuple(int(p) for p in patch), sigma_scale, peak))
+    weights = torch.from_numpy(gaussian_weights(tuple(int(p) for p in patch), sigma_scale, peak))
     weights = weights.to(device=device, dtype=dtype)
     zero = weights == 0
     if zero.any():

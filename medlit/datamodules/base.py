@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRa
 from medlit.constraints import NonNegativeInt, PositiveInt
 from medlit.datasets.io.cache import CacheEntry, VolumeCache
 from medlit.datasets.io.files import atomic_write, is_synthetic
+from medlit.datasets.io.volume import write_uncropped
 from medlit.deprecation import moved
 from medlit.errors import ConfigError, Report
 
@@ -110,17 +111,6 @@ class Scored(Protocol):
 
     def plot(self, path: Path) -> None:
         """The score's figure (an FROC curve, ...) as an image file."""
-
-
-def write_uncropped(values: np.ndarray, meta: dict[str, Any], path: Path) -> Path:
-    """(Z, Y, X) ``values`` of a case cropped to ``meta["bbox"]``, put back into the
-    input's shape (0 outside the crop) and written on its exact geometry."""
-    from medlit.datasets.io.volume import Geometry, write_volume
-
-    full = np.zeros(meta["shape"], values.dtype)
-    full[tuple(slice(a, b) for a, b in meta["bbox"])] = values
-    write_volume(full, Geometry.from_dict(meta["geometry"]), path)
-    return path
 
 
 class BaseDataModule(LightningDataModule):
@@ -289,6 +279,27 @@ class BaseDataModule(LightningDataModule):
         """Label value -> ``{"category", "type"}`` codes of the DICOM SEG's segments for
         the labels this dataset knows (``data.dicom.codes`` overrides them)."""
         return {}
+
+    def deploy_state(self) -> dict[str, Any] | None:
+        """What ``medlit.deploy`` needs to read, preprocess and write cases as
+        :meth:`predict_from` and :meth:`write_prediction` do, without this class (JSON:
+        ``medlit.export`` stores it in the exported file): ``reader`` (which torch-free
+        reader of :mod:`medlit.deploy`), its settings, the label names, the DICOM rules and
+        segment codes. None: the data module cannot be deployed."""
+        return None
+
+    def deploy_common(self) -> dict[str, Any]:
+        """The part of :meth:`deploy_state` every volume data module shares."""
+        from medlit.datasets.io.dicom import DicomSettings, segment_entries
+
+        names = self.label_names()
+        table = getattr(self, "dicom_settings", DicomSettings()).codes
+        entries = segment_entries(names, table, self.dicom_codes())
+        return {
+            "label_names": {str(v): n for v, n in names.items()},
+            "dicom_rules": self.dicom_rules(),
+            "dicom_codes": {str(v): e for v, e in entries.items()},
+        }
 
     def predict_from_images(self, cases: dict[str, list[Path]], source: Path) -> None:
         """As :meth:`predict_from`, for cases given as image files (case id -> one file of

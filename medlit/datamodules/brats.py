@@ -4,7 +4,6 @@ whole-case evaluation."""
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
@@ -22,12 +21,12 @@ from medlit.datamodules.base import (
     Loader,
     cache_root,
     one_item_batch,
-    write_uncropped,
 )
 from medlit.datamodules.splits import SPLIT_KEYS, Split, check_split_file, split_groups
 from medlit.datasets.brats.phantom import write_brats
 from medlit.datasets.brats.source import (
     BRATS_HELP,
+    DICOM_SERIES,
     LAYOUTS,
     MODALITIES,
     BraTSCase,
@@ -39,24 +38,17 @@ from medlit.datasets.brats.source import (
     discover_cases,
     label_targets,
     labels_from_regions,
+    nested_regions,
+    prediction_cases,
     preprocess_case,
 )
 from medlit.datasets.io.cache import CacheEntry, OnTheFly, VolumeCache
 from medlit.datasets.io.dicom import DicomSettings
+from medlit.datasets.io.volume import write_uncropped
 from medlit.datasets.patches import patch_dims
 from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, Report
 
 log = logging.getLogger(__name__)
-
-
-# DICOM input: each modality's series by its SeriesDescription (medlit.datasets.io.dicom).
-_CONTRAST = r"((?<![a-z])(post|gad|gd|ce|contrast)(?![a-z])|\+ ?c(?![a-z])|(?<![a-z])c\+)"
-DICOM_SERIES: dict[str, str] = {
-    "flair": r"flair",
-    "t2": r"t2(?![*a-z])(?!.*flair)",
-    "t1ce": rf"t1(?!.*flair).*{_CONTRAST}|t1ce?(?![a-z0-9])",
-    "t1": rf"t1(?![c0-9])(?!.*{_CONTRAST})(?!.*flair)",
-}
 
 
 class BraTSDataModule(BaseDataModule):
@@ -166,8 +158,8 @@ class BraTSDataModule(BaseDataModule):
             return {}
         if self.predict_input is not None:  # predict_from() read the input's release
             et = self._predict_et
-        else:
-            _, et, _ = self._layout_and_labels()
+        else:  # the training release's (2021's when neither data.year nor the data says)
+            et = self.hparams["et_label"] or LAYOUTS[self._dicom_year()].et_label
         return {
             1: "necrotic tumour core (NCR)",
             2: "peritumoral edema (ED)",
@@ -183,10 +175,7 @@ class BraTSDataModule(BaseDataModule):
     def written_regions(self, regions: np.ndarray) -> np.ndarray:
         """A label map holds nested regions: a voxel of ET is also TC and WT, one of TC
         also WT (independent sigmoid regions need not nest until they are written)."""
-        if len(regions) != 3:
-            return regions
-        wt, tc, et = (np.asarray(r, bool) for r in regions)
-        return np.stack([wt | tc | et, tc | et, et])
+        return nested_regions(regions)
 
     def lesionwise(self) -> tuple[str, bool]:
         """BraTS 2023 and later rank by lesion-wise Dice and HD95: on by default for them."""
@@ -300,15 +289,7 @@ class BraTSDataModule(BaseDataModule):
             )
         if self.synthesis:
             raise ConfigError("modality synthesis writes with medlit.generate, not predict")
-        own = next(
-            (y for y, lay in LAYOUTS.items() if re.fullmatch(lay.case_pattern, path.name)), None
-        )
-        year = self.hparams["year"] or own or detect_layout(path).year
-        layout = LAYOUTS[year]
-        found = discover_cases(path.parent if own else path, layout, self.modalities)
-        cases = [c for c in found if c.case_id == path.name] if own else found
-        if not cases:
-            raise DatasetNotFoundError(f"--input {path}: no {year} BraTS case folders in it")
+        layout, cases = prediction_cases(path, self.hparams["year"], self.modalities)
         self._predict_cases(cases, layout, path)
 
     def dicom_rules(self) -> dict[str, str | None]:
@@ -328,14 +309,32 @@ class BraTSDataModule(BaseDataModule):
             et: {"category": abnormal, "type": "Neoplasm"},
         }
 
+    def deploy_state(self) -> dict[str, Any] | None:
+        if self.synthesis:
+            return None
+        h = self.hparams
+        return {
+            **self.deploy_common(),
+            "reader": "brats",
+            "year": h["year"],
+            "default_year": self._dicom_year(),
+            "modalities": list(self.modalities),
+            "et_label": h["et_label"],
+            "target_spacing": h["target_spacing"],
+        }
+
+    def _dicom_year(self) -> str:
+        """The release whose labels a case converted from DICOM is written in."""
+        return self.hparams["year"] or (
+            detect_layout(self.root).year if self.root.is_dir() else "2021"
+        )
+
     def predict_from_images(self, cases: dict[str, list[Path]], source: Path) -> None:
         """Cases converted from DICOM, written in the labels of data.year, else of the
         training data's release (2021's when that is not here)."""
         if self.synthesis:
             raise ConfigError("modality synthesis writes with medlit.generate, not predict")
-        year = self.hparams["year"] or (
-            detect_layout(self.root).year if self.root.is_dir() else "2021"
-        )
+        year = self._dicom_year()
         found = [
             BraTSCase(cid, files[0].parent, dict(zip(self.modalities, files, strict=True)), None)
             for cid, files in cases.items()

@@ -24,16 +24,15 @@ from medlit.datamodules.base import (
     Loader,
     cache_root,
     one_item_batch,
-    write_uncropped,
 )
 from medlit.datamodules.splits import SPLIT_KEYS, Split, check_split_file, split_groups
 from medlit.datasets.io.cache import CacheEntry, OnTheFly, VolumeCache
 from medlit.datasets.io.dicom import DicomSettings
 from medlit.datasets.io.files import atomic_write
+from medlit.datasets.io.volume import write_uncropped
 from medlit.datasets.patches import patch_dims
 from medlit.datasets.volumes.phantom import write_phantoms
 from medlit.datasets.volumes.source import (
-    ENDINGS,
     STATS_VOXELS,
     VOLUMES_HELP,
     DatasetSpec,
@@ -44,6 +43,7 @@ from medlit.datasets.volumes.source import (
     nonzero_box,
     nonzero_mask,
     parse_spec,
+    prediction_cases,
     preprocess_case,
     read_spec,
     sample_foreground,
@@ -403,26 +403,7 @@ class VolumeDataModule(BaseDataModule):
         (the checkpoint's dataset.json; the training data need not be present)."""
         spec = self._spec()
         path = Path(path).expanduser()
-        if path.is_file():
-            ending = next((e for e in ENDINGS if path.name.endswith(e)), None)
-            if ending is None:
-                raise ConfigError(
-                    f"--input {path}: not an image medlit reads ({', '.join(ENDINGS)})"
-                )
-            case_id = path.name.removesuffix(ending)
-            if spec.format == "nnunet" and re.fullmatch(r".+_\d{4}", case_id):
-                case_id = case_id[:-5]  # <case>_0000: the case, as nnU-Net names its output
-            n = len(spec.channels)
-            if n > 1 and spec.format == "nnunet":
-                raise ConfigError(
-                    f"--input {path}: the model takes {n} channels; give the folder of "
-                    f"<case>_<XXXX>{spec.file_ending} files"
-                )
-            cases = [VolumeCase(case_id, [path], None, four_d=spec.format == "msd")]
-        elif path.is_dir():
-            cases = _folder_cases(path, spec)
-        else:
-            raise DatasetNotFoundError(f"--input {path} does not exist")
+        cases = prediction_cases(path, spec)
         self._predict_cases(cases, path)
 
     def dicom_rules(self) -> dict[str, str | None]:
@@ -434,6 +415,16 @@ class VolumeDataModule(BaseDataModule):
         if len(channels) == 1:
             return {channels[0]: own.get(channels[0])}
         return {c: own.get(c, re.escape(c)) for c in channels}
+
+    def deploy_state(self) -> dict[str, Any] | None:
+        spec = self._spec()
+        raw = {k: v for k, v in spec.raw.items() if k not in ("training", "test")}
+        return {
+            **self.deploy_common(),
+            "reader": "volumes",
+            "dataset_json": raw,
+            "preprocessing": asdict(self._preprocessing()),
+        }
 
     def predict_from_images(self, cases: dict[str, list[Path]], source: Path) -> None:
         self._predict_cases([VolumeCase(c, files, None) for c, files in cases.items()], source)
@@ -504,37 +495,6 @@ class VolumeDataModule(BaseDataModule):
             labels.regions,
             augment,
         )
-
-
-def _folder_cases(folder: Path, spec: DatasetSpec) -> list[VolumeCase]:
-    """The cases of a folder of nnU-Net channel files (``<case>_<XXXX><ending>``) or of
-    MSD images (one file per case)."""
-    if spec.format == "msd":
-        files = sorted(
-            f for f in folder.iterdir() if not f.name.startswith(".") and f.name.endswith(ENDINGS)
-        )
-        if not files:
-            raise DatasetNotFoundError(f"--input {folder}: no image files in it")
-        return [
-            VolumeCase(
-                f.name.removesuffix(next(e for e in ENDINGS if f.name.endswith(e))), [f], None, True
-            )
-            for f in files
-        ]
-    suffix = spec.file_ending
-    ids = sorted(
-        {
-            f.name.removesuffix(suffix)[:-5]
-            for f in folder.iterdir()
-            if f.name.endswith(suffix) and f.name.removesuffix(suffix)[-5:-4] == "_"
-        }
-    )
-    if not ids:
-        raise DatasetNotFoundError(
-            f"--input {folder}: no <case>_<XXXX>{suffix} channel files in it"
-        )
-    n = len(spec.channels)
-    return [VolumeCase(i, [folder / f"{i}_{c:04d}{suffix}" for c in range(n)], None) for i in ids]
 
 
 def _predict_item(case: VolumeCase, spec: DatasetSpec, prep: Preprocessing) -> dict:

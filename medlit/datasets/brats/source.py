@@ -19,6 +19,7 @@ from typing import Literal
 
 import numpy as np
 
+from medlit.datasets.io.cases import cached_case
 from medlit.datasets.io.files import file_problem
 from medlit.datasets.io.volume import (
     Geometry,
@@ -26,7 +27,6 @@ from medlit.datasets.io.volume import (
     nifti_problem,
     read_volume,
 )
-from medlit.datasets.patches import cached_case
 from medlit.errors import DatasetNotFoundError, InvalidCaseError, Report
 
 Modality = Literal["t1", "t1ce", "t2", "flair"]
@@ -73,6 +73,16 @@ LAYOUTS: dict[str, Layout] = {
         3,
     ),
 }
+
+# DICOM input: each modality's series by its SeriesDescription (medlit.datasets.io.dicom).
+_CONTRAST = r"((?<![a-z])(post|gad|gd|ce|contrast)(?![a-z])|\+ ?c(?![a-z])|(?<![a-z])c\+)"
+DICOM_SERIES: dict[str, str] = {
+    "flair": r"flair",
+    "t2": r"t2(?![*a-z])(?!.*flair)",
+    "t1ce": rf"t1(?!.*flair).*{_CONTRAST}|t1ce?(?![a-z0-9])",
+    "t1": rf"t1(?![c0-9])(?!.*{_CONTRAST})(?!.*flair)",
+}
+
 
 BRATS_HELP = (
     "BraTS is distributed by the challenge organisers after registration: 2021 through "
@@ -293,3 +303,26 @@ def labels_from_regions(regions: np.ndarray, et_label: int) -> np.ndarray:
     out = np.zeros(wt.shape, np.uint8)
     out[wt], out[tc], out[et] = 2, 1, et_label
     return out
+
+
+def nested_regions(regions: np.ndarray) -> np.ndarray:
+    """WT/TC/ET regions as a label map holds them: a voxel of ET is also TC and WT, one of
+    TC also WT (independent sigmoid regions need not nest until they are written)."""
+    if len(regions) != 3:
+        return regions
+    wt, tc, et = (np.asarray(r, bool) for r in regions)
+    return np.stack([wt | tc | et, tc | et, et])
+
+
+def prediction_cases(
+    path: Path, year: str | None, modalities: tuple[str, ...]
+) -> tuple[Layout, list[BraTSCase]]:
+    """The cases of a prediction input: ``path`` is a case folder or a folder of case
+    folders, in ``year``'s layout or the one its names follow; refused when there are none."""
+    own = next((y for y, lay in LAYOUTS.items() if re.fullmatch(lay.case_pattern, path.name)), None)
+    layout = LAYOUTS[year or own or detect_layout(path).year]
+    found = discover_cases(path.parent if own else path, layout, modalities)
+    cases = [c for c in found if c.case_id == path.name] if own else found
+    if not cases:
+        raise DatasetNotFoundError(f"--input {path}: no {layout.year} BraTS case folders in it")
+    return layout, cases

@@ -330,18 +330,28 @@ def code(value: Any) -> Any:
     raise ConfigError(f"data.dicom.codes: {value!r}: give a keyword or [value, scheme, meaning]")
 
 
-def segment_codes(
+def segment_entries(
     names: dict[int, str], table: dict[str, dict[str, Any]], defaults: dict[int, dict[str, Any]]
-) -> dict[int, tuple[Any, Any]]:
-    """Label value -> (category, type) codes: the config's table (by value or name), then
-    the data module's defaults, then SNOMED CT Tissue."""
+) -> dict[int, dict[str, Any]]:
+    """Label value -> its ``{"category", "type"}`` entry: the config's table (by value or
+    name), then the data module's defaults, then SNOMED CT Tissue."""
     out = {}
     for value, name in names.items():
         entry = table.get(str(value)) or table.get(name) or defaults.get(value) or GENERIC_CODES
         if not {"category", "type"} <= set(entry):
             raise ConfigError(f"data.dicom.codes[{name!r}]: give both 'category' and 'type'")
-        out[value] = (code(entry["category"]), code(entry["type"]))
+        out[value] = dict(entry)
     return out
+
+
+def segment_codes(
+    names: dict[int, str], table: dict[str, dict[str, Any]], defaults: dict[int, dict[str, Any]]
+) -> dict[int, tuple[Any, Any]]:
+    """Label value -> (category, type) coded concepts (:func:`segment_entries`)."""
+    return {
+        value: (code(entry["category"]), code(entry["type"]))
+        for value, entry in segment_entries(names, table, defaults).items()
+    }
 
 
 def write_seg(

@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -247,3 +248,12 @@ def _nifti_header(head: bytes) -> nib.Nifti1Header:
     raise ValueError(
         f"first 4 bytes {head[:4].hex()} are not a NIfTI-1 (348) or NIfTI-2 (540) size"
     )
+
+
+def write_uncropped(values: np.ndarray, meta: dict[str, Any], path: Path) -> Path:
+    """(Z, Y, X) ``values`` of a case cropped to ``meta["bbox"]``, put back into the
+    input's shape (0 outside the crop) and written on its exact geometry."""
+    full = np.zeros(meta["shape"], values.dtype)
+    full[tuple(slice(a, b) for a, b in meta["bbox"])] = values
+    write_volume(full, Geometry.from_dict(meta["geometry"]), path)
+    return path

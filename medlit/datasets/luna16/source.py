@@ -519,7 +519,7 @@ def preprocess_lungs(
     scan's own grid as ``seg_native`` when resampled (scores are taken there). Both are
     turned to the identity direction first; ``meta``: that grid's geometry and shape and
     the scan's ``orientation``, where predictions are written back to."""
-    from medlit.datasets.patches import cached_case
+    from medlit.datasets.io.cases import cached_case
 
     uid = scan.seriesuid
     check = check_lung_scan if need_mask else check_scan

@@ -33,14 +33,14 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from medlit.datasets.io.cases import cached_case
 from medlit.datasets.io.files import file_problem
 from medlit.datasets.io.volume import (
     Geometry,
     count_nonfinite,
     nifti_problem,
 )
-from medlit.datasets.patches import cached_case
-from medlit.errors import DatasetNotFoundError, InvalidCaseError, Report
+from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, Report
 
 # Every ending SimpleITK reads that nnU-Net's SimpleITKIO takes; anything else is refused.
 ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -612,3 +612,58 @@ def preprocess_case(
     return cached_case(
         image, seg[crop] if seg is not None else None, geometry.spacing_zyx, p.spacing, meta
     )
+
+
+def folder_cases(folder: Path, spec: DatasetSpec) -> list[VolumeCase]:
+    """The cases of a folder of nnU-Net channel files (``<case>_<XXXX><ending>``) or of
+    MSD images (one file per case)."""
+    if spec.format == "msd":
+        files = sorted(
+            f for f in folder.iterdir() if not f.name.startswith(".") and f.name.endswith(ENDINGS)
+        )
+        if not files:
+            raise DatasetNotFoundError(f"--input {folder}: no image files in it")
+        return [
+            VolumeCase(
+                f.name.removesuffix(next(e for e in ENDINGS if f.name.endswith(e))), [f], None, True
+            )
+            for f in files
+        ]
+    suffix = spec.file_ending
+    ids = sorted(
+        {
+            f.name.removesuffix(suffix)[:-5]
+            for f in folder.iterdir()
+            if f.name.endswith(suffix) and f.name.removesuffix(suffix)[-5:-4] == "_"
+        }
+    )
+    if not ids:
+        raise DatasetNotFoundError(
+            f"--input {folder}: no <case>_<XXXX>{suffix} channel files in it"
+        )
+    n = len(spec.channels)
+    return [VolumeCase(i, [folder / f"{i}_{c:04d}{suffix}" for c in range(n)], None) for i in ids]
+
+
+def prediction_cases(path: Path, spec: DatasetSpec) -> list[VolumeCase]:
+    """The cases of a prediction input: one image file (one channel, or an MSD 4D file) or
+    a folder of ``<case>_<XXXX><ending>`` channel files (nnU-Net's imagesTs)."""
+    if path.is_file():
+        ending = next((e for e in ENDINGS if path.name.endswith(e)), None)
+        if ending is None:
+            raise ConfigError(f"--input {path}: not an image medlit reads ({', '.join(ENDINGS)})")
+        case_id = path.name.removesuffix(ending)
+        if spec.format == "nnunet" and re.fullmatch(r".+_\d{4}", case_id):
+            case_id = case_id[:-5]  # <case>_0000: the case, as nnU-Net names its output
+        n = len(spec.channels)
+        if n > 1 and spec.format == "nnunet":
+            raise ConfigError(
+                f"--input {path}: the model takes {n} channels; give the folder of "
+                f"<case>_<XXXX>{spec.file_ending} files"
+            )
+        cases = [VolumeCase(case_id, [path], None, four_d=spec.format == "msd")]
+    elif path.is_dir():
+        cases = folder_cases(path, spec)
+    else:
+        raise DatasetNotFoundError(f"--input {path} does not exist")
+    return cases
