@@ -3,31 +3,50 @@
 
     python -m medlit.export CONFIG --ckpt_path PATH --format onnx|torch-export --output FILE
 
-What is exported is the task's network alone, as the task runs it: logits from a batch of
-inputs (2D/2.5D segmentation: slices with their context as channels, any batch and any
-height and width that are multiples of 32 from 64 on (``medlit.predict --model`` pads
-smaller slices with zeros); 3D segmentation: windows of the task's patch
-size, any batch; classification: images of the data module's size, any batch). Slicing,
-the sliding window, mirroring, thresholds, postprocessing and the writers stay in medlit
-(``medlit.predict --model FILE.onnx`` runs them around the exported network). The file
-carries what inference needs in its metadata (``medlit`` key: a JSON object with the
-task, its input channels, regions or classes and their activation, patch size, spacing,
-the data module's preprocessing state, medlit's version and the resolved config); for
-ONNX as the model's metadata, for ``.pt2`` as the extra file ``medlit.json``.
+What is exported is the task's network alone, as the task runs it, for any batch:
+
+* 2D/2.5D segmentation: logits from slices with their context as channels, any height
+  and width that are multiples of 32 from 64 on (``medlit.predict --model`` pads smaller
+  slices with zeros and crops the logits back);
+* 3D segmentation: logits from windows of the task's patch size;
+* classification: logits from images of the data module's size;
+* detection (Ultralytics YOLO): the head's decoded output before NMS, (N, 4 + classes,
+  anchors): per anchor point of every stride the box centre x, y, width and height in
+  input pixels, then each class's probability (Ultralytics' own export format), from
+  slices of any height and width that are multiples of the largest stride (32) from twice
+  that on. NMS within a slice, the merging of slice boxes into 3D candidates and
+  false-positive reduction stay in medlit;
+* GAN generator (the weight average when trained with one): pix2pix, image -> image
+  (slices, any height and width that are multiples of 2**depth from twice that on);
+  unconditional, noise (N, latent_dim) -> images (N, C, S, S) in [-1, 1], and for a
+  class-conditional generator a second input, the classes (N,) int64.
+
+Slicing, the sliding window, mirroring, thresholds, postprocessing and the writers stay
+in medlit (``medlit.predict --model FILE.onnx`` runs them around the exported network,
+for segmentation, classification and detection). The file carries what inference needs
+in its metadata (``medlit`` key: a JSON object with the task and ``kind``, the names of
+the inputs and the output, input channels, regions or classes and their activation,
+patch size, spacing, stride and NMS / merging settings, the generator's value range, the
+data module's preprocessing state, medlit's version and the resolved config); for ONNX
+as the model's metadata, for ``.pt2`` as the extra file ``medlit.json``.
 
 The export is checked before it is kept: the exported network runs (onnxruntime, or the
 exported program) on two inputs of different batch (and, where allowed, size) and its
 largest difference from PyTorch is printed and stored (``parity_max_abs_diff``); above
-1e-3 the export is refused. Detection (YOLO) and GAN generators are not exported yet.
+1e-3 the export is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,80 +59,290 @@ from medlit.errors import ConfigError, run_main
 from medlit.overview import maybe_overview
 
 log = logging.getLogger("medlit")
-TOLERANCE = 1e-3  # refused above; fp32 exports come out near 1e-6
+# Refused above. fp32 exports come out near 1e-6; YOLO's boxes, in pixels (hundreds, where
+# float32 steps by 3e-5), a few steps apart (3e-5 to 1.2e-4).
+TOLERANCE = 1e-3
+BATCH = torch.export.Dim("batch", min=1, max=4096)
 
 
 @dataclass
 class Exportable:
+    """A network with two example inputs of different batch (and size, where dynamic):
+    each a tuple of the network's inputs (a class-conditional generator takes noise and
+    classes), with the dynamic dimensions of each input, and the metadata. The names of
+    the inputs and of the output are ``meta["inputs"]`` and ``meta["output"]``.
+
+    ``strict``: trace with ``torch.export``'s strict (TorchDynamo) tracer, which keeps
+    ``len(x)`` symbolic; the default non-strict tracer runs the Python code, where
+    ``len(x)`` must be an int, so a network calling it would export for one batch only.
+    """
+
     network: torch.nn.Module
-    example: torch.Tensor
-    other: torch.Tensor  # a second input of another batch (and size, where dynamic)
-    dynamic: dict[int, Any]
+    example: tuple[torch.Tensor, ...]
+    other: tuple[torch.Tensor, ...]
+    dynamic: tuple[dict[int, Any], ...]
     meta: dict[str, Any]
+    strict: bool = False
 
 
 def exportable(model: Any, datamodule: Any) -> Exportable:
     """The network of a trained task, example inputs and the metadata inference needs."""
-    from medlit.tasks import ClassificationTask, Segmentation3DTask, SegmentationTask
+    from medlit.tasks import (
+        ClassificationTask,
+        DetectionTask,
+        GANTask,
+        Segmentation3DTask,
+        SegmentationTask,
+    )
 
     h = dict(model.hparams)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    meta: dict[str, Any] = {"task": f"{type(model).__module__}.{type(model).__qualname__}"}
+    meta: dict[str, Any] = {"task": task_name(model)}
     if isinstance(model, Segmentation3DTask):
         patch = list(model.patch)
         c = int(h["in_channels"])
-        example, other = torch.randn(2, c, *patch), torch.randn(3, c, *patch)
-        dynamic: dict[int, Any] = {0: batch}
-        meta |= {"kind": "segmentation3d", "patch_size": patch, "spacing": h.get("spacing")}
+        e = Exportable(
+            model.model.eval(),
+            (torch.randn(2, c, *patch),),
+            (torch.randn(3, c, *patch),),
+            ({0: BATCH},),
+            {"kind": "segmentation3d", "patch_size": patch, "spacing": h.get("spacing")},
+        )
     elif isinstance(model, SegmentationTask):
-        c = int(h["in_channels"])
-        # At least two blocks of 32 per side: with one, the deepest feature map is 1 × 1
-        # and the exported graph would hold only for that (broadcasting specialises).
-        example, other = torch.randn(2, c, 64, 64), torch.randn(3, c, 96, 128)
-        ys, xs = torch.export.Dim("y32", min=2, max=512), torch.export.Dim("x32", min=2, max=512)
-        dynamic = {0: batch, 2: 32 * ys, 3: 32 * xs}
-        meta |= {"kind": "segmentation", "multiple": 32, "min_size": 64}
+        e = _slices(model.model.eval(), int(h["in_channels"]), 32)
+        e.meta["kind"] = "segmentation"
     elif isinstance(model, ClassificationTask):
-        size = int(getattr(datamodule, "hparams", {}).get("image_size", 224) or 224)
+        size = int(_data_hparams(datamodule).get("image_size", 224) or 224)
         c = int(h.get("in_channels") or 3)
-        example, other = torch.randn(2, c, size, size), torch.randn(3, c, size, size)
-        dynamic = {0: batch}
-        meta |= {"kind": "classification", "image_size": size, "classes": model.class_names}
+        e = Exportable(
+            model.model.eval(),
+            (torch.randn(2, c, size, size),),
+            (torch.randn(3, c, size, size),),
+            ({0: BATCH},),
+            {"kind": "classification", "image_size": size, "classes": model.class_names},
+        )
+    elif isinstance(model, DetectionTask):
+        e = _detector(model, datamodule)
+    elif isinstance(model, GANTask):
+        e = _generator(model, datamodule)
     else:
         raise ConfigError(
-            f"medlit.export: {type(model).__name__} is not exported yet (segmentation and "
-            "classification are)"
+            f"medlit.export: {type(model).__name__} is not exported (segmentation, "
+            "classification, detection and GAN generators are)"
         )
     if isinstance(model, SegmentationTask):
-        meta |= {
+        e.meta |= {
             "regions": list(model.region_names),
             "target": h["target"],
             "activation": "sigmoid" if h["target"] == "regions" else "softmax",
             "threshold": h.get("threshold"),
+            "num_classes": h.get("num_classes"),
+            "class_to_region": h.get("class_to_region"),
         }
-    meta |= {"in_channels": int(example.shape[1]), "input": "image", "output": "logits"}
-    return Exportable(model.model.eval(), example, other, dynamic, meta)
+        e.meta |= segmentation_inference(model, datamodule)
+    e.meta = {
+        **meta,
+        **e.meta,
+        "in_channels": e.meta.get("in_channels", int(e.example[0].shape[1])),
+        "inputs": e.meta.get("inputs", ["image"]),
+        "output": e.meta.get("output", "logits"),
+    }
+    return e
+
+
+def segmentation_inference(model: Any, datamodule: Any) -> dict[str, Any]:
+    """How a segmentation task runs its network over a whole case (``medlit.deploy`` does
+    the same): slices per pass (2D), or the window overlap, windows per pass and the
+    mirrored axes at test (3D); and the data module's ``deploy_state`` (how its cases are
+    read, preprocessed and written), where it has one."""
+    from medlit.datamodules.base import BaseDataModule
+    from medlit.tasks import Segmentation3DTask
+
+    h = model.hparams
+    if isinstance(model, Segmentation3DTask):
+        mirror = h["tta"] == "mirror"
+        axes = datamodule.mirror_axes() if isinstance(datamodule, BaseDataModule) else (0, 1, 2)
+        out: dict[str, Any] = {
+            "overlap": h["overlap"],
+            "sw_batch_size": h["sw_batch_size"],
+            "mirror_axes": list(axes) if mirror else [],
+        }
+    else:
+        out = {"inference_batch_size": h["inference_batch_size"]}
+    if isinstance(datamodule, BaseDataModule) and (state := datamodule.deploy_state()):
+        out["deploy"] = state
+    return out
+
+
+def task_name(model: Any) -> str:
+    """The task's class as the metadata names it (``medlit.tasks.detection.DetectionTask``)."""
+    return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+def predicted_names(model: Any, datamodule: Any) -> list[str]:
+    """What the task's outputs are: its regions (segmentation), classes (classification)
+    or the data module's box classes (detection); empty for a generator."""
+    from medlit.datamodules.base import BaseDataModule
+    from medlit.tasks import ClassificationTask, DetectionTask, SegmentationTask
+
+    if isinstance(model, SegmentationTask):
+        return list(model.region_names)
+    if isinstance(model, ClassificationTask):
+        return list(model.class_names)
+    if isinstance(model, DetectionTask) and isinstance(datamodule, BaseDataModule):
+        return list(datamodule.classes)
+    return []
+
+
+def _data_hparams(datamodule: Any) -> dict[str, Any]:
+    return dict(getattr(datamodule, "hparams", None) or {})
+
+
+def _slices(
+    network: torch.nn.Module, channels: int, multiple: int, sample: Any = torch.randn
+) -> Exportable:
+    """A fully convolutional network on (N, channels, H, W) slices, H and W multiples of
+    ``multiple``, its example inputs drawn by ``sample`` (the inputs' domain: z-scored
+    intensities by default). At least two multiples per side: with one, the deepest
+    feature map is 1 × 1 and the exported graph would hold only for that (broadcasting
+    specialises)."""
+    ys = torch.export.Dim(f"y{multiple}", min=2, max=16384 // multiple)
+    xs = torch.export.Dim(f"x{multiple}", min=2, max=16384 // multiple)
+    m = multiple
+    return Exportable(
+        network,
+        (sample(2, channels, 2 * m, 2 * m),),
+        (sample(3, channels, 3 * m, 4 * m),),
+        ({0: BATCH, 2: m * ys, 3: m * xs},),
+        {"multiple": m, "min_size": 2 * m},
+    )
+
+
+def _detector(model: Any, datamodule: Any) -> Exportable:
+    """A DetectionTask's YOLO network, returning its decoded head output alone.
+
+    In eval mode Ultralytics' ``DetectionModel`` returns (decoded output, raw head maps);
+    medlit's NMS reads the first, the maps only serve the loss. Its export mode returns
+    the first alone, and its dynamic mode rebuilds the anchor grid from each input's
+    shape (otherwise the grid of the last shape seen is cached). Both are set on a copy,
+    so the task's own network is untouched.
+
+    The parity check's inputs are uniform in [0, 1], the range of the windowed slices
+    the detector sees: its boxes are in pixels (hundreds, where float32 resolves 3e-5),
+    and on z-scored noise far outside that range a YOLO network with measured BatchNorm
+    statistics differs from its own float64 result by 5e-3 pixels, in PyTorch as in
+    onnxruntime."""
+    h = dict(model.hparams)
+    network = copy.deepcopy(model.model).eval()
+    head = network.model[-1]
+    head.export, head.dynamic = True, True
+    strides = [int(s) for s in network.stride.tolist()]
+    e = _slices(network, int(h["in_channels"]), max(strides), torch.rand)
+    data = _data_hparams(datamodule)
+    e.meta |= {
+        "kind": "detection",
+        "output": "detections",
+        "layout": "(N, 4 + classes, anchors): box centre x, y, width, height in input "
+        "pixels, then each class's probability",
+        "context_slices": (int(h["in_channels"]) - 1) // 2,
+        "image_size": data.get("patch_size"),  # the slices it was trained on
+        "spacing": data.get("spacing"),
+        "strides": strides,
+        "classes": predicted_names(model, datamodule)
+        or [f"class_{i}" for i in range(int(h["num_classes"]))],
+        "num_classes": int(h["num_classes"]),
+        **{
+            k: h[k]
+            for k in (
+                "conf_threshold",
+                "iou_threshold",
+                "max_det",
+                "merge_tolerance",
+                "max_candidates",
+                "lung_margin_mm",
+            )
+        },
+    }
+    return e
+
+
+def _generator(model: Any, datamodule: Any) -> Exportable:
+    """A GANTask's generator as evaluation and sampling use it (its weight average when
+    trained with one)."""
+    h = dict(model.hparams)
+    network = model.sampler.eval()
+    meta = {"kind": "generator", "mode": h["mode"], "out_channels": int(h["out_channels"])}
+    if h["mode"] == "paired":
+        e = _slices(network, int(h["in_channels"]), 2 ** int(h["depth"]))
+        # The U-Net's last layer is linear: intensities normalised as the data module
+        # normalises the target modality.
+        meta |= {
+            "image_size": _data_hparams(datamodule).get("patch_size"),  # trained on
+            "activation": "none",
+            "value_range": None,
+        }
+        e.meta |= meta | {"output": "generated"}
+        return e
+    latent, classes = int(h["latent_dim"]), int(h["num_classes"])
+    example: tuple[torch.Tensor, ...] = (torch.randn(2, latent),)
+    other: tuple[torch.Tensor, ...] = (torch.randn(3, latent),)
+    dynamic: tuple[dict[int, Any], ...] = ({0: BATCH},)
+    inputs = ["latent"]
+    if classes:
+        example += (torch.arange(2) % classes,)
+        other += (torch.arange(3) % classes,)
+        dynamic += ({0: BATCH},)
+        inputs.append("labels")
+    meta |= {
+        "in_channels": None,  # noise, not an image
+        "image_size": int(h["image_size"]),
+        "latent_dim": latent,
+        "num_classes": classes,
+        "activation": "tanh",
+        "value_range": [-1.0, 1.0],
+        "inputs": inputs,
+        "output": "generated",
+    }
+    # DCGANGenerator.forward takes the batch as len(z): kept symbolic by the strict tracer.
+    return Exportable(network, example, other, dynamic, meta, strict=True)
+
+
+@contextmanager
+def _anchor_cache_quiet() -> Iterator[None]:
+    """Ultralytics' Detect head stores its anchor grid in plain tensor attributes, which
+    torch.export warns about. In dynamic mode (set by :func:`_detector`) the grid is
+    rebuilt from the input's shape on every call, so the exported graph computes it and
+    the attributes are never read back: the warning says nothing about the export."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The tensor attributes .*(anchors|strides)")
+        yield
+
+
+def _run(network: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    with torch.no_grad():
+        return network(*inputs).float()
+
+
+def _program(e: Exportable) -> torch.export.ExportedProgram:
+    """The network traced by ``torch.export``, which both formats start from: its
+    errors (a dimension the code fixes, an op it cannot trace) surface as they are."""
+    with _anchor_cache_quiet():
+        return torch.export.export(e.network, e.example, dynamic_shapes=e.dynamic, strict=e.strict)
 
 
 def _onnx(e: Exportable, path: Path) -> float:
     import onnx
     import onnxruntime as ort
 
-    program = torch.onnx.export(
-        e.network,
-        (e.example,),
-        dynamo=True,
-        dynamic_shapes=(e.dynamic,),
-        input_names=["image"],
-        output_names=["logits"],
+    names = list(e.meta["inputs"])
+    onnx_program = torch.onnx.export(
+        _program(e), e.example, dynamo=True, input_names=names, output_names=[e.meta["output"]]
     )
-    program.save(str(path))
+    onnx_program.save(str(path))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     diff = 0.0
     for x in (e.example, e.other):
-        with torch.no_grad():
-            want = e.network(x).float().numpy()
-        got = session.run(None, {"image": x.numpy()})[0]
+        want = _run(e.network, x).numpy()
+        got = session.run(None, {n: t.numpy() for n, t in zip(names, x, strict=True)})[0]
         diff = max(diff, float(np.abs(got - want).max()))
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
@@ -123,12 +352,10 @@ def _onnx(e: Exportable, path: Path) -> float:
 
 
 def _torch_export(e: Exportable, path: Path) -> float:
-    program = torch.export.export(e.network, (e.example,), dynamic_shapes=(e.dynamic,))
+    program = _program(e)
     diff = 0.0
     for x in (e.example, e.other):
-        with torch.no_grad():
-            want = e.network(x).float()
-            got = program.module()(x).float()
+        want, got = _run(e.network, x), _run(program.module(), x)
         diff = max(diff, float((got - want).abs().max()))
     meta = json.dumps({**e.meta, "parity_max_abs_diff": diff})
     torch.export.save(program, str(path), extra_files={"medlit.json": meta})
@@ -137,9 +364,15 @@ def _torch_export(e: Exportable, path: Path) -> float:
 
 class OnnxNetwork(torch.nn.Module):
     """An exported ONNX network run by onnxruntime, in place of a task's PyTorch network
-    (``medlit.predict --model``): logits from a batch, on the input's device."""
+    (``medlit.predict --model``): its output from a batch, on the input's device.
 
-    def __init__(self, path: Path, threads: int | None = None, min_size: int = 0) -> None:
+    Segmentation slices smaller than the export's ``min_size`` are zero-padded and the
+    logits cropped back. A detector's slices cannot be: padding would add anchors and
+    move the boxes near the edge, so smaller slices are refused. For a detector,
+    ``stride`` holds its strides as Ultralytics' ``DetectionModel.stride`` does (what
+    :meth:`~medlit.tasks.DetectionTask.detect_slices` pads slices to a multiple of)."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], threads: int | None = None) -> None:
         super().__init__()
         try:
             import onnxruntime as ort
@@ -151,16 +384,25 @@ class OnnxNetwork(torch.nn.Module):
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.path, self.min_size = path, min_size
+        self.path, self.min_size = path, int(meta.get("min_size", 0))
+        self.input = meta.get("inputs", ["image"])[0]
+        self.maps = meta.get("kind") == "segmentation"  # logits of the slice's size
+        strides = torch.tensor(meta.get("strides", []), dtype=torch.float32)
+        self.register_buffer("stride", strides, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        if x.ndim == 4 and min(h, w) < self.min_size:  # smaller slices: zero-padded
+        if x.ndim == 4 and min(h, w) < self.min_size:
+            if not self.maps:
+                raise ConfigError(
+                    f"--model {self.path}: slices of {h} × {w} pixels; the exported "
+                    f"network takes {self.min_size} × {self.min_size} and larger"
+                )
             x = torch.nn.functional.pad(
                 x, (0, max(self.min_size - w, 0), 0, max(self.min_size - h, 0))
             )
-        out = self.session.run(None, {"image": x.detach().float().cpu().numpy()})[0]
-        return torch.from_numpy(out[..., :h, :w] if x.ndim == 4 else out).to(x.device)
+        out = self.session.run(None, {self.input: x.detach().float().cpu().numpy()})[0]
+        return torch.from_numpy(out[..., :h, :w] if self.maps else out).to(x.device)
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -184,16 +426,19 @@ def read_metadata(path: Path) -> dict[str, Any]:
 def use_exported(model: Any, datamodule: Any, path: Path) -> dict[str, Any]:
     """Make ``model`` run the ONNX network ``path`` (``medlit.predict --model``): checked
     against the experiment (task, input channels, regions or classes), the data module's
-    preprocessing state loaded from the file's metadata. Returns the metadata."""
+    preprocessing state loaded from the file's metadata. Returns the metadata.
+
+    The task's own settings (thresholds, NMS, merging) come from the config, as with a
+    checkpoint; the file's copies of them are for other runtimes."""
     if path.suffix != ".onnx":
         raise ConfigError(f"--model {path}: give an ONNX file from medlit.export")
     meta = read_metadata(path)
-    task = f"{type(model).__module__}.{type(model).__qualname__}"
+    task = task_name(model)
     if meta.get("task") != task:
         raise ConfigError(
             f"--model {path} was exported from a {meta.get('task')}, the config's task is {task}"
         )
-    names = list(getattr(model, "region_names", None) or getattr(model, "class_names", []) or [])
+    names = predicted_names(model, datamodule)
     theirs = meta.get("regions") or meta.get("classes") or []
     channels = int(model.hparams.get("in_channels") or 3)
     if list(theirs) != names or int(meta.get("in_channels", channels)) != channels:
@@ -203,7 +448,7 @@ def use_exported(model: Any, datamodule: Any, path: Path) -> dict[str, Any]:
         )
     if meta.get("data_state") and hasattr(datamodule, "load_state_dict"):
         datamodule.load_state_dict(meta["data_state"])
-    model.model = OnnxNetwork(path, torch.get_num_threads(), int(meta.get("min_size", 0)))
+    model.model = OnnxNetwork(path, meta, torch.get_num_threads())
     return meta
 
 
