@@ -40,6 +40,7 @@ from medlit.datasets.io.dicom import (
     cases_from_series,
     find_series,
     is_dicom,
+    override_rules,
     segment_codes,
     stage_cases,
     write_seg,
@@ -304,12 +305,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     with tempfile.TemporaryDirectory(prefix="medlit-dicom-") as staging:
         dicom = None
         if is_dicom(source):
-            rules = dict(state["dicom_rules"])
-            for item in args.series:
-                channel, sep, regex = item.partition("=")
-                if not sep or channel not in rules:
-                    raise ConfigError(f"--series {item}: CHANNEL one of {', '.join(rules)}")
-                rules[channel] = regex
+            rules = override_rules(state["dicom_rules"], args.series)
             dicom = cases_from_series(find_series(source), rules)
             cases = reader.from_files(stage_cases(dicom, Path(staging)))
         else:

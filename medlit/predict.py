@@ -66,6 +66,7 @@ from medlit.datasets.io.dicom import (
     cases_from_series,
     find_series,
     is_dicom,
+    override_rules,
     segment_codes,
     stage_cases,
     write_seg,
@@ -198,14 +199,7 @@ def dicom_input(
     then ``--series CHANNEL=REGEX``), converted into ``staging`` and given to the data
     module. Returns the cases' series and the DICOM SEG's segment codes, which are checked
     here, before anything runs."""
-    rules = dm.dicom_rules()
-    for item in series:
-        channel, sep, regex = item.partition("=")
-        if not sep or channel not in rules:
-            raise ConfigError(
-                f"--series {item}: give CHANNEL=REGEX, CHANNEL one of {', '.join(rules)}"
-            )
-        rules[channel] = regex
+    rules = override_rules(dm.dicom_rules(), series)
     cases = cases_from_series(find_series(source), rules)
     dm.predict_from_images(stage_cases(cases, staging, dm.dicom_suffix), source)
     names = dm.label_names()

@@ -213,6 +213,19 @@ def read_series(series: Series) -> sitk.Image:
     return image
 
 
+def override_rules(rules: dict[str, str | None], items: list[str]) -> dict[str, str | None]:
+    """``rules`` with the command line's ``CHANNEL=REGEX`` items (``--series``) applied."""
+    rules = dict(rules)
+    for item in items:
+        channel, sep, regex = item.partition("=")
+        if not sep or channel not in rules:
+            raise ConfigError(
+                f"--series {item}: give CHANNEL=REGEX, CHANNEL one of {', '.join(rules)}"
+            )
+        rules[channel] = regex
+    return rules
+
+
 def case_id(uid: str) -> str:
     """A file name for a case named by a DICOM UID (digits and dots are kept)."""
     return re.sub(r"[^0-9A-Za-z._-]", "_", uid)
