@@ -44,6 +44,10 @@ import SimpleITK as sitk
 from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError
 
 IMAGE_MODALITIES = ("CT", "MR")
+# Endings of the other inputs medlit reads, never DICOM files.
+NOT_DICOM = frozenset(
+    {".gz", ".nii", ".mhd", ".raw", ".zraw", ".nrrd", ".mha", ".jpg", ".jpeg", ".png", ".csv"}
+)
 # Coded concepts of a segment whose label has none in the table: SNOMED CT "Tissue".
 GENERIC_CODES = {"category": "Tissue", "type": "Tissue"}
 
@@ -89,7 +93,12 @@ def is_dicom(path: Path) -> bool:
         return _has_preamble(path)
     if not path.is_dir():
         return False
-    return any(_has_preamble(f) for f in path.rglob("*") if f.is_file())
+    # Files of the other input formats are not opened (a folder of 25,000 ISIC images).
+    return any(
+        _has_preamble(f)
+        for f in path.rglob("*")
+        if f.suffix.lower() not in NOT_DICOM and f.is_file()
+    )
 
 
 def _has_preamble(path: Path) -> bool:
