@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 
 from medlit.datasets.slices import slice_boxes
+from medlit.detections import merge_detections
 from medlit.errors import ConfigError
 from medlit.fit import main
 from medlit.metrics.froc import FROC_POINTS
-from medlit.tasks.detection import merge_detections
 from tests.data.luna16.data import make_luna16
 from tests.helpers.shared import Trained
 from tests.test_fit import REPO, _artifacts, _runs, cli_args

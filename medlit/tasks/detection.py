@@ -32,9 +32,9 @@ from medlit.constraints import (
     PositiveInt,
 )
 from medlit.datamodules.base import BaseDataModule
-from medlit.datasets.io.volume import Geometry
 from medlit.datasets.slices import slice_boxes, spacing_zyx, stack_slices
 from medlit.deprecation import renamed
+from medlit.detections import candidate_table, merge_detections
 from medlit.errors import ConfigError
 from medlit.metrics.froc import FROCResult, froc
 from medlit.models import load_weights, unknown_name, yolo_names
@@ -57,67 +57,6 @@ def _ultralytics():
     except ImportError as e:  # the AGPL dependency lives in an extra
         raise ConfigError('DetectionTask needs Ultralytics: pip install "medlit[detection]"') from e
     return DetectionModel, get_cfg, non_max_suppression
-
-
-def merge_detections(
-    slices: list[tuple[int, np.ndarray]],
-    spacing: np.ndarray,
-    tolerance_slices: float = 1.0,
-    max_radius_mm: float = 16.0,
-) -> np.ndarray:
-    """Merge per-slice boxes into 3D candidates.
-
-    ``slices`` holds ``(z, boxes)`` with boxes (n, 5) = pixel x1, y1, x2, y2, score;
-    ``spacing`` is (z, y, x) mm. Boxes are taken in descending score; a box joins the
-    nearest existing candidate whose centre lies within ``max(radius of the candidate,
-    radius of the box) + tolerance_slices · z-spacing`` mm (3D distance), otherwise it
-    starts a new one. The reach is capped at ``max_radius_mm`` (LUNA16 nodules are at most
-    30 mm across), so one huge low-quality box cannot swallow a scan. A candidate's centre is the score-weighted mean of its boxes'
-    centres (a nodule's boxes on neighbouring slices average to its centre slice), its
-    diameter the widest box, and its score the highest box score.
-
-    Returns (m, 5): z, y, x (continuous voxel index), diameter_mm, score; by score.
-    """
-    rows = [
-        np.column_stack(
-            [
-                np.full(len(b), z, float),
-                (b[:, 1] + b[:, 3]) / 2 - 0.5,  # pixel centre -> voxel index
-                (b[:, 0] + b[:, 2]) / 2 - 0.5,
-                np.maximum((b[:, 3] - b[:, 1]) * spacing[1], (b[:, 2] - b[:, 0]) * spacing[2]) / 2,
-                b[:, 4],
-            ]
-        )
-        for z, b in slices
-        if len(b)
-    ]
-    if not rows:
-        return np.zeros((0, 5))
-    dets = np.concatenate(rows)
-    dets = dets[np.argsort(-dets[:, 4], kind="stable")]
-    centres: list[np.ndarray] = []  # mm, weighted sums
-    weights: list[float] = []
-    radius: list[float] = []
-    score: list[float] = []
-    tol = tolerance_slices * spacing[0]
-    for d in dets:
-        p = d[:3] * spacing
-        if centres:
-            c = np.asarray(centres) / np.asarray(weights)[:, None]
-            dist = np.linalg.norm(c - p, axis=1)
-            allowed = np.minimum(np.maximum(np.asarray(radius), d[3]), max_radius_mm) + tol
-            j = int(np.argmin(dist / allowed))
-            if dist[j] <= allowed[j]:
-                centres[j] = centres[j] + d[4] * p
-                weights[j] += d[4]
-                radius[j] = max(radius[j], d[3])
-                continue
-        centres.append(d[4] * p)
-        weights.append(d[4])
-        radius.append(d[3])
-        score.append(d[4])
-    c = np.asarray(centres) / np.asarray(weights)[:, None] / spacing
-    return np.column_stack([c, 2 * np.asarray(radius), np.asarray(score)])
 
 
 class DetectionTask(BaseTask):
@@ -323,20 +262,9 @@ class DetectionTask(BaseTask):
             p = self.fpr_probability(item["case_id"], merged[:, :3], item.get("hu"))
             w = self.hparams["fpr_weight"]
             score = score ** (1 - w) * p**w
-        world = index_to_world_meta(meta, merged[:, :3])
-        table = pd.DataFrame(
-            {
-                "seriesuid": item["case_id"],
-                "coordX": world[:, 0] if len(world) else [],
-                "coordY": world[:, 1] if len(world) else [],
-                "coordZ": world[:, 2] if len(world) else [],
-                "probability": score,
-                "diameter_mm": merged[:, 3],
-            }
+        return candidate_table(
+            item["case_id"], merged, score, meta["geometry"], self.hparams["max_candidates"]
         )
-        table = table.sort_values("probability", ascending=False, kind="stable")
-        # Rounded as the submission CSV stores them, so scoring the file gives the same.
-        return table.head(self.hparams["max_candidates"]).round(6).reset_index(drop=True)
 
     def candidates(self, item: dict[str, Any]) -> tuple[pd.DataFrame, list]:
         """A scan's scored 3D candidates, and this model's slice detections (for the
@@ -537,12 +465,6 @@ def ensemble_candidates(tables: list[pd.DataFrame], max_radius_mm: float = 16.0)
         columns=columns,
     )
     return out.sort_values("probability", ascending=False, kind="stable").reset_index(drop=True)
-
-
-def index_to_world_meta(meta: dict, index_zyx: np.ndarray) -> np.ndarray:
-    if len(index_zyx) == 0:
-        return np.zeros((0, 3))
-    return Geometry.from_dict(meta["geometry"]).index_to_world(index_zyx)
 
 
 def load_fpr_classifier(path: str, datamodule: BaseDataModule) -> torch.nn.Module:
