@@ -87,6 +87,7 @@ class Exportable:
 
 def exportable(model: Any, datamodule: Any) -> Exportable:
     """The network of a trained task, example inputs and the metadata inference needs."""
+    from medlit.datamodules.base import BaseDataModule
     from medlit.tasks import (
         ClassificationTask,
         DetectionTask,
@@ -139,6 +140,10 @@ def exportable(model: Any, datamodule: Any) -> Exportable:
             "class_to_region": h.get("class_to_region"),
         }
         e.meta |= segmentation_inference(model, datamodule)
+    # How the data module reads, preprocesses and writes cases (medlit.deploy).
+    gan = isinstance(model, GANTask)
+    if not gan and isinstance(datamodule, BaseDataModule) and (state := datamodule.deploy_state()):
+        e.meta["deploy"] = state
     e.meta = {
         **meta,
         **e.meta,
@@ -152,8 +157,7 @@ def exportable(model: Any, datamodule: Any) -> Exportable:
 def segmentation_inference(model: Any, datamodule: Any) -> dict[str, Any]:
     """How a segmentation task runs its network over a whole case (``medlit.deploy`` does
     the same): slices per pass (2D), or the window overlap, windows per pass and the
-    mirrored axes at test (3D); and the data module's ``deploy_state`` (how its cases are
-    read, preprocessed and written), where it has one."""
+    mirrored axes at test (3D)."""
     from medlit.datamodules.base import BaseDataModule
     from medlit.tasks import Segmentation3DTask
 
@@ -168,8 +172,6 @@ def segmentation_inference(model: Any, datamodule: Any) -> dict[str, Any]:
         }
     else:
         out = {"inference_batch_size": h["inference_batch_size"]}
-    if isinstance(datamodule, BaseDataModule) and (state := datamodule.deploy_state()):
-        out["deploy"] = state
     return out
 
 
@@ -259,8 +261,11 @@ def _detector(model: Any, datamodule: Any) -> Exportable:
                 "merge_tolerance",
                 "max_candidates",
                 "lung_margin_mm",
+                "inference_batch_size",
             )
         },
+        # Its re-ranking classifier is not in the file (medlit.deploy refuses the model).
+        "fpr": bool(h.get("fpr_checkpoint")),
     }
     return e
 

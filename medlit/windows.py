@@ -94,6 +94,14 @@ def sliding_window(
     return total[(slice(None), *crop)]
 
 
+def stacked(volume: np.ndarray, zs: np.ndarray, context: int) -> np.ndarray:
+    """Slices ``zs`` of a (C, Z, Y, X) volume with ``context`` slices on each side
+    (clamped at the ends) as channels: (N, C·(2·context + 1), Y, X), slice-major
+    (``medlit.datasets.slices.stack_slices``)."""
+    idx = np.clip(zs[:, None] + np.arange(-context, context + 1), 0, volume.shape[1] - 1)
+    return np.moveaxis(volume[:, idx], 0, 2).reshape(len(zs), -1, *volume.shape[2:])
+
+
 def slices(
     volume: np.ndarray, net: Network, in_channels: int, batch_size: int, multiple: int, least: int
 ) -> np.ndarray:
@@ -107,9 +115,8 @@ def slices(
     out = []
     for start in range(0, depth, batch_size):
         zs = np.arange(start, min(start + batch_size, depth))
-        idx = np.clip(zs[:, None] + np.arange(-context, context + 1), 0, depth - 1)
-        stack = np.moveaxis(volume[:, idx], 0, 2).reshape(len(zs), -1, height, width)
-        stack = np.pad(stack, [(0, 0), (0, 0), (0, ph), (0, pw)]).astype(np.float32)
+        stack = np.pad(stacked(volume, zs, context), [(0, 0), (0, 0), (0, ph), (0, pw)])
+        stack = stack.astype(np.float32)
         out.append(net(stack)[..., :height, :width])
     return np.concatenate(out).transpose(1, 0, 2, 3)
 

@@ -298,6 +298,7 @@ class BaseDataModule(LightningDataModule):
         return {
             "label_names": {str(v): n for v, n in names.items()},
             "dicom_rules": self.dicom_rules(),
+            "dicom_suffix": self.dicom_suffix,
             "dicom_codes": {str(v): e for v, e in entries.items()},
         }
 

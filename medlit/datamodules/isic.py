@@ -22,21 +22,20 @@ from medlit.datasets.isic.phantom import write_isic
 from medlit.datasets.isic.source import (
     CLASSES,
     IMAGE_DIRS,
+    NORMALISATION,
     ISICRecords,
     VerifiedImages,
     check_image,
+    prediction_images,
     read_records,
     write_images,
     write_mask,
     write_submission,
 )
 from medlit.datasets.isic.torch import ImageDataset
-from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, Report
+from medlit.errors import ConfigError, Report
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class ISICDataModule(BaseDataModule):
@@ -209,11 +208,7 @@ class ISICDataModule(BaseDataModule):
             ]
         elif train and h["augment"] == "flips":
             steps += [A.HorizontalFlip(), A.VerticalFlip(), A.RandomRotate90()]
-        if h["normalize"] == "symmetric":
-            norm = A.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # [0, 1] -> [-1, 1]
-        else:
-            norm = A.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-        return A.Compose([*steps, norm])
+        return A.Compose([*steps, A.Normalize(*NORMALISATION[h["normalize"]])])
 
     def setup(self, stage: str) -> None:
         if stage == "predict" and self.predict_input is not None:  # predict_from() chose
@@ -241,48 +236,37 @@ class ISICDataModule(BaseDataModule):
         anything runs. ``num_classes`` names the release for the submission CSV when
         neither ``year`` nor the training data do."""
         path = Path(path).expanduser()
-        if path.is_file():
-            files = [path]
-        elif path.is_dir():
-            files = sorted(
-                p
-                for p in path.iterdir()
-                if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith("_segmentation")
-            )
-        else:
-            raise DatasetNotFoundError(f"--input {path} does not exist")
-        if not files:
-            raise DatasetNotFoundError(f"--input {path}: no .jpg/.jpeg/.png images in it")
-        images: dict[str, Path] = {}
-        for file in files:
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                raise InvalidCaseError(file.stem, file, "not a .jpg/.jpeg/.png image")
-            if file.stem in images:
-                raise InvalidCaseError(file.stem, file, f"the same id as {images[file.stem]}")
-            try:
-                with Image.open(file) as im:
-                    mode = im.mode
-            except (OSError, ValueError) as e:
-                raise InvalidCaseError(file.stem, file, f"unreadable image ({e})") from e
-            if mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
-                raise InvalidCaseError(
-                    file.stem,
-                    file,
-                    f"a {mode} image with {Image.getmodebands(mode)} channel(s); the model "
-                    "takes colour (RGB, 3 channels) dermoscopy images",
-                )
-            images[file.stem] = file
+        images = prediction_images(path)
         h = self.hparams
-        self._predict_year = h["year"] or (
-            self._load().year
-            if self.root.is_dir() and any(self.root.iterdir())
-            else next((y for y, c in CLASSES.items() if len(c) == num_classes), None)
-        )
+        self._predict_year = self._release(num_classes)
         self.predict_input = path
         self.datasets["predict"] = ImageDataset(
             list(images), images, self._transform(False), evaluation=h["target"] == "mask"
         )
         log.info("ISIC %s: %d images to predict", path, len(images))
+
+    def _release(self, num_classes: int | None) -> str | None:
+        """The release the classes are of: ``year``, the training data's, or the one
+        with ``num_classes`` classes."""
+        if self.hparams["year"]:
+            return self.hparams["year"]
+        if self.root.is_dir() and any(self.root.iterdir()):
+            return self._load().year
+        return next((y for y, c in CLASSES.items() if len(c) == num_classes), None)
+
+    def deploy_state(self) -> dict[str, Any] | None:
+        """Classification (``medlit.deploy``): the evaluation transform's size and
+        normalisation, and the release whose submission CSV is written."""
+        h = self.hparams
+        if h["target"] != "label":
+            return None
+        year = self._predict_year or self._release(None)  # None: by the number of classes
+        return {
+            "reader": "isic",
+            "image_size": int(h["image_size"]),
+            "normalize": h["normalize"],
+            "year": year,
+        }
 
     def train_dataloader(self) -> DataLoader:
         if self.hparams["balance"] != "sampler" or self.hparams["target"] != "label":

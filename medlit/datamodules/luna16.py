@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
-import SimpleITK as sitk
 import torch
 from torch.utils.data import DataLoader
 
@@ -27,8 +26,7 @@ from medlit.datamodules.base import (
 )
 from medlit.datasets.io.cache import OnTheFly, VolumeCache
 from medlit.datasets.io.dicom import DicomSettings
-from medlit.datasets.io.files import atomic_write
-from medlit.datasets.io.volume import Geometry, write_image
+from medlit.datasets.io.volume import Geometry
 from medlit.datasets.luna16.phantom import write_luna16
 from medlit.datasets.luna16.source import (
     ANNOTATION_COLUMNS,
@@ -36,22 +34,22 @@ from medlit.datasets.luna16.source import (
     LUNG_LABELS,
     LUNG_WINDOW,
     N_SUBSETS,
-    SUBMISSION_COLUMNS,
     LunaScan,
     LungPreprocessing,
     Preprocessing,
     candidate_patch,
-    check_data_size,
     check_lung_scan,
     check_scan,
-    data_file,
     discover_scans,
     locate,
+    prediction_scans,
     preprocess_lungs,
     preprocess_scan,
-    read_header,
     read_table,
     window,
+    write_lungs,
+    write_scan_grid,
+    write_submission,
 )
 from medlit.datasets.luna16.torch import (
     CandidateDataset,
@@ -61,7 +59,7 @@ from medlit.datasets.luna16.torch import (
     first_item,
 )
 from medlit.datasets.patches import patch_dims
-from medlit.errors import ConfigError, DatasetNotFoundError, InvalidCaseError, Report
+from medlit.errors import ConfigError, Report
 
 if TYPE_CHECKING:
     from medlit.metrics.froc import FROCResult
@@ -538,34 +536,7 @@ class LUNA16DataModule(BaseDataModule):
                 "classifier re-ranks its candidates through --model.fpr_checkpoint"
             )
         path = Path(path).expanduser()
-        if path.is_file():
-            files = [path]
-        elif path.is_dir():
-            files = sorted(p for p in path.rglob("*.mhd") if "seg-lungs-LUNA16" not in p.parts)
-        else:
-            raise DatasetNotFoundError(f"--input {path} does not exist")
-        if not files:
-            raise DatasetNotFoundError(f"--input {path}: no .mhd scans in it")
-        scans: dict[str, LunaScan] = {}
-        for mhd in files:
-            if mhd.suffix != ".mhd":
-                raise InvalidCaseError(mhd.stem, mhd, "not a MetaImage header (.mhd)")
-            header = read_header(mhd)
-            dims = header.get("NDims", "?")
-            channels = header.get("ElementNumberOfChannels", "1")
-            if dims != "3" or channels != "1":
-                raise InvalidCaseError(
-                    mhd.stem,
-                    mhd,
-                    f"NDims {dims} with {channels} channel(s); the detector takes single-"
-                    "channel 3D CT",
-                )
-            check_data_size(mhd.stem, mhd, header, Report())
-            if mhd.stem in scans:
-                raise InvalidCaseError(
-                    mhd.stem, mhd, f"the same seriesuid as {scans[mhd.stem].mhd}"
-                )
-            scans[mhd.stem] = LunaScan(mhd.stem, -1, mhd, data_file(mhd, header))
+        scans = prediction_scans(path)
         spacing = tuple(h["spacing"]) if h["spacing"] is not None else None
         self.predict_input = path
         if h["target"] == "lungs":
@@ -574,7 +545,7 @@ class LUNA16DataModule(BaseDataModule):
         else:
             prep = Preprocessing(spacing)
             item = partial(_predict_item, prep=prep, hu_window=tuple(h["hu_window"]))
-        self.datasets["predict"] = OnTheFly(list(scans.values()), item)
+        self.datasets["predict"] = OnTheFly(scans, item)
         log.info("LUNA16 %s: %d scans to predict", path, len(scans))
 
     # DICOM series are converted to MetaImage, the format LUNA16 distributes.
@@ -587,6 +558,22 @@ class LUNA16DataModule(BaseDataModule):
 
     def dicom_codes(self) -> dict[int, dict[str, Any]]:
         return {v: {"category": "AnatomicalStructure", "type": "Lung"} for v in self.label_names()}
+
+    def deploy_state(self) -> dict[str, Any] | None:
+        """Detection and lung segmentation (``medlit.deploy``): the grid the scans are
+        resampled to and the HU window. The false-positive-reduction step (``target:
+        candidates``) is the detector's re-ranking, not deployed alone."""
+        h = self.hparams
+        if h["target"] == "candidates":
+            return None
+        state = {
+            "reader": "luna16" if h["target"] == "boxes" else "luna16_lungs",
+            "spacing": list(h["spacing"]) if h["spacing"] is not None else None,
+            "hu_window": list(h["hu_window"]),
+            "dicom_rules": self.dicom_rules(),
+            "dicom_suffix": self.dicom_suffix,
+        }
+        return {**self.deploy_common(), **state} if h["target"] == "lungs" else state
 
     def predict_from_images(self, cases: dict[str, list[Path]], source: Path) -> None:
         folders = {files[0].parent for files in cases.values()}
@@ -654,12 +641,7 @@ class LUNA16DataModule(BaseDataModule):
         back from the identity direction the network saw to the scan's own axes."""
         if self.hparams["target"] != "lungs":
             return super().write_prediction(case_id, regions, folder, meta)
-        mask = np.zeros(regions.shape[1:], np.uint8)
-        for region, value in zip(regions.astype(bool), LUNG_LABELS.values(), strict=True):
-            mask[region] = value
-        return self._write_scan_grid(
-            mask, meta or self.case_meta(case_id), folder / f"{case_id}.mhd"
-        )
+        return write_lungs(regions, meta or self.case_meta(case_id), folder / f"{case_id}.mhd")
 
     def write_map(
         self,
@@ -673,18 +655,7 @@ class LUNA16DataModule(BaseDataModule):
         if self.hparams["target"] != "lungs":
             return super().write_map(case_id, values, folder, meta, name)
         meta = meta or self.case_meta(case_id)
-        return self._write_scan_grid(
-            values.astype(np.float32), meta, folder / f"{case_id}_{name}.mhd"
-        )
-
-    @staticmethod
-    def _write_scan_grid(array: np.ndarray, meta: dict, path: Path) -> Path:
-        """A (z, y, x) array on the identity-direction grid the network saw, turned back
-        to the scan's own axes and written as a compressed MetaImage."""
-        image = Geometry.from_dict(meta["geometry"]).apply(sitk.GetImageFromArray(array))
-        image = sitk.DICOMOrient(image, meta["orientation"])  # the scan's own axes
-        write_image(image, path, compress=True)
-        return path
+        return write_scan_grid(values.astype(np.float32), meta, folder / f"{case_id}_{name}.mhd")
 
     def write_detections(self, path: Path, marks: pd.DataFrame) -> None:
         """The LUNA16 submission CSV ``seriesuid,coordX,coordY,coordZ,probability``."""
@@ -726,13 +697,6 @@ class LUNA16DataModule(BaseDataModule):
                 for c in centres_zyx
             ]
         ).astype(np.float32)
-
-
-def write_submission(path: str | Path, marks: pd.DataFrame) -> None:
-    """The official submission CSV ``seriesuid,coordX,coordY,coordZ,probability``,
-    written to a temporary name and renamed."""
-    table = marks[list(SUBMISSION_COLUMNS)]
-    atomic_write(Path(path), lambda p: table.to_csv(p, index=False, float_format="%.6f"))
 
 
 def _predict_item(scan: LunaScan, prep: Preprocessing, hu_window: tuple[float, ...]) -> dict:

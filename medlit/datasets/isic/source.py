@@ -28,7 +28,7 @@ from PIL import Image
 
 from medlit.datasets.io.files import atomic_write, file_problem
 from medlit.datasets.io.images import png_problem
-from medlit.errors import DatasetNotFoundError, Report
+from medlit.errors import DatasetNotFoundError, InvalidCaseError, Report
 
 Year = Literal["2018_task1", "2018_task3", "2019", "2020"]
 
@@ -48,6 +48,12 @@ IMAGE_DIRS = {
     "2018_task3": "ISIC2018_Task3_Training_Input",
     "2019": "ISIC_2019_Training_Input",
     "2020": "jpeg/train",
+}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Mean and standard deviation of [0, 1] pixels per channel, by ``data.normalize``.
+NORMALISATION = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # [0, 1] -> [-1, 1]
 }
 ISIC_HELP = (
     "ISIC data come from https://challenge.isic-archive.com/data/ (2018 Task 1 and 3, 2019, "
@@ -346,6 +352,58 @@ def check_records(records: ISICRecords, cache_dir: Path) -> int:
     )
     verified.save()
     return checked
+
+
+def prediction_images(path: Path) -> dict[str, Path]:
+    """The images to predict in ``path`` (an image, or a folder of ``.jpg``/``.jpeg``/
+    ``.png`` images; ``*_segmentation.png`` masks are skipped): id -> file. Images that
+    cannot be read or are not colour (RGB) are refused here, naming the file."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(
+            p
+            for p in path.iterdir()
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith("_segmentation")
+        )
+    else:
+        raise DatasetNotFoundError(f"--input {path} does not exist")
+    if not files:
+        raise DatasetNotFoundError(f"--input {path}: no .jpg/.jpeg/.png images in it")
+    images: dict[str, Path] = {}
+    for file in files:
+        if file.suffix.lower() not in IMAGE_SUFFIXES:
+            raise InvalidCaseError(file.stem, file, "not a .jpg/.jpeg/.png image")
+        if file.stem in images:
+            raise InvalidCaseError(file.stem, file, f"the same id as {images[file.stem]}")
+        try:
+            with Image.open(file) as im:
+                mode = im.mode
+        except (OSError, ValueError) as e:
+            raise InvalidCaseError(file.stem, file, f"unreadable image ({e})") from e
+        if mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
+            raise InvalidCaseError(
+                file.stem,
+                file,
+                f"a {mode} image with {Image.getmodebands(mode)} channel(s); the model "
+                "takes colour (RGB, 3 channels) dermoscopy images",
+            )
+        images[file.stem] = file
+    return images
+
+
+def model_input(image: np.ndarray, size: int, normalize: str) -> np.ndarray:
+    """An (H, W, 3) uint8 image as the data module's evaluation transform makes it,
+    without albumentations (``medlit.deploy``): resized to ``size`` × ``size`` by
+    OpenCV's bilinear interpolation (what ``A.Resize`` calls), then ``A.Normalize``'s
+    ``(x - 255·mean) / (255·std)``; (3, size, size) float32. A test holds the two equal."""
+    if image.shape[:2] != (size, size):
+        import cv2  # albumentations' own resize; medlit[deploy] installs it
+
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
+    mean, std = (np.asarray(v, np.float32) * 255 for v in NORMALISATION[normalize])
+    return ((image.astype(np.float32) - mean) / std).transpose(2, 0, 1)
 
 
 def unknown_probability(probs: np.ndarray) -> np.ndarray:

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from medlit.datasets.io.files import file_problem
-from medlit.datasets.io.volume import Geometry, resample
+from medlit.datasets.io.files import atomic_write, file_problem
+from medlit.datasets.io.volume import Geometry, resample, write_image
 from medlit.errors import DatasetNotFoundError, InvalidCaseError, Report
 
 N_SUBSETS = 10
@@ -232,6 +232,39 @@ def discover_scans(root: Path, report: Report | None = None) -> dict[str, LunaSc
 
 
 # ---- CSV files ---------------------------------------------------------------------------
+
+
+def prediction_scans(path: Path) -> list[LunaScan]:
+    """The scans to predict in ``path`` (a ``.mhd`` scan, or a folder searched recursively
+    for them; ``seg-lungs-LUNA16`` masks are skipped), each header checked (3D, one
+    channel, a data file of the declared size) before anything runs, naming the file."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*.mhd") if "seg-lungs-LUNA16" not in p.parts)
+    else:
+        raise DatasetNotFoundError(f"--input {path} does not exist")
+    if not files:
+        raise DatasetNotFoundError(f"--input {path}: no .mhd scans in it")
+    scans: dict[str, LunaScan] = {}
+    for mhd in files:
+        if mhd.suffix != ".mhd":
+            raise InvalidCaseError(mhd.stem, mhd, "not a MetaImage header (.mhd)")
+        header = read_header(mhd)
+        dims = header.get("NDims", "?")
+        channels = header.get("ElementNumberOfChannels", "1")
+        if dims != "3" or channels != "1":
+            raise InvalidCaseError(
+                mhd.stem,
+                mhd,
+                f"NDims {dims} with {channels} channel(s); the model takes single-channel 3D CT",
+            )
+        check_data_size(mhd.stem, mhd, header, Report())
+        if mhd.stem in scans:
+            raise InvalidCaseError(mhd.stem, mhd, f"the same seriesuid as {scans[mhd.stem].mhd}")
+        scans[mhd.stem] = LunaScan(mhd.stem, -1, mhd, data_file(mhd, header))
+    return list(scans.values())
 
 
 def _empty_table(columns: Sequence[str]) -> pd.DataFrame:
@@ -608,3 +641,31 @@ def candidate_patch(
 ) -> np.ndarray:
     """The windowed network input (3, size, size) around one candidate of an HU volume."""
     return cube_input(window(candidate_cube(hu, centre_zyx, size, mode, context), hu_window), mode)
+
+
+# ---- outputs -----------------------------------------------------------------------------
+
+
+def write_submission(path: str | Path, marks: pd.DataFrame) -> None:
+    """The official submission CSV ``seriesuid,coordX,coordY,coordZ,probability``,
+    written to a temporary name and renamed."""
+    table = marks[list(SUBMISSION_COLUMNS)]
+    atomic_write(Path(path), lambda p: table.to_csv(p, index=False, float_format="%.6f"))
+
+
+def write_scan_grid(array: np.ndarray, meta: dict, path: Path) -> Path:
+    """A (z, y, x) array on the identity-direction grid the network saw, turned back to
+    the scan's own axes and written as a compressed MetaImage."""
+    image = Geometry.from_dict(meta["geometry"]).apply(sitk.GetImageFromArray(array))
+    image = sitk.DICOMOrient(image, meta["orientation"])  # the scan's own axes
+    write_image(image, path, compress=True)
+    return path
+
+
+def write_lungs(regions: np.ndarray, meta: dict, path: Path) -> Path:
+    """Predicted lungs (regions (2, z, y, x): left, right) as a mask in the
+    ``seg-lungs-LUNA16`` format (values 3 and 4) on the scan's own grid."""
+    mask = np.zeros(regions.shape[1:], np.uint8)
+    for region, value in zip(regions.astype(bool), LUNG_LABELS.values(), strict=True):
+        mask[region] = value
+    return write_scan_grid(mask, meta, path)
