@@ -30,13 +30,14 @@ WITHOUT_TORCH = (
 
 def deploy(*args: str) -> subprocess.CompletedProcess:
     """``python -m medlit.deploy ARGS`` in a process where torch cannot be imported."""
-    return subprocess.run(
+    run = subprocess.run(
         [sys.executable, "-c", WITHOUT_TORCH, *args],
         capture_output=True,
         text=True,
-        check=True,
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
     )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
 
 
 def labels(path: Path) -> np.ndarray:
@@ -98,3 +99,23 @@ def test_a_deployed_3d_network_with_mirroring_writes_what_predict_writes(
     deploy(str(model), f"--input={new}", f"--output={tmp_path / 'deploy'}")
     got = labels(tmp_path / "deploy" / want.name)
     assert np.array_equal(labels(want), got) and (got > 0).sum() > 100
+
+
+def test_an_isic_image_is_made_the_evaluation_transform_s_input_without_it(
+    tmp_path: Path,
+) -> None:
+    """``model_input`` (deployment's resize and normalisation, no albumentations) equals
+    the data module's evaluation transform, for both normalisations, on an image that is
+    resized (not square) and one that is not."""
+    from medlit.datamodules import ISICDataModule
+    from medlit.datasets.isic.source import model_input
+
+    rng = np.random.default_rng(0)
+    for shape in ((45, 61, 3), (32, 32, 3)):
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        for normalize in ("imagenet", "symmetric"):
+            dm = ISICDataModule(root=str(tmp_path), image_size=32, normalize=normalize)
+            want = dm._transform(False)(image=image)["image"].transpose(2, 0, 1)
+            got = model_input(image, 32, normalize)
+            assert got.dtype == np.float32 and got.shape == (3, 32, 32)
+            np.testing.assert_allclose(got, want, atol=1e-6)

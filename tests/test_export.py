@@ -16,6 +16,7 @@ import torch
 from medlit.errors import ConfigError
 from medlit.export import _onnx, _torch_export, exportable, main, read_metadata
 from tests.helpers.shared import Trained
+from tests.test_deploy import deploy
 
 
 def test_a_segmentation_network_exports_and_predicts_the_same_on_onnxruntime(
@@ -245,6 +246,31 @@ def test_a_detector_exported_to_onnx_predicts_the_same_candidates(
     assert list(onnx_marks["seriesuid"]) == list(torch_marks["seriesuid"])
     assert np.abs(onnx_marks[coords].to_numpy() - torch_marks[coords].to_numpy()).max() <= 1e-3
     assert np.abs(onnx_marks["probability"] - torch_marks["probability"]).max() <= 1e-5
+    # Deployed (NumPy NMS and merging, no torch): the candidates of the same ONNX network.
+    deploy(str(onnx_file), f"--input={scans}", f"--output={tmp_path / 'c'}")
+    deployed = marks(tmp_path / "c" / "submission.csv")
+    pd.testing.assert_frame_equal(deployed, onnx_marks)
+
+
+def test_numpy_nms_keeps_what_ultralytics_keeps() -> None:
+    """``medlit.detections.yolo_nms`` (deployment's NMS) against Ultralytics' own on
+    clustered boxes of two classes, with a confidence floor and a max_det cap at work."""
+    from ultralytics.utils.nms import non_max_suppression
+
+    from medlit.detections import yolo_nms
+
+    rng = np.random.default_rng(0)
+    centres = rng.uniform(20, 200, (3, 12, 2))
+    anchors = centres[:, rng.integers(0, 12, 900)] + rng.normal(0, 4, (3, 900, 2))
+    sizes = rng.uniform(8, 30, (3, 900, 2))
+    scores = rng.uniform(0, 1, (3, 900, 2)) ** 3
+    pred = np.concatenate([anchors, sizes, scores], -1).transpose(0, 2, 1).astype(np.float32)
+    for conf, iou, max_det in ((0.01, 0.6, 300), (0.2, 0.45, 7)):
+        want = non_max_suppression(torch.from_numpy(pred), conf, iou, max_det=max_det)
+        got = yolo_nms(pred, conf, iou, max_det)
+        for w, g in zip(want, got, strict=True):
+            assert len(g) > 5
+            np.testing.assert_array_equal(g, w.numpy())
 
 
 def test_a_task_without_an_export_is_refused() -> None:

@@ -22,11 +22,13 @@ from PIL import Image
 from medlit.datasets.io.volume import read_volume
 from medlit.datasets.isic.source import CLASSES
 from medlit.errors import ConfigError, InvalidCaseError
+from medlit.export import main as export
 from medlit.fit import main as fit
 from medlit.predict import main as predict
 from tests.data.brats.data import make_brats
 from tests.data.isic.data import make_isic
 from tests.helpers.shared import Trained
+from tests.test_deploy import deploy
 from tests.test_fit import REPO, cli_args, tiny, tiny_classifier
 from tests.test_fit_luna16 import tiny_detector, tiny_fpr
 
@@ -178,6 +180,13 @@ def test_isic_classifier_writes_the_release_submission_and_refuses_grey_images(
     assert list(table.columns) == ["image", *CLASSES["2019"], "UNK"]
     assert sorted(table["image"]) == sorted(p.stem for p in images.glob("*.jpg"))
     assert np.allclose(table[list(CLASSES["2019"])].sum(axis=1), 1, atol=1e-5)
+    # Exported, and deployed where torch cannot be imported: the same submission (the
+    # release found from the model's classes, the training data being gone).
+    model = export([*config, MISSING, f"--ckpt_path={ckpt}", f"--output={tmp_path / 'c.onnx'}"])
+    deploy(str(model), f"--input={images}", f"--output={tmp_path / 'deployed'}", "--batch_size=7")
+    deployed = pd.read_csv(tmp_path / "deployed" / "submission.csv").set_index("image")
+    assert list(deployed.columns) == list(table.columns[1:])
+    np.testing.assert_allclose(deployed.loc[table["image"]], table.set_index("image"), atol=1e-5)
     # One file; the same probabilities whatever the batch.
     one = sorted(images.glob("*.jpg"))[3]
     [csv1] = predict(

@@ -240,3 +240,25 @@ def test_a_trained_network_predicts_scans_as_lung_masks_with_their_volumes(
     assert {s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning for s in seg.SegmentSequence} == {
         "Lung"
     }
+    # Exported and deployed without torch: the masks medlit.predict --model writes, from
+    # the scans and from the DICOM series.
+    from medlit.export import main as export
+    from tests.test_deploy import deploy
+
+    model = export([*tiny, f"--ckpt_path={ckpt}", f"--output={tmp_path / 'lungs.onnx'}"])
+    onnx = predict([*tiny, f"--model={model}", f"--input={new}", f"--output={tmp_path / 'onnx'}"])
+    deploy(str(model), f"--input={new}", f"--output={tmp_path / 'deploy'}")
+    deploy(str(model), f"--input={tmp_path / 'dicom'}", f"--output={tmp_path / 'deploy-dicom'}")
+    for want in onnx:
+        got = sitk.ReadImage(str(tmp_path / "deploy" / want.name))
+        assert got.GetDirection() == sitk.ReadImage(str(want)).GetDirection()
+        assert np.array_equal(
+            sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(sitk.ReadImage(str(want)))
+        )
+    assert (tmp_path / "deploy" / "volumes.csv").read_text() == (
+        tmp_path / "onnx" / "volumes.csv"
+    ).read_text()
+    from_dicom = sitk.ReadImage(str(tmp_path / "deploy-dicom" / f"{uid}.mhd"))
+    first = sitk.ReadImage(str(tmp_path / "onnx" / scans[0].name))
+    assert np.mean(sitk.GetArrayFromImage(from_dicom) == sitk.GetArrayFromImage(first)) >= 0.999
+    assert (tmp_path / "deploy-dicom" / f"{uid}_seg.dcm").exists()
