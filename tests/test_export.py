@@ -250,6 +250,20 @@ def test_a_detector_exported_to_onnx_predicts_the_same_candidates(
     deploy(str(onnx_file), f"--input={scans}", f"--output={tmp_path / 'c'}")
     deployed = marks(tmp_path / "c" / "submission.csv")
     pd.testing.assert_frame_equal(deployed, onnx_marks)
+    # A scan as a DICOM CT series: named by its SeriesInstanceUID, the same candidates.
+    import pydicom
+
+    from medlit.datasets.io.dicom import write_series
+
+    scan = sorted(scans.rglob("*.mhd"))[0]
+    files = write_series(sitk.ReadImage(str(scan)), tmp_path / "dicom", modality="CT")
+    uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+    deploy(str(onnx_file), f"--input={tmp_path / 'dicom'}", f"--output={tmp_path / 'd'}")
+    from_dicom = marks(tmp_path / "d" / "submission.csv")
+    same = deployed[deployed["seriesuid"] == scan.stem].reset_index(drop=True)
+    assert set(from_dicom["seriesuid"]) == {uid} and len(from_dicom) == len(same) > 0
+    assert np.abs(from_dicom[coords].to_numpy() - same[coords].to_numpy()).max() <= 1e-3
+    assert np.abs(from_dicom["probability"] - same["probability"]).max() <= 1e-5
 
 
 def test_numpy_nms_keeps_what_ultralytics_keeps() -> None:
