@@ -44,28 +44,26 @@ class Geometry:
     def to_dict(self) -> dict:
         return {k: list(v) for k, v in asdict(self).items()}
 
-    def _reference(self) -> sitk.Image:
-        # A 1-voxel image carrying the geometry: SimpleITK's index <-> physical point
-        # transforms depend only on origin, spacing and direction, not on the size.
-        return self.apply(sitk.Image([1, 1, 1], sitk.sitkUInt8))
+    def _matrix(self) -> np.ndarray:
+        """Index (x, y, z) -> physical offset from the origin: direction · diag(spacing)."""
+        n = len(self.spacing)
+        return np.asarray(self.direction, float).reshape(n, n) * np.asarray(self.spacing, float)
 
     def world_to_index(self, points_xyz: np.ndarray) -> np.ndarray:
         """World points (N, 3) in mm (x, y, z) -> continuous voxel indices (N, 3) in
-        (z, y, x), through SimpleITK's physical-point API (any direction matrix)."""
-        ref = self._reference()
-        out = [
-            ref.TransformPhysicalPointToContinuousIndex(tuple(map(float, p))) for p in points_xyz
-        ]
-        return np.asarray(out, dtype=float).reshape(-1, 3)[:, ::-1].copy()
+        (z, y, x): ITK's ``index = (direction · diag(spacing))⁻¹ (point - origin)``, as
+        SimpleITK's ``TransformPhysicalPointToContinuousIndex`` computes it (a test holds
+        the two equal on oblique, flipped grids), for all points in one product instead
+        of one call per point (candidates_V2 has 754,975 rows)."""
+        points = np.asarray(points_xyz, float).reshape(-1, len(self.origin))
+        index = np.linalg.solve(self._matrix(), (points - np.asarray(self.origin)).T).T
+        return index[:, ::-1].copy()
 
     def index_to_world(self, index_zyx: np.ndarray) -> np.ndarray:
-        """Continuous voxel indices (N, 3) in (z, y, x) -> world points (N, 3) in mm (x, y, z)."""
-        ref = self._reference()
-        out = [
-            ref.TransformContinuousIndexToPhysicalPoint(tuple(map(float, p[::-1])))
-            for p in index_zyx
-        ]
-        return np.asarray(out, dtype=float).reshape(-1, 3)
+        """Continuous voxel indices (N, 3) in (z, y, x) -> world points (N, 3) in mm (x, y, z)
+        (``TransformContinuousIndexToPhysicalPoint``, vectorised)."""
+        index = np.asarray(index_zyx, float).reshape(-1, len(self.origin))[:, ::-1]
+        return index @ self._matrix().T + np.asarray(self.origin)
 
     @property
     def spacing_zyx(self) -> tuple[float, ...]:
