@@ -15,7 +15,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -36,13 +36,31 @@ from medlit.errors import ConfigError, Report
 log = logging.getLogger(__name__)
 
 
-def cache_root(cache_dir: str | None, kind: str, root: Path) -> Path:
-    """``<cache_dir or $MEDLIT_CACHE_DIR or ~/.cache/medlit>/<kind>-<hash of root>``.
+def cache_root(cache_dir: str | None, kind: str, root: Path, ids: Iterable[str]) -> Path:
+    """``<cache_dir or $MEDLIT_CACHE_DIR or ~/.cache/medlit>/<kind>-<hash of the ids>``.
 
-    One namespace per dataset root: case and image ids repeat across datasets and copies.
-    """
+    One namespace per dataset, named by what it holds (its case or image ids), not by
+    where it is: case ids repeat across datasets, and a dataset moved, or mounted at
+    another path on another node, finds its cache (its entries are content-addressed, and
+    their source records hold file names, sizes and mtimes, not paths). A cache named by
+    the root's resolved path, as before, is renamed to this name once, with a message."""
     base = Path(cache_dir or os.environ.get("MEDLIT_CACHE_DIR", "~/.cache/medlit")).expanduser()
-    return base / f"{kind}-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:10]}"
+    key = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:10]
+    folder = base / f"{kind}-{key}"
+    legacy = base / f"{kind}-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:10]}"
+    if legacy != folder and legacy.is_dir() and not folder.exists():
+        try:
+            os.rename(legacy, folder)
+        except OSError:  # another process renamed it first
+            pass
+        else:
+            log.info(
+                "cache %s renamed %s: caches are named by the dataset's cases now, not by "
+                "where it is mounted",
+                legacy,
+                folder.name,
+            )
+    return folder
 
 
 def balanced_sampler(
@@ -535,7 +553,7 @@ class BaseDataModule(LightningDataModule):
             return entry, None
         checked = check(report)
         if checked is not None and deep:
-            entry = cache.cached(case_id)
+            entry = cache.cached(case_id, sources)
             if problem := cache.verify(case_id, sources, build):
                 report.error(
                     case_id,

@@ -199,7 +199,13 @@ class BraTSDataModule(BaseDataModule):
             self.modalities, labels, require_seg, tuple(spacing) if spacing else None
         )
         cache = VolumeCache(
-            cache_root(self.hparams["cache_dir"], f"brats-{year}", self.root), asdict(prep)
+            cache_root(
+                self.hparams["cache_dir"],
+                f"brats-{year}",
+                self.root,
+                (c.case_id for c in self.cases.get("predict", [])),
+            ),
+            asdict(prep),
         )
         return cache, prep
 

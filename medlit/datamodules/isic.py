@@ -154,7 +154,9 @@ class ISICDataModule(BaseDataModule):
                 self.root,
             )
         self.records = records
-        self._verified = VerifiedImages(cache_root(h["cache_dir"], "isic", self.root))
+        self._verified = VerifiedImages(
+            cache_root(h["cache_dir"], "isic", self.root, records.images)
+        )
         return {i: (path, records.masks.get(i)) for i, path in records.images.items()}
 
     def split(self, cases: dict[str, tuple], report: Report) -> dict[str, list[str]]:

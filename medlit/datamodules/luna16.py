@@ -347,10 +347,10 @@ class LUNA16DataModule(BaseDataModule):
         spacing = tuple(h["spacing"]) if h["spacing"] is not None else None
         if h["target"] == "lungs":  # another layout (cached_case's): its own cache
             self._prep = LungPreprocessing(spacing, tuple(h["hu_window"]))
-            folder = cache_root(h["cache_dir"], "luna16-lungs", self.root)
+            folder = cache_root(h["cache_dir"], "luna16-lungs", self.root, scans)
         else:
             self._prep = Preprocessing(spacing)
-            folder = cache_root(h["cache_dir"], "luna16", self.root)
+            folder = cache_root(h["cache_dir"], "luna16", self.root, scans)
         self._cache = VolumeCache(folder, asdict(self._prep))
         return scans
 

@@ -293,7 +293,8 @@ class VolumeDataModule(BaseDataModule):
         return fingerprint
 
     def _cache_dir(self) -> Path:
-        return cache_root(self.hparams["cache_dir"], "volumes", self.root)
+        ids = (c.case_id for c in self.cases.get("predict", []))
+        return cache_root(self.hparams["cache_dir"], "volumes", self.root, ids)
 
     def _preprocessing(self) -> Preprocessing:
         spec = self._spec()

@@ -88,6 +88,45 @@ def test_touched_but_identical_file_is_not_decoded(brats_root: Path, reads: list
     assert [r for r in reads if not r.startswith("gzip:")] == []
 
 
+def test_a_moved_dataset_finds_its_cache_without_reading_a_file(
+    brats_root: Path, reads: list[str], tmp_path: Path, _private_cache: Path
+) -> None:
+    """The cache is named by the dataset's cases and its source records hold names, sizes
+    and mtimes: the same release moved (mtimes kept, as ``cp -a`` / ``rsync -a`` / another
+    node's mount keep them) is neither decoded nor hashed again. A cache named by the
+    root's path (earlier releases) is renamed once."""
+    import hashlib
+    import shutil
+
+    import medlit.datasets.io.cache as cache_module
+
+    _prepare(brats_root)
+    [folder] = _private_cache.glob("brats-*")
+    moved = tmp_path / "elsewhere" / "BraTS2021"
+    shutil.copytree(brats_root, moved, copy_function=shutil.copy2)  # keeps mtimes
+    hashed: list[int] = []
+    real_hash = cache_module._hash_files
+    cache_module._hash_files = lambda paths, *a: hashed.append(len(paths)) or real_hash(paths, *a)
+    try:
+        reads.clear()
+        dm = _prepare(moved)
+    finally:
+        cache_module._hash_files = real_hash
+    assert [r for r in reads if not r.startswith("gzip:")] == [] and hashed == []
+    assert list(_private_cache.glob("brats-*")) == [folder]
+    assert {e.path.parent.parent for e in dm._entries(dm.cases["train"])} == {folder}
+    # A cache under the old name (the hash of the root's resolved path) is renamed to it.
+    old = (
+        folder.parent
+        / f"brats-2021-{hashlib.sha256(str(moved.resolve()).encode()).hexdigest()[:10]}"
+    )
+    folder.rename(old)
+    reads.clear()
+    _prepare(moved)
+    assert [r for r in reads if not r.startswith("gzip:")] == []
+    assert list(_private_cache.glob("brats-*")) == [folder]
+
+
 def test_changed_parameter_rebuilds(brats_root: Path, reads: list[str]) -> None:
     _prepare(brats_root)
     reads.clear()

@@ -73,11 +73,14 @@ def _hash_files(paths: Sequence[Path], chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _stats(paths: Sequence[Path]) -> dict[str, list[int]]:
-    out = {}
+def _stats(paths: Sequence[Path]) -> list[list]:
+    """Each source's name, size and mtime: not its path, so a dataset moved (with its
+    mtimes, as ``cp -a``, ``rsync -a`` or another node's mount keep them) is not re-read.
+    Records of older releases (by resolved path) differ, so those files are hashed once."""
+    out = []
     for p in paths:
         st = p.stat()
-        out[str(p.resolve())] = [st.st_size, st.st_mtime_ns]
+        out.append([p.name, st.st_size, st.st_mtime_ns])
     return out
 
 
@@ -212,7 +215,11 @@ class VolumeCache:
         if rehashed:
             _atomic_write_json(
                 self.directory / "sources" / f"{case}.json",
-                {"hash": content_hash, "stats": _stats(sources)},
+                {
+                    "hash": content_hash,
+                    "stats": _stats(sources),
+                    "paths": [str(p.resolve()) for p in sources],  # where last seen
+                },
             )
         entry = self.load(final)
         entry.built = built
@@ -248,13 +255,13 @@ class VolumeCache:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def cached(self, case: str) -> Path | None:
-        """The entry of ``case`` that a run would read now (its sources unchanged by size and
-        mtime), complete or damaged, or None."""
+    def cached(self, case: str, sources: Sequence[Path] | None = None) -> Path | None:
+        """The entry of ``case`` that a run would read now (its sources, by default where
+        they were last seen, unchanged by size and mtime), complete or damaged, or None."""
         index = self.directory / "sources" / f"{case}.json"
         try:
             known = json.loads(index.read_text())
-            sources = [Path(p) for p in known["stats"]]
+            sources = [Path(p) for p in (sources or known["paths"])]
             if known["stats"] != _stats(sources):
                 return None
             entry = self.directory / self.params_hash / f"{case}-{known['hash'][:16]}"
@@ -267,7 +274,7 @@ class VolumeCache:
         then every array and the metadata rebuilt from them. Returns what differs (and
         removes the entry, so the next run rebuilds it), or None when it is intact or
         not cached."""
-        entry = self.cached(case)
+        entry = self.cached(case, sources)
         if entry is None:
             return None
         problem = entry_problem(entry)

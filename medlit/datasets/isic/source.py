@@ -304,8 +304,9 @@ def check_image(
 
 
 class VerifiedImages:
-    """The record of images (and masks) decoded whole and found good, by path, size and
-    mtime, under ``cache_dir/verified.json``: a run decodes only what changed since."""
+    """The record of images (and masks) decoded whole and found good, by name, size and
+    mtime (not path: a moved release is not decoded again), under
+    ``cache_dir/verified.json``: a run decodes only what changed since."""
 
     def __init__(self, cache_dir: Path) -> None:
         self.path = cache_dir / "verified.json"
@@ -318,7 +319,7 @@ class VerifiedImages:
     @staticmethod
     def _key(files: list[Path]) -> tuple[str, list[list[int]]]:
         stamp = [[p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-        return hashlib.sha1("|".join(map(str, files)).encode()).hexdigest(), stamp
+        return hashlib.sha1("|".join(p.name for p in files).encode()).hexdigest(), stamp
 
     def check(self, image_id: str, path: Path, mask: Path | None, report: Report) -> bool:
         """``check_image`` unless these files were verified before; True when they were
