@@ -345,3 +345,28 @@ def test_cache_and_outputs_get_the_umask_s_modes_not_mkstemp_s(
     assert {oct(f.stat().st_mode & 0o777) for f in entry.path.iterdir()} == {"0o644"}
     assert oct((tmp_path / "out.csv").stat().st_mode & 0o777) == "0o644"
     assert oct((tmp_path / "v.nii.gz").stat().st_mode & 0o777) == "0o644"
+
+
+def test_entries_carry_their_foreground_slices_so_set_up_reads_no_labels(
+    brats_root: Path,
+) -> None:
+    """``meta["fg_slices"]`` (built with the entry) is the slices whose labels hold
+    foreground, and the 2.5D training set draws from it without touching ``seg``."""
+    from medlit.datasets.brats.torch import SliceDataset
+
+    dm = _prepare(brats_root)
+    entries = dm._entries(dm.cases["train"])
+    for e in entries:
+        seg = np.asarray(e.arrays["seg"])
+        assert e.meta["fg_slices"] == np.flatnonzero(seg.reshape(len(seg), -1).any(1)).tolist()
+        assert e.meta["fg_slices"]
+
+    class NoLabels(dict):
+        def __getitem__(self, key):
+            assert key != "seg", "set-up read a label volume"
+            return super().__getitem__(key)
+
+    for e in entries:
+        e.arrays = NoLabels(e.arrays)
+    data = SliceDataset(entries, lambda seg: seg, patch_size=64, context=1)
+    assert [f.tolist() for f in data.fg_slices] == [e.meta["fg_slices"] for e in entries]

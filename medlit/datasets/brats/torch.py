@@ -73,9 +73,12 @@ class SliceDataset(Dataset):
             ]
         )
         self.augment = augment
-        # Slices with foreground, per case: computed once from the (memory-mapped) labels.
+        # Slices with foreground, per case: from the entry's metadata (computed when it
+        # was built), else once from the (memory-mapped) labels.
         self.fg_slices = [
-            np.flatnonzero(e.arrays["seg"].reshape(e.arrays["seg"].shape[0], -1).any(1))
+            np.asarray(e.meta["fg_slices"], np.int64)
+            if "fg_slices" in e.meta
+            else np.flatnonzero(e.arrays["seg"].reshape(e.arrays["seg"].shape[0], -1).any(1))
             for e in self.entries
         ]
 

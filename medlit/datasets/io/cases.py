@@ -37,8 +37,8 @@ def cached_case(
     datasets: ``image`` (C, z, y, x) resampled to ``spacing_zyx`` when set and different
     (linearly), stored float16; the labels resampled nearest-neighbour as ``seg``, kept
     on the source's grid as ``seg_native`` when resampled (evaluation scores there), and
-    their ``fg_locations``. ``meta`` gains ``has_seg`` and ``spacing_zyx`` (the cached
-    grid's)."""
+    their ``fg_locations``. ``meta`` gains ``has_seg``, ``spacing_zyx`` (the cached
+    grid's) and, labelled, ``fg_slices``."""
     from medlit.datasets.io.volume import resample_array
 
     resampled = spacing_zyx is not None and not np.allclose(native_zyx, spacing_zyx)
@@ -56,4 +56,8 @@ def cached_case(
         "has_seg": seg is not None,
         "spacing_zyx": list(spacing_zyx if resampled else native_zyx),
     }
+    if seg is not None:
+        # The slices holding foreground, which 2D/2.5D training oversamples: from here, a
+        # training set-up reads no label volume (entries built before compute them).
+        meta["fg_slices"] = np.flatnonzero(seg.reshape(len(seg), -1).any(1)).tolist()
     return arrays, meta
