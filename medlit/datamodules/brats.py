@@ -145,6 +145,8 @@ class BraTSDataModule(BaseDataModule):
         if target_spacing is not None and len(target_spacing) != 3:
             raise ConfigError(f"data.target_spacing={target_spacing} must be [z, y, x] mm")
         self.cases: dict[str, list[BraTSCase]] = {}
+        self._layout: Layout | None = None
+        self._caches: dict[bool, tuple[VolumeCache, Preprocessing]] = {}
 
     # ---- discovery, checks and caching -------------------------------------------------
 
@@ -187,12 +189,18 @@ class BraTSDataModule(BaseDataModule):
 
     def _layout_and_labels(self) -> tuple[str, int, tuple[int, ...]]:
         h = self.hparams
-        layout = LAYOUTS[h["year"]] if h["year"] else detect_layout(self.root)
+        if self._layout is None:  # detected once: it lists the whole root
+            self._layout = LAYOUTS[h["year"]] if h["year"] else detect_layout(self.root)
+        layout = self._layout
         et = h["et_label"] if h["et_label"] is not None else layout.et_label
         labels = tuple(h["label_values"]) if h["label_values"] else layout.labels
         return layout.year, et, labels
 
     def _cache(self, require_seg: bool = True) -> tuple[VolumeCache, Preprocessing]:
+        """The cache and preprocessing of labelled (or unlabelled) cases, made once per
+        split (its name hashes every case id)."""
+        if require_seg in self._caches:
+            return self._caches[require_seg]
         year, _, labels = self._layout_and_labels()
         spacing = self.hparams["target_spacing"]
         prep = Preprocessing(
@@ -207,6 +215,7 @@ class BraTSDataModule(BaseDataModule):
             ),
             asdict(prep),
         )
+        self._caches[require_seg] = cache, prep
         return cache, prep
 
     def _entries(self, cases: list[BraTSCase], require_seg: bool = True) -> list[CacheEntry]:
@@ -253,6 +262,7 @@ class BraTSDataModule(BaseDataModule):
             ids = split_groups(labelled, self.split_settings, h["seed"])
         self.cases = {s: [cases[i] for i in v] for s, v in ids.items()}
         self.cases["predict"] = list(cases.values())
+        self._caches = {}
         return ids
 
     def prepare_case(self, case_id: str, case: BraTSCase, report: Report, deep: bool) -> bool:

@@ -172,10 +172,8 @@ class ISICDataModule(BaseDataModule):
         if not check_split_file(self.split_settings.split_file, names, report) or not names:
             # only a collecting report gets here
             return {"train": [], "val": [], "test": []}
-        parts = split_groups(names, self.split_settings, h["seed"])
-        return {
-            s: sorted(i for i in records.images if groups[i] in set(g)) for s, g in parts.items()
-        }
+        parts = {s: set(g) for s, g in split_groups(names, self.split_settings, h["seed"]).items()}
+        return {s: sorted(i for i in records.images if groups[i] in g) for s, g in parts.items()}
 
     def prepare_case(
         self, image_id: str, case: tuple[Path, Path | None], report: Report, deep: bool

@@ -425,13 +425,14 @@ class LUNA16DataModule(BaseDataModule):
             self.tables = {name: table for name, (_, table) in self._raw_tables.items()}
             return f", {sum(e.nbytes() for e in self.entries.values()) / 1e6:.1f} MB"
         for name, (_, raw) in self._raw_tables.items():
-            parts = [
-                rows.assign(z=at[:, 0], y=at[:, 1], x=at[:, 2], radius_mm=at[:, 3])
-                for rows, at in self._located[name]
-                if len(rows)
-            ]
-            empty = raw.iloc[:0].assign(z=0.0, y=0.0, x=0.0, radius_mm=0.0)
-            table = pd.concat(parts) if parts else empty
+            located = [(rows, at) for rows, at in self._located[name] if len(rows)]
+            if located:  # one concatenation and one assignment, not one per scan
+                at = np.concatenate([a for _, a in located])
+                table = pd.concat([r for r, _ in located]).assign(
+                    z=at[:, 0], y=at[:, 1], x=at[:, 2], radius_mm=at[:, 3]
+                )
+            else:
+                table = raw.iloc[:0].assign(z=0.0, y=0.0, x=0.0, radius_mm=0.0)
             self.tables[name] = table.sort_values("seriesuid", kind="stable").reset_index(drop=True)
         return (
             f", {sum(e.nbytes() for e in self.entries.values()) / 1e6:.1f} MB; "

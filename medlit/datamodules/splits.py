@@ -130,7 +130,8 @@ def make_splits(
     else:
         n_val = max(int(round(val_fraction * len(ids))), 1 if val_fraction > 0 else 0)
         val = rest[:n_val]
-    train = [i for i in rest if i not in set(val)]
+    held = set(val)
+    train = [i for i in rest if i not in held]
     if not train:
         raise ConfigError(
             f"no cases left for training ({len(ids)} cases, val_fraction={val_fraction}, "

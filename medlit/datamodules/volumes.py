@@ -144,6 +144,7 @@ class VolumeDataModule(BaseDataModule):
             )
         self.spec: DatasetSpec | None = None
         self.cases: dict[str, list[VolumeCase]] = {}
+        self._folder: Path | None = None
         # nnU-Net's dataset fingerprint of the training cases (target spacing, CT
         # intensity statistics): computed once, kept in checkpoints (state_dict), so that
         # prediction preprocesses new cases as training did without the training data.
@@ -293,8 +294,11 @@ class VolumeDataModule(BaseDataModule):
         return fingerprint
 
     def _cache_dir(self) -> Path:
-        ids = (c.case_id for c in self.cases.get("predict", []))
-        return cache_root(self.hparams["cache_dir"], "volumes", self.root, ids)
+        """The cache folder, named once per split (its name hashes every case id)."""
+        if self._folder is None:
+            ids = (c.case_id for c in self.cases.get("predict", []))
+            self._folder = cache_root(self.hparams["cache_dir"], "volumes", self.root, ids)
+        return self._folder
 
     def _preprocessing(self) -> Preprocessing:
         spec = self._spec()
@@ -370,6 +374,7 @@ class VolumeDataModule(BaseDataModule):
             ids = split_groups(labelled, self.split_settings, self.hparams["seed"])
         self.cases = {s: [cases[i] for i in v] for s, v in ids.items()}
         self.cases["predict"] = list(cases.values())
+        self._folder = None
         return ids
 
     def prepare_case(self, case_id: str, case: VolumeCase, report: Report, deep: bool) -> bool:
