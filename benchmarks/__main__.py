@@ -23,7 +23,16 @@ from benchmarks.common import FULL, REPO, TINY, Context, environment
 from benchmarks.report import render
 
 # name -> module; each module's run(ctx, log) returns a Section. Order = table order.
-COMPARISONS = ("pipeline", "loader3d", "overhead", "inference", "inference3d", "metrics", "luna16")
+COMPARISONS = (
+    "pipeline",
+    "loader3d",
+    "overhead",
+    "inference",
+    "inference3d",
+    "metrics",
+    "luna16",
+    "startup",
+)
 # Selected by name only: the README demos at full size (benchmarks/quality.py).
 QUALITY = "quality"
 

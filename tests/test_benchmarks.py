@@ -25,6 +25,9 @@ ROWS = (
     "medlit vs MONAI `compute_dice`",
     "values equal to the official scorer's",
     "LUNA16 CT",
+    "Start-up growth, LUNA16",
+    "Start-up growth, BraTS",
+    "Start-up growth, ISIC 2019",
 )
 # nnU-Net v2's rows need its environment (bash benchmarks/peers/nnunet.sh; .ci/run makes it).
 NNUNET_ROWS = (
