@@ -309,21 +309,24 @@ def read_table(
         )
         return _empty_table(columns)
     raw.columns = found
-    table = pd.DataFrame({"seriesuid": raw["seriesuid"].str.strip()})
-    good = np.ones(len(table), bool)
-    for i in np.flatnonzero(table["seriesuid"] == ""):
+    # Columns gathered first and the frame built once: adding 750k-row columns one by one
+    # makes pandas consolidate (copy) the whole table each time.
+    uids = raw["seriesuid"].str.strip()
+    data: dict[str, object] = {"seriesuid": uids}
+    good = np.ones(len(raw), bool)
+    for i in np.flatnonzero(uids == ""):
         report.error(path.name, path, f"line {i + 2}: empty seriesuid")
         good[i] = False
     for c in columns[1:]:
-        values = pd.to_numeric(raw[c], errors="coerce")
-        for i in np.flatnonzero(~np.isfinite(values.to_numpy(dtype=float))):
+        values = pd.to_numeric(raw[c], errors="coerce").to_numpy(dtype=float)
+        for i in np.flatnonzero(~np.isfinite(values)):
             report.error(
-                table["seriesuid"].iloc[i],
-                path,
-                f"line {i + 2}: {c} = {raw[c].iloc[i]!r} is not a finite number",
+                uids.iloc[i], path, f"line {i + 2}: {c} = {raw[c].iloc[i]!r} is not a finite number"
             )
             good[i] = False
-        table[c] = values.astype(float)
+        data[c] = values
+    data["line"] = np.arange(len(raw)) + 2
+    table = pd.DataFrame(data)
     if "class" in table:
         for i in np.flatnonzero(good & ~table["class"].isin([0, 1]).to_numpy()):
             report.error(
@@ -341,8 +344,8 @@ def read_table(
                 f"line {i + 2}: diameter_mm = {raw['diameter_mm'].iloc[i]!r} is negative",
             )
             good[i] = False
-    table["line"] = np.arange(len(table)) + 2
-    table = table[good].reset_index(drop=True)
+    if not good.all():
+        table = table[good].reset_index(drop=True)
     if "class" in table:
         table["class"] = table["class"].astype(int)
     return table
