@@ -232,3 +232,72 @@ def test_two_processes_train_and_evaluate_every_case_once_as_one_does(
             for n in ("one", "two")
         }
         assert files["one"] == files["two"]
+
+
+@pytest.mark.slow
+def test_two_nodes_each_cache_their_own_data_and_evaluate_every_case_once(
+    tmp_path: Path, tracking_uri: str, brats_root: Path
+) -> None:
+    """Multi-node as the README runs it: two torchrun launchers on this machine (``--nnodes
+    2``, c10d rendezvous on 127.0.0.1, one gloo process each), each "node" with its own
+    ``MEDLIT_CACHE_DIR`` (node-local disk). Each node prepares its own cache (once: its
+    only process is its local rank 0), the validation of the trained weights covers every
+    case exactly once across the nodes, and equals ``medlit.evaluate`` in one process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = brats_segmentation(tmp_path, tracking_uri, brats_root)
+    name = "--trainer.logger.init_args.experiment_name="
+    command = [
+        "-m",
+        "medlit.fit",
+        *base,
+        "--trainer.max_epochs=1",
+        f"{name}nodes",
+        *_shares(tmp_path / "nodes"),
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.num_nodes=2",
+        "--trainer.strategy=ddp",
+    ]
+    launchers = []
+    for node in (0, 1):
+        rdzv = [
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            f"--node_rank={node}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{port}",
+            "--rdzv_id=medlit-two-nodes",
+        ]
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "MEDLIT_CACHE_DIR": str(tmp_path / f"node{node}-cache"),
+            "OMP_NUM_THREADS": "1",
+        }
+        launchers.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", *rdzv, *command],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=tmp_path,
+                env=env,
+            )
+        )
+    outputs = [p.communicate(timeout=900) for p in launchers]
+    for p, (_, err) in zip(launchers, outputs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+    err = "".join(e for _, e in outputs)
+    for rank in (0, 1):
+        assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in err
+    # Each node built its own cache of every case of the run, and only once.
+    for node in (0, 1):
+        entries = [p for p in (tmp_path / f"node{node}-cache").glob("brats-*/*/*") if p.is_dir()]
+        assert len(entries) == 8, (node, entries)
+    [ckpt] = sorted(tmp_path.rglob("checkpoints/best-*.ckpt"))
+    evaluate([*base, "--ckpt_path", str(ckpt), f"{name}one", *_shares(tmp_path / "one")])
+    _agree(tracking_uri, "one", "nodes", tmp_path)
