@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import data
-from benchmarks.common import FULL, REPO, TINY, Context, environment
+from benchmarks.common import FULL, REPO, THREAD_VARIABLES, TINY, Context, environment, pin_threads
 from benchmarks.report import render
 
 # name -> module; each module's run(ctx, log) returns a Section. Order = table order.
@@ -129,9 +129,13 @@ def compare(args: argparse.Namespace, names: list[str], log: Callable[[str], Non
     ctx = Context(workdir, sizes, repeats, args.threads)
     # The same for every side, here and in the processes the pipeline comparison starts;
     # restored at the end (the smoke test calls main() inside pytest).
-    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    import cv2
+    import SimpleITK as sitk
+
+    pools = (cv2.getNumThreads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+    pin_threads(args.threads)
     # medlit and Lightning log at INFO; the benchmark's own progress lines are enough here.
     logging.basicConfig(level=logging.WARNING)
     load_start = os.getloadavg()
@@ -156,10 +160,13 @@ def compare(args: argparse.Namespace, names: list[str], log: Callable[[str], Non
         )
     finally:
         torch.set_num_threads(threads)
-        if omp is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = omp
+        cv2.setNumThreads(pools[0])
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(pools[1])
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)

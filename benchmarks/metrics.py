@@ -21,7 +21,12 @@ from scipy import ndimage
 from benchmarks.common import Context, Row, Section, interleave, median, spread, timed
 
 REGIONS = ("WT", "TC", "ET")
-NAMES = {"official": "the official scorer", "monai": "MONAI", "medpy": "medpy"}
+NAMES = {
+    "official": "the official scorer",
+    "official (same work)": "the official scorer, same work",
+    "monai": "MONAI",
+    "medpy": "medpy",
+}
 
 
 def _pair(ctx: Context, index: int) -> tuple[Path, Path]:
@@ -123,6 +128,21 @@ def _evaluator():
         return Panoptica_Evaluator.load_from_config(brats_evaluation.config_path("gli"))
 
 
+def _same_work_evaluator():
+    """The official scorer's evaluator doing medlit's work: the three regions (its GLI
+    config scores six label groups) and global Dice + HD95 (it also computes NSD, and
+    per-lesion metrics after matching connected components). Its label groups, edge cases
+    and matching otherwise as in the config (``medlit.metrics.brats_panoptic``)."""
+    from panoptica import Metric
+
+    from medlit.metrics.brats_panoptic import evaluator
+
+    ev = evaluator()
+    ev.instance_metrics = [Metric.DSC]  # what the matcher needs
+    ev.global_metrics = [Metric.DSC, Metric.HD95]
+    return ev
+
+
 def run(ctx: Context, log=print) -> Section:
     from medlit.metrics.segmentation import volume_diagonal
 
@@ -132,13 +152,14 @@ def run(ctx: Context, log=print) -> Section:
         r, spacing, shape = _regions(ref)
         p, _, _ = _regions(pred)
         arrays.append((p, r, spacing, volume_diagonal(shape, spacing)))
-    evaluator = _evaluator()
+    evaluator, same_work = _evaluator(), _same_work_evaluator()
     with_medpy = _has_medpy()
     # First, and so also the warm-up of every implementation: the empty-mask conventions.
     empty = _empty_conventions(ctx, evaluator, with_medpy)
     sides = {
         "medlit (files)": lambda i: timed(lambda: medlit_from_files(*pairs[i])),
         "official": lambda i: timed(lambda: official(*pairs[i], evaluator)),
+        "official (same work)": lambda i: timed(lambda: official(*pairs[i], same_work)),
         "medlit (arrays)": lambda i: timed(lambda: medlit_arrays(*arrays[i])),
         "monai": lambda i: timed(lambda: monai(*arrays[i][:3])),
     }
@@ -153,7 +174,18 @@ def run(ctx: Context, log=print) -> Section:
     section = Section("Metrics")
     what = f"Dice + HD95 of WT/TC/ET per case ({shape[2]}×{shape[1]}×{shape[0]})"
     comparisons = [
-        ("medlit (files)", "official", "the official scorer (brats-evaluation), from NIfTI files"),
+        (
+            "medlit (files)",
+            "official",
+            "the official scorer (brats-evaluation, its GLI config: 6 label groups, NSD, "
+            "lesion matching), from NIfTI files",
+        ),
+        (
+            "medlit (files)",
+            "official (same work)",
+            "the official scorer trimmed to the same work (WT/TC/ET, Dice + HD95), from "
+            "NIfTI files",
+        ),
         (
             "medlit (arrays)",
             "monai",
