@@ -370,3 +370,46 @@ def test_entries_carry_their_foreground_slices_so_set_up_reads_no_labels(
         e.arrays = NoLabels(e.arrays)
     data = SliceDataset(entries, lambda seg: seg, patch_size=64, context=1)
     assert [f.tolist() for f in data.fg_slices] == [e.meta["fg_slices"] for e in entries]
+
+
+@pytest.mark.parametrize("patch", [40, 300])  # a crop inside the slice; one padded around it
+def test_slices_cropped_before_the_cast_are_the_samples_of_the_whole_slice_cast(
+    brats_root: Path, patch: int
+) -> None:
+    """The training slices read and cast only the crop's window; with the same seed they
+    are, to the bit, the samples the earlier code made from the whole slice cast to
+    float32 and then cropped (and augmented)."""
+    from medlit.datasets.brats.torch import SliceDataset
+    from medlit.datasets.seeding import seed_transforms
+    from medlit.datasets.slices import stack_slices
+
+    dm = _prepare(brats_root, patch_size=patch)
+    dm.setup("fit")
+    data = dm.datasets["train"]
+    assert isinstance(data, SliceDataset) and data.augment is not None
+
+    def whole_slice_cast(index: int) -> tuple[np.ndarray, np.ndarray]:
+        seed_transforms(data.crop_any, data.crop_fg, data.augment)
+        k = np.random.randint(len(data.entries))
+        entry, fg = data.entries[k], data.fg_slices[k]
+        want_fg = len(fg) > 0 and np.random.rand() < data.foreground_fraction
+        z = (
+            int(np.random.choice(fg))
+            if want_fg
+            else np.random.randint(entry.arrays["image"].shape[1])
+        )
+        image = stack_slices(entry.arrays["image"], z, data.context).astype(np.float32)
+        crop = data.crop_fg if want_fg else data.crop_any
+        out = crop(image=image.transpose(1, 2, 0), mask=np.asarray(entry.arrays["seg"][z]))
+        if data.augment is not None:
+            out = data.augment(image=out["image"], mask=out["mask"])
+        return out["image"].transpose(2, 0, 1), data.target_fn(out["mask"])
+
+    for i in range(24):
+        np.random.seed(i)
+        item = data[i]
+        np.random.seed(i)
+        image, mask = whole_slice_cast(i)
+        assert item["image"].shape[1:] == (patch, patch)
+        np.testing.assert_array_equal(item["image"].numpy(), image)
+        np.testing.assert_array_equal(item["mask"].numpy(), mask)

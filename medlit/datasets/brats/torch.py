@@ -96,10 +96,10 @@ class SliceDataset(Dataset):
             if want_fg
             else np.random.randint(entry.arrays["image"].shape[1])
         )
-        image = stack_slices(entry.arrays["image"], z, self.context).astype(np.float32)
         label = np.asarray(entry.arrays["seg"][z])
         crop = self.crop_fg if want_fg else self.crop_any
-        out = crop(image=image.transpose(1, 2, 0), mask=label)
+        out = crop(image=_pixel_grid(label.shape), mask=label)
+        out["image"] = _cropped(entry.arrays["image"], z, self.context, out["image"])
         if self.augment is not None:
             out = self.augment(image=out["image"], mask=out["mask"])
         image = np.ascontiguousarray(out["image"].transpose(2, 0, 1))
@@ -112,6 +112,35 @@ class SliceDataset(Dataset):
             image, item["target_image"] = split_target(image, self.context, self.target_channels)
         item["image"] = torch.from_numpy(np.ascontiguousarray(image))
         return item
+
+
+_GRIDS: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _pixel_grid(shape: tuple[int, ...]) -> np.ndarray:
+    """(H, W, 2) int32: each pixel's row and column + 1 (0 is padding). Cropped in place
+    of the image, it tells where the crop's window lies: the crop depends on the shapes
+    and the mask only, so its random draws are the same."""
+    key = (int(shape[0]), int(shape[1]))
+    if key not in _GRIDS:
+        rows, cols = np.mgrid[1 : key[0] + 1, 1 : key[1] + 1]
+        _GRIDS[key] = np.stack([rows, cols], -1).astype(np.int32)
+    return _GRIDS[key]
+
+
+def _cropped(volume: np.ndarray, z: int, context: int, grid: np.ndarray) -> np.ndarray:
+    """The 2.5D stack of slice ``z`` inside the window a cropped :func:`_pixel_grid`
+    shows, (h, w, channels) float32, zero where the crop padded. Only the window is read
+    from the memory-mapped cache and cast (not the whole slice)."""
+    inside = grid[..., 0] > 0
+    out = np.zeros((*grid.shape[:2], volume.shape[0] * (2 * context + 1)), np.float32)
+    if inside.any():
+        ys, xs = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+        (a0, a1), (b0, b1) = (ys[0], ys[-1] + 1), (xs[0], xs[-1] + 1)
+        r0, c0 = int(grid[a0, b0, 0]) - 1, int(grid[a0, b0, 1]) - 1
+        window = volume[:, :, r0 : r0 + a1 - a0, c0 : c0 + b1 - b0]
+        out[a0:a1, b0:b1] = stack_slices(window, z, context).transpose(1, 2, 0)
+    return out
 
 
 class CaseDataset(Dataset):
