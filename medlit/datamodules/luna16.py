@@ -435,10 +435,17 @@ class LUNA16DataModule(BaseDataModule):
             rows = pd.concat([r for r, _ in located], ignore_index=True)
             at = np.concatenate([a for _, a in located])
             order = np.argsort(rows["seriesuid"].to_numpy(), kind="stable")
-            columns = {c: rows[c].array.take(order) for c in rows.columns}  # dtypes kept
+            # NumPy columns as arrays (a frame of extension arrays is slow to build); the
+            # others (seriesuid's strings) by their own take, which keeps their dtype.
+            columns = {
+                c: rows[c].to_numpy()[order]
+                if isinstance(rows[c].dtype, np.dtype)
+                else rows[c].array.take(order)
+                for c in rows.columns
+            }
             for i, c in enumerate(("z", "y", "x", "radius_mm")):
                 columns[c] = at[order, i]
-            self.tables[name] = pd.DataFrame(columns)
+            self.tables[name] = pd.DataFrame(columns, copy=False)  # fresh arrays: 1.6 s less
         return (
             f", {sum(e.nbytes() for e in self.entries.values()) / 1e6:.1f} MB; "
             f"{len(self.tables['annotations'])} nodules, {len(self.tables['excluded'])} "
