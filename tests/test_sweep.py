@@ -210,6 +210,27 @@ def test_grid_covers_every_step_and_choice() -> None:
         sp.make_pruner(sp.PrunerConfig("median", {"n_startup": 3}))
 
 
+def test_a_grid_sweep_asks_and_tells_its_whole_grid() -> None:
+    """The workers' ask-and-tell loop over a whole grid visits every point once. Optuna's
+    grid sampler stopped the study after the last point, which raises outside
+    study.optimize (the last tell failed, the trial stayed RUNNING, the worker crashed);
+    and the grid was reshuffled for every trial, so points repeated and others were
+    never run."""
+    space = sp.distributions(
+        {"a": sp.Param("int", low=1, high=3), "b": sp.Param("categorical", choices=["x", "y"])}
+    )
+    cfg = sp.SamplerConfig(name="grid", seed=0)
+    study = optuna.create_study(sampler=sp.make_sampler(cfg, space))
+    for _ in range(sp.grid_size(space)):
+        trial = sp.ask(study, cfg, space)
+        study.tell(trial, float(trial.params["a"]))
+    trials = study.get_trials()
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert sorted((t.params["a"], t.params["b"]) for t in trials) == [
+        (a, b) for a in (1, 2, 3) for b in ("x", "y")
+    ]
+
+
 @pytest.mark.parametrize("name", ["tpe", "random", "cmaes"])
 def test_workers_with_the_same_seed_draw_different_reproducible_values(name: str) -> None:
     """Two workers started with the same command (same sampler seed) used to draw the

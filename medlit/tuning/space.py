@@ -169,6 +169,23 @@ def grid_size(space: dict[str, BaseDistribution]) -> int:
     return int(np.prod([len(v) for v in grid(space).values()]))
 
 
+class AskTellGrid(optuna.samplers.GridSampler):
+    """Optuna's grid sampler for medlit's ask-and-tell workers. Optuna's ``after_trial``
+    calls ``study.stop()`` once the grid is covered, which raises outside
+    ``study.optimize`` and so failed the ``tell`` of every grid sweep's last trial (left
+    RUNNING, the worker crashed). The workers stop on their own: the grid's size is their
+    ``n_trials`` budget (``Worker``), and what each trial draws is still the sampler's."""
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        state: optuna.trial.TrialState,
+        values: Any,
+    ) -> None:
+        return None
+
+
 def make_sampler(
     cfg: SamplerConfig, space: dict[str, BaseDistribution], offset: int = 0
 ) -> optuna.samplers.BaseSampler:
@@ -190,7 +207,12 @@ def make_sampler(
                 # CMA-ES samples categoricals independently at random; say so.
                 kwargs.setdefault("warn_independent_sampling", True)
             return optuna.samplers.CmaEsSampler(seed=seed, **kwargs)
-        return optuna.samplers.GridSampler(grid(space), seed=seed, **kwargs)
+        # The grid's order is one shuffle for the whole study, never reseeded by trial:
+        # a trial's grid point is an index into it, given by the sampler in place at
+        # ``ask`` and read back by the trial's own (see :func:`ask`); with a shuffle per
+        # trial number the two disagreed, and a grid sweep repeated some points and
+        # skipped others.
+        return AskTellGrid(grid(space), seed=cfg.seed, **kwargs)
     except TypeError as e:
         raise ConfigError(f"sampler.kwargs for '{cfg.name}': {e}") from None
 
