@@ -25,7 +25,7 @@ import time
 
 from medlit.cli import build
 from medlit.datamodules.base import BaseDataModule
-from medlit.errors import ConfigError, Report, run_main
+from medlit.errors import ConfigError, Report, exit_process, run_main
 from medlit.overview import maybe_overview
 
 log = logging.getLogger("medlit")
@@ -68,4 +68,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 
 from medlit.cvruns import FOLD, KEY, ROLE, checkpoint_folder, fold_checkpoint
-from medlit.errors import ConfigError, run_main
+from medlit.errors import ConfigError, exit_process, run_main
 from medlit.overview import maybe_overview
 from medlit.postprocessing import choose, load_cases
 from medlit.tuning.worker import die_with_parent
@@ -584,4 +584,4 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

@@ -61,7 +61,7 @@ from medlit.datasets.io.files import atomic_write
 from medlit.datasets.io.viewers import write_label_descriptions
 from medlit.datasets.io.volume import write_uncropped
 from medlit.detections import candidate_table, merge_detections, yolo_nms
-from medlit.errors import ConfigError, Report, run_main
+from medlit.errors import ConfigError, Report, exit_process, run_main
 from medlit.metrics.segmentation import structure_measures
 from medlit.windows import linear_along, mirrored, slices, sliding_window, stacked
 
@@ -534,4 +534,4 @@ def _read(path: Path) -> Any:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

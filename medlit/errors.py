@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import os
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 log = logging.getLogger(__name__)
 
@@ -132,3 +136,22 @@ def run_main(main: Callable[[], object]) -> int:
         print(f"medlit: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def exit_process(status: int) -> NoReturn:
+    """End a command's process with ``status``, doing what a normal exit does first (wait
+    for non-daemon threads, run the ``atexit`` handlers: logging, multiprocessing's
+    workers, MLflow, coverage; flush stdout and stderr) but without the interpreter's
+    finalisation, which frees every module's objects one by one: 1.6-2.6 s after a run
+    with torch, Lightning and MLflow imported, paid by every command and every sweep
+    trial. medlit writes its files through ``with`` blocks and atomic renames, so no
+    buffered file is left for finalisation to flush. Used only where a command has
+    returned; an exception or a signal leaves the normal way."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed, or a broken pipe
+            stream.flush()
+    os._exit(status)

@@ -33,7 +33,7 @@ from medlit.cli import build, normalise_args, prepare
 from medlit.cvruns import record_ensemble
 from medlit.datamodules.base import BaseDataModule
 from medlit.ensemble import checkpoint_paths, load_members, set_postprocessing
-from medlit.errors import ConfigError, run_main
+from medlit.errors import ConfigError, exit_process, run_main
 from medlit.fit import summary
 from medlit.overview import maybe_overview
 from medlit.tasks.base import BaseTask
@@ -97,4 +97,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

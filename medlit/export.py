@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from medlit.checkpoints import load_checkpoint
-from medlit.errors import ConfigError, run_main
+from medlit.errors import ConfigError, exit_process, run_main
 from medlit.overview import maybe_overview
 
 log = logging.getLogger("medlit")
@@ -571,4 +571,4 @@ def main(argv: list[str] | None = None) -> Path | None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

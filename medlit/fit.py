@@ -22,7 +22,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from medlit.callbacks import LastCheckpoint
 from medlit.cli import build, check_schedule, prepare
-from medlit.errors import ConfigError, run_main
+from medlit.errors import ConfigError, exit_process, run_main
 from medlit.overview import maybe_overview
 from medlit.progress import EpochLine
 from medlit.tracking import MLflowTracker
@@ -204,4 +204,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

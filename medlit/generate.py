@@ -24,7 +24,7 @@ import torch
 
 from medlit.cli import build
 from medlit.datamodules.base import BaseDataModule
-from medlit.errors import ConfigError, run_main
+from medlit.errors import ConfigError, exit_process, run_main
 from medlit.overview import maybe_overview
 from medlit.tasks.gan import GANTask
 
@@ -73,4 +73,4 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

@@ -72,7 +72,7 @@ from medlit.datasets.io.dicom import (
     write_seg,
 )
 from medlit.ensemble import checkpoint_paths, load_members, set_postprocessing
-from medlit.errors import ConfigError, run_main
+from medlit.errors import ConfigError, exit_process, run_main
 from medlit.export import use_exported
 from medlit.overview import maybe_overview
 from medlit.tasks.base import BaseTask
@@ -240,4 +240,4 @@ def write_dicom_segs(
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

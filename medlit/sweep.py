@@ -41,7 +41,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from jsonargparse.typing import Path_fr
 
 from medlit import yamlsafe
-from medlit.errors import ConfigError, run_main
+from medlit.errors import ConfigError, exit_process, run_main
 from medlit.overview import maybe_overview
 from medlit.tuning import space as sp
 from medlit.tuning.worker import SweepConfig, Worker
@@ -172,4 +172,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

@@ -37,3 +37,26 @@ def test_a_command_runs_as_its_module_does() -> None:
     assert via_command.returncode == via_module.returncode == 2
     last = [p.stderr.strip().splitlines()[-1] for p in (via_command, via_module)]
     assert last[0] == last[1] and "BraTS root /nonexistent does not exist" in last[0]
+
+
+def test_a_command_exits_with_its_status_after_what_a_normal_exit_does(tmp_path: Path) -> None:
+    """Commands end through ``exit_process`` (no interpreter finalisation, seconds after a
+    run): a non-daemon thread still finishes, ``atexit`` handlers run, and what was
+    printed without a newline or a flush reaches the pipe."""
+    script = f"""
+import atexit, pathlib, threading, time, sys
+from medlit.errors import exit_process
+out = pathlib.Path({str(tmp_path)!r})
+def late():
+    time.sleep(0.3)
+    (out / "thread").write_text("done")
+threading.Thread(target=late).start()
+atexit.register(lambda: (out / "atexit").write_text(str((out / "thread").exists())))
+print("buffered", end="")
+sys.stderr.write("to stderr")
+exit_process(3)
+"""
+    done = run("-c", script)
+    assert done.returncode == 3
+    assert (done.stdout, done.stderr) == ("buffered", "to stderr")
+    assert (tmp_path / "atexit").read_text() == "True"  # after the thread had ended

@@ -43,7 +43,6 @@ runs on NumPy 2 when a mask is empty.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from medlit.errors import ConfigError, run_main
+from medlit.errors import ConfigError, exit_process, run_main
 from medlit.metrics.segmentation import connected_components
 
 MISSED_HD95 = 374.0
@@ -292,4 +291,4 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

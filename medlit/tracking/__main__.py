@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from medlit.errors import run_main
+from medlit.errors import exit_process, run_main
 from medlit.tracking.runs import runs_report
 from medlit.tracking.spool import sync_spool
 from medlit.tracking.store import DEFAULT_TRACKING_URI
@@ -61,4 +61,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))
