@@ -32,6 +32,7 @@ COMPARISONS = (
     "metrics",
     "luna16",
     "startup",
+    "tracking",
 )
 # Selected by name only: the README demos at full size (benchmarks/quality.py).
 QUALITY = "quality"
