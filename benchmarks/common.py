@@ -334,6 +334,7 @@ def environment() -> dict[str, str]:
         "PyTorch Lightning": _version("pytorch-lightning"),
         "medlit": f"{_version('medlit')}, git {commit}",
         "MONAI": _version("monai"),
+        "torchio": _version("torchio"),
         "ITK (MONAI's .mhd reader)": _version("itk-io"),
         "medpy": _version("medpy"),
         "brats-evaluation (official scorer)": _version("BraTS-evaluation"),
