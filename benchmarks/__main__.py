@@ -34,8 +34,10 @@ COMPARISONS = (
     "startup",
     "tracking",
 )
-# Selected by name only: the README demos at full size (benchmarks/quality.py).
+# Selected by name only: the README demos at full size (benchmarks/quality.py), and GPU
+# training throughput (benchmarks/gpu.py), which needs a CUDA device.
 QUALITY = "quality"
+GPU = "gpu"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -50,7 +52,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         help=f"comma-separated comparisons to run, of: {', '.join(COMPARISONS)}; or "
-        f"{QUALITY!r}: every README demo unchanged, reported in --quality-output",
+        f"{QUALITY!r}: every README demo unchanged, reported in --quality-output; or {GPU!r}: "
+        "GPU training throughput (bf16-mixed, channels_last), reported in --gpu-output",
     )
     parser.add_argument(
         "--output", type=Path, default=REPO / "docs" / "benchmarks.md", help="the Markdown report"
@@ -60,6 +63,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         default=REPO / "docs" / "quality.md",
         help="the demos' quality report (with --only quality)",
+    )
+    parser.add_argument(
+        "--gpu-output",
+        type=Path,
+        default=REPO / "docs" / "benchmarks-gpu.md",
+        help="the GPU report (with --only gpu)",
     )
     parser.add_argument(
         "--threads",
@@ -76,9 +85,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.only = args.only.split(",") if args.only else list(COMPARISONS)
-    if unknown := [n for n in args.only if n not in (*COMPARISONS, QUALITY)]:
+    if unknown := [n for n in args.only if n not in (*COMPARISONS, QUALITY, GPU)]:
         parser.error(
-            f"--only: unknown comparisons {unknown}; choose from {[*COMPARISONS, QUALITY]}"
+            f"--only: unknown comparisons {unknown}; choose from {[*COMPARISONS, QUALITY, GPU]}"
         )
     return args
 
@@ -93,7 +102,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     written = []
     if comparisons := [n for n in COMPARISONS if n in args.only]:
-        written.append(compare(args, comparisons, log))
+        written.append(compare(args, comparisons, log, args.output))
+    if GPU in args.only:
+        written.append(compare(args, [GPU], log, args.gpu_output))
     if QUALITY in args.only:
         written.append(quality(args, log))
     return written[-1]
@@ -121,7 +132,9 @@ def quality(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
     return args.quality_output
 
 
-def compare(args: argparse.Namespace, names: list[str], log: Callable[[str], None]) -> Path:
+def compare(
+    args: argparse.Namespace, names: list[str], log: Callable[[str], None], output: Path
+) -> Path:
     """The comparisons ``names``, side by side with the alternatives."""
     start = time.perf_counter()
     sizes = TINY if args.tiny else FULL
@@ -142,7 +155,8 @@ def compare(args: argparse.Namespace, names: list[str], log: Callable[[str], Non
     load_start = os.getloadavg()
     try:
         log(f"{sizes.name} sizes, {repeats} repeats, working in {workdir}")
-        data.prepare(ctx, log)
+        if names != [GPU]:  # the GPU module trains on the demos' own data
+            data.prepare(ctx, log)
         sections = []
         for name in names:
             log(f"{name} ...")
@@ -170,10 +184,10 @@ def compare(args: argparse.Namespace, names: list[str], log: Callable[[str], Non
                 os.environ[name] = value
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report)
-    log(f"wrote {args.output}")
-    return args.output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(report)
+    log(f"wrote {output}")
+    return output
 
 
 if __name__ == "__main__":

@@ -184,6 +184,7 @@ class Section:
     name: str
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # shown right under the results table
+    notes_title: str = "notes"
     details: list[str] = field(default_factory=list)
     misses: list[str] = field(default_factory=list)
 

@@ -171,7 +171,7 @@ def run(ctx: Context, log=print) -> Section:
     seconds = {k: [t for t, _ in v] for k, v in results.items()}
     values = {k: [v for _, v in rs] for k, rs in results.items()}
     shape = arrays[0][0].shape[1:]
-    section = Section("Metrics")
+    section = Section("Metrics", notes_title="HD95 definitions and measured differences")
     what = f"Dice + HD95 of WT/TC/ET per case ({shape[2]}×{shape[1]}×{shape[0]})"
     comparisons = [
         (

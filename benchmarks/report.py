@@ -6,6 +6,8 @@ import datetime
 
 from benchmarks.common import Context, Section
 
+GPU_SECTION = "GPU training throughput"
+
 
 def _ratio(value: float) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
@@ -38,8 +40,8 @@ def render(
         "",
         "## Results",
         "",
-        "Medians over interleaved repeats (every side once per repeat, the order rotated), "
-        "on CPU. The ratio is medlit's speed over the other's (throughput ratio, or the "
+        "Medians over interleaved repeats (every side once per repeat, the order rotated). "
+        "The ratio is medlit's speed over the other's (throughput ratio, or the "
         "other's time over medlit's: above 1 means medlit is faster), except for the "
         "training step (medlit's time over the plain loop's: lower is better), memory "
         "(medlit's memory over its raw cached arrays) and metric values (share equal).",
@@ -54,18 +56,21 @@ def render(
                 f"| {'yes' if r.met else '**no**'} |"
             )
     cuda = env.get("CUDA", "not available")
-    lines += [
-        "",
-        (
-            "GPU rows were not measured: no CUDA device on this machine "
-            "(`torch.cuda.is_available()` is False)."
-            if cuda == "not available"
-            else f"GPU rows were not measured: this suite runs on CPU only (CUDA device: {cuda})."
-        ),
-    ]
+    if not any(s.name.startswith(GPU_SECTION) for s in sections):
+        lines += [
+            "",
+            "GPU rows were not measured in this run: "
+            + (
+                "no CUDA device on this machine (`torch.cuda.is_available()` is False)"
+                if cuda == "not available"
+                else f"it measures the CPU (CUDA device: {cuda})"
+            )
+            + "; `python -m benchmarks --only gpu` measures them, into "
+            "`docs/benchmarks-gpu.md`.",
+        ]
     for section in sections:
         if section.notes:
-            lines += ["", f"### {section.name}: HD95 definitions and measured differences", ""]
+            lines += ["", f"### {section.name}: {section.notes_title}", ""]
             lines += section.notes
     misses = [m for s in sections for m in s.misses]
     lines += ["", "## Missed targets: what limits them, what would move them", ""]

@@ -53,6 +53,31 @@ def test_the_suite_runs_on_tiny_sizes_and_reports_every_comparison(tmp_path: Pat
     assert "HD95 definitions and measured differences" in report
 
 
+@pytest.mark.slow
+def test_the_gpu_module_runs_its_training_steps(tmp_path: Path) -> None:
+    """``--only gpu`` on this CPU machine: ``--tiny`` runs each network's demo for a few
+    fp32 steps on the CPU (the same processes and step clock a GPU run has), and the
+    report has a row per network with its share of time waiting for data."""
+    report = main(
+        [
+            "--tiny",
+            "--only",
+            "gpu",
+            "--gpu-output",
+            str(tmp_path / "gpu.md"),
+            "--workdir",
+            str(tmp_path / "work"),
+        ]
+    ).read_text()
+    from benchmarks.gpu import MODELS
+
+    for name in MODELS:
+        [row] = [line for line in report.splitlines() if line.startswith(f"| {name} training")]
+        cells = [c.strip() for c in row.strip("|").split(" | ")]
+        assert re.fullmatch(r"\d+ images/s; \d+\.\d % waiting", cells[1]), row
+        assert 0 <= float(cells[3]) < 1, row
+
+
 def test_quality_targets_margins_and_report() -> None:
     """``--only quality``'s pieces without its hour of training: a criterion's margin in
     units of the span to the trivial baseline, both directions, and the report's rows."""
