@@ -33,6 +33,7 @@ COMPARISONS = (
     "luna16",
     "startup",
     "tracking",
+    "yolo",
 )
 # Selected by name only: the README demos at full size (benchmarks/quality.py), and GPU
 # training throughput (benchmarks/gpu.py), which needs a CUDA device.
