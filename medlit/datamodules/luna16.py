@@ -37,6 +37,7 @@ from medlit.datasets.luna16.source import (
     LunaScan,
     LungPreprocessing,
     Preprocessing,
+    TablePoints,
     candidate_patch,
     check_lung_scan,
     check_scan,
@@ -339,10 +340,10 @@ class LUNA16DataModule(BaseDataModule):
             kept = table[~absent].reset_index(drop=True) if absent.any() else table
             self._raw_tables[name] = (path, kept)
         self._located = {name: [] for name in self._raw_tables}
-        # Each table's rows by scan, grouped once: filtering candidates_V2's 750k rows per
-        # scan would cost seconds per scan over a whole release.
-        self._rows_of = {
-            name: {uid: rows for uid, rows in table.groupby("seriesuid", sort=False)}
+        # Each table's rows by scan and its points as arrays, once: filtering
+        # candidates_V2's 750k rows per scan would cost seconds per scan over a release.
+        self._points = {
+            name: TablePoints.of(table, "diameter_mm" if "diameter_mm" in table else None)
             for name, (_, table) in self._raw_tables.items()
         }
         spacing = tuple(h["spacing"]) if h["spacing"] is not None else None
@@ -409,11 +410,10 @@ class LUNA16DataModule(BaseDataModule):
             }
         else:
             return True
-        for name, (path, table) in self._raw_tables.items():
-            rows = self._rows_of[name].get(uid, table.iloc[:0])
-            size = "diameter_mm" if "diameter_mm" in table else None
-            self._located[name].append((rows, locate(rows, meta, path, size, report)))
-        if self.hparams["target"] == "candidates" and uid not in self._rows_of["candidates"]:
+        for name, (path, _) in self._raw_tables.items():
+            rows = self._points[name].of_scan(uid)
+            self._located[name].append((rows, locate(self._points[name], rows, meta, path, report)))
+        if self.hparams["target"] == "candidates" and uid not in self._points["candidates"].rows:
             report.warning(
                 uid, scan.mhd, f"no row in {self.hparams['candidates_file']}: no candidates"
             )
@@ -432,16 +432,17 @@ class LUNA16DataModule(BaseDataModule):
                 continue
             # By seriesuid (stable), built once from the columns: sorting and re-indexing a
             # frame of 750k rows assembled from 888 pieces costs seconds of copies.
-            rows = pd.concat([r for r, _ in located], ignore_index=True)
+            positions = np.concatenate([r for r, _ in located])
             at = np.concatenate([a for _, a in located])
-            order = np.argsort(rows["seriesuid"].to_numpy(), kind="stable")
+            order = np.argsort(raw["seriesuid"].to_numpy()[positions], kind="stable")
+            take = positions[order]
             # NumPy columns as arrays (a frame of extension arrays is slow to build); the
             # others (seriesuid's strings) by their own take, which keeps their dtype.
             columns = {
-                c: rows[c].to_numpy()[order]
-                if isinstance(rows[c].dtype, np.dtype)
-                else rows[c].array.take(order)
-                for c in rows.columns
+                c: raw[c].to_numpy()[take]
+                if isinstance(raw[c].dtype, np.dtype)
+                else raw[c].array.take(take)
+                for c in raw.columns
             }
             for i, c in enumerate(("z", "y", "x", "radius_mm")):
                 columns[c] = at[order, i]

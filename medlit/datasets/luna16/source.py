@@ -354,40 +354,60 @@ def read_table(
 # ---- geometry ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TablePoints:
+    """A LUNA16 table's world points and radii as arrays, and its rows by scan (positions
+    into the table), built once: pandas' per-scan sub-frames (a groupby's groups, a
+    column selection on each) cost a take over the whole table's blocks per scan, which
+    grew with scans × rows over a full release."""
+
+    table: pd.DataFrame
+    world: np.ndarray  # (N, 3) x, y, z mm
+    radius: np.ndarray  # (N,) mm
+    rows: dict[str, np.ndarray]  # seriesuid -> row positions
+
+    @classmethod
+    def of(cls, table: pd.DataFrame, size_column: str | None) -> TablePoints:
+        world = table[["coordX", "coordY", "coordZ"]].to_numpy(dtype=float)
+        if size_column:
+            size = table[size_column].to_numpy(dtype=float)
+            radius = np.where(size < 0, 10.0, size) / 2
+        else:
+            radius = np.zeros(len(table))
+        rows = table.groupby("seriesuid", sort=False).indices if len(table) else {}
+        return cls(table, world, radius, {k: np.asarray(v) for k, v in rows.items()})
+
+    def of_scan(self, uid: str) -> np.ndarray:
+        return self.rows.get(uid, np.zeros(0, dtype=np.intp))
+
+
 def locate(
-    table: pd.DataFrame,
-    meta: dict,
-    path: Path,
-    size_column: str | None,
-    report: Report | None = None,
+    points: TablePoints, rows: np.ndarray, meta: dict, path: Path, report: Report | None = None
 ) -> np.ndarray:
-    """Rows of one scan as voxel positions in its cached grid: (N, 4) = z, y, x, radius mm.
+    """Rows ``rows`` (positions in ``points``' table) of one scan as voxel positions in its
+    cached grid: (N, 4) = z, y, x, radius mm.
 
     A point outside the scan is an error naming the CSV file and line: it means the
     coordinates are in another convention (voxels, or another scan's frame).
     """
     report = report or Report()
-    if table.empty:
+    if not len(rows):
         return np.zeros((0, 4))
     geometry = Geometry.from_dict(meta["geometry"])
-    index = geometry.world_to_index(table[["coordX", "coordY", "coordZ"]].to_numpy())
+    world = points.world[rows]
+    index = geometry.world_to_index(world)
     shape = np.asarray(meta["shape"])
     outside = ((index < -0.5) | (index > shape - 0.5)).any(1)
     for i in np.flatnonzero(outside):
-        row = table.iloc[i]
+        row = points.table.iloc[rows[i]]
         report.error(
             row["seriesuid"],
             path,
-            f"line {int(row['line'])}: world point ({row['coordX']:.1f}, {row['coordY']:.1f}, "
-            f"{row['coordZ']:.1f}) mm lies outside the scan (voxel z,y,x = "
+            f"line {int(row['line'])}: world point ({world[i, 0]:.1f}, {world[i, 1]:.1f}, "
+            f"{world[i, 2]:.1f}) mm lies outside the scan (voxel z,y,x = "
             f"{np.round(index[i], 1).tolist()}, shape {shape.tolist()})",
         )
-    radius = (
-        np.where(table[size_column] < 0, 10.0, table[size_column]).astype(float) / 2
-        if size_column
-        else np.zeros(len(table))
-    )
-    return np.column_stack([index, radius])
+    return np.column_stack([index, points.radius[rows]])
 
 
 # ---- preprocessing -----------------------------------------------------------------------
