@@ -36,6 +36,16 @@ def nnunet_env(folder: Path, threads: int, augment_workers: int = 1) -> dict[str
     }
 
 
+def with_benchmarks() -> dict[str, str]:
+    """This environment, with the repository on ``PYTHONPATH``: a ``medlit.fit`` or
+    ``medlit.sweep`` process started from another folder can load the benchmarks' own
+    callbacks (``benchmarks.gpu.StepClock``, ``benchmarks.tracking.FitClock``)."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
 THREAD_VARIABLES = (
     "OMP_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 from pytorch_lightning import Callback, LightningModule, Trainer
 
-from benchmarks.common import REPO, Context, Row, Section, median
+from benchmarks.common import REPO, Context, Row, Section, median, with_benchmarks
 
 EXPERIMENTS = REPO / "experiments" / "demo"
 TARGET_WAIT = 0.10
@@ -168,15 +168,11 @@ def measure(ctx: Context, name: str, gpu: bool, log) -> dict[str, float]:
     path = config(ctx, name, gpu)
     out = path.parent / "steps.json"
     out.unlink(missing_ok=True)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "medlit.fit", str(path)],
         cwd=path.parent,
-        env=env,
+        env=with_benchmarks(),
         capture_output=True,
         text=True,
     )

@@ -27,7 +27,15 @@ from pathlib import Path
 import yaml
 from pytorch_lightning import Callback, LightningModule, Trainer
 
-from benchmarks.common import REPO, Context, Row, Section, interleave, median, spread
+from benchmarks.common import (
+    Context,
+    Row,
+    Section,
+    interleave,
+    median,
+    spread,
+    with_benchmarks,
+)
 
 # What the demo logs each logging step: the losses, the learning rate and the epoch.
 METRICS = {"train/loss": 0.5, "train/dice_loss": 0.3, "train/ce_loss": 0.2, "lr-AdamW": 1e-3}
@@ -183,14 +191,10 @@ def _sweep(ctx: Context, repeat: int) -> list[dict[str, float]]:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     sweep = _sweep_files(ctx, folder)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
     done = subprocess.run(
         [sys.executable, "-m", "medlit.sweep", str(sweep)],
         cwd=folder,
-        env=env,
+        env=with_benchmarks(),
         capture_output=True,
         text=True,
     )

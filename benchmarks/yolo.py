@@ -143,9 +143,7 @@ def _medlit(config: Path) -> tuple[list[float], float, Path]:
 
     metrics = fit([str(config)])
     ends = json.loads((config.parent / "ends.json").read_text())
-    [last] = sorted(config.parent.glob("runs/**/last.ckpt")) or sorted(
-        (config.parent).glob("**/last.ckpt")
-    )
+    [last] = config.parent.glob("**/last.ckpt")  # kept: keep_last_checkpoint
     return list(np.diff(ends)), metrics["test/cpm"], last
 
 
