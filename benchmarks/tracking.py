@@ -288,9 +288,10 @@ def run(ctx: Context, log=print) -> Section:
         "",
         f"Sweep: {ctx.repeats} sweeps of {TRIALS[ctx.sizes.name]} trials (grid over `model.lr`), each from an "
         "empty Optuna journal and MLflow store; BraTS cases of the pipeline rows, 32 px "
-        "patches, `tu-test_resnet` U-Net, one epoch of 4 steps and one validation batch. "
-        f"A bare interpreter importing `medlit.fit`, its tasks and data modules takes "
-        f"{imports:.1f} s of the start-up.",
+        "patches, `tu-test_resnet` U-Net, one epoch of 4 steps and one validation batch "
+        "(one whole case: most of the training time). The imports are most of a trial's "
+        "start-up: a bare interpreter importing `medlit.fit`, its tasks and data modules "
+        f"took {imports:.1f} s, measured once on its own.",
         "",
         "| part of a trial | seconds: median (min-max, n) |",
         "| --- | --- |",
