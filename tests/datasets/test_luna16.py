@@ -212,6 +212,30 @@ def test_malformed_annotations_are_refused(tmp_path, edit, message):
         datamodule(tmp_path).prepare_data()
 
 
+def test_a_valid_table_read_typed_equals_the_checked_reading(tmp_path, monkeypatch):
+    """Valid CSVs are parsed straight to their types (the fast path); the frame equals
+    the checked reading's, whitespace, exponents and the excluded list's -1 included.
+    A value the checked reading would name sends the file to it (the tests above)."""
+    from medlit.datasets.luna16 import source
+
+    files = {
+        "annotations.csv": "seriesuid,coordX,coordY,coordZ,diameter_mm\n"
+        " 1.2.3 ,-12.5,40,1e2,-1\n1.2.4, 3,4.25,5,6.5\n",
+        "candidates.csv": "seriesuid,coordX,coordY,coordZ,class\n1.2.3,1,2,3,0\n1.2.3,4,5,6,1\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    columns = {"annotations.csv": ANNOTATION_COLUMNS, "candidates.csv": CANDIDATE_COLUMNS}
+    typed = {n: source._typed_table(tmp_path / n, c) for n, c in columns.items()}
+    monkeypatch.setattr(source, "_typed_table", lambda path, columns: None)
+    for name, cols in columns.items():
+        checked = source.read_table(tmp_path / name, cols)
+        assert typed[name] is not None
+        pd.testing.assert_frame_equal(typed[name], checked)
+    (tmp_path / "bad.csv").write_text(files["candidates.csv"].replace(",1\n", ",2\n"))
+    assert source._typed_table(tmp_path / "bad.csv", CANDIDATE_COLUMNS) is None
+
+
 def test_candidate_class_must_be_binary(tmp_path):
     make_root(tmp_path)
     cands = pd.read_csv(tmp_path / "candidates_V2.csv")
