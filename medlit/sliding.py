@@ -36,8 +36,8 @@ def gaussian_importance(
     where only border voxels cover the volume). nnU-Net scales to 10 (its
     ``value_scaling_factor``); stitching divides by the summed weights, so the scale only
     matters for float16 range."""
-    weights = torch.from_numpy(gaussian_weights(tuple(int(p) for p in patch), sigma_scale, peak))
-    weights = weights.to(device=device, dtype=dtype)
+    cached = gaussian_weights(tuple(int(p) for p in patch), float(sigma_scale), float(peak))
+    weights = torch.tensor(cached, dtype=dtype, device=device)  # a copy: MONAI clamps it
     zero = weights == 0
     if zero.any():
         weights[zero] = weights[~zero].min()
