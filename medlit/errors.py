@@ -139,17 +139,20 @@ def run_main(main: Callable[[], object]) -> int:
 
 
 def exit_process(status: int) -> NoReturn:
-    """End a command's process with ``status``, doing what a normal exit does first (wait
-    for non-daemon threads, run the ``atexit`` handlers: logging, multiprocessing's
-    workers, MLflow, coverage; flush stdout and stderr) but without the interpreter's
+    """End a command's process with ``status``, doing what a normal exit does first (the
+    threading module's exit hooks, then wait for non-daemon threads; run the ``atexit``
+    handlers: logging, multiprocessing's workers, MLflow, coverage; flush stdout and
+    stderr) but without the interpreter's
     finalisation, which frees every module's objects one by one: 1.6-2.6 s after a run
     with torch, Lightning and MLflow imported, paid by every command and every sweep
     trial. medlit writes its files through ``with`` blocks and atomic renames, so no
     buffered file is left for finalisation to flush. Used only where a command has
     returned; an exception or a signal leaves the normal way."""
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # The interpreter's own first step of an exit (CPython calls it from Py_Finalize):
+    # the threading atexit hooks, which tell ThreadPoolExecutor workers (MLflow's artifact
+    # uploads) to stop, then the join of every non-daemon thread. Joining the threads
+    # without those hooks waited for an idle executor worker for ever.
+    threading._shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # closed, or a broken pipe

@@ -41,7 +41,8 @@ def test_a_command_runs_as_its_module_does() -> None:
 
 def test_a_command_exits_with_its_status_after_what_a_normal_exit_does(tmp_path: Path) -> None:
     """Commands end through ``exit_process`` (no interpreter finalisation, seconds after a
-    run): a non-daemon thread still finishes, ``atexit`` handlers run, and what was
+    run): a non-daemon thread still finishes, an idle executor's worker is told to stop
+    (joining it without that hung a medlit.cv run), ``atexit`` handlers run, and what was
     printed without a newline or a flush reaches the pipe."""
     script = f"""
 import atexit, pathlib, threading, time, sys
@@ -51,12 +52,18 @@ def late():
     time.sleep(0.3)
     (out / "thread").write_text("done")
 threading.Thread(target=late).start()
+# An idle executor worker (a non-daemon thread: MLflow's artifact uploads) ends too.
+from concurrent.futures import ThreadPoolExecutor
+pool = ThreadPoolExecutor(1)  # kept alive, as MLflow keeps its pool
+pool.submit(time.sleep, 0.1)
 atexit.register(lambda: (out / "atexit").write_text(str((out / "thread").exists())))
 print("buffered", end="")
 sys.stderr.write("to stderr")
 exit_process(3)
 """
-    done = run("-c", script)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
     assert done.returncode == 3
     assert (done.stdout, done.stderr) == ("buffered", "to stderr")
     assert (tmp_path / "atexit").read_text() == "True"  # after the thread had ended
