@@ -273,6 +273,38 @@ def _empty_table(columns: Sequence[str]) -> pd.DataFrame:
     return table
 
 
+def _refused(uids: pd.Series, numbers: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rows each of :func:`read_table`'s row checks refuses, a mask per check: the
+    same checks for the typed reading (any refusal sends the file to the checked
+    reading) and for the checked one (which names each refused row)."""
+    refused = {"empty seriesuid": (uids == "").to_numpy()}
+    for c, values in numbers.items():
+        refused[f"{c} not finite"] = ~np.isfinite(values)
+    if "class" in numbers:
+        refused["class not binary"] = ~np.isin(numbers["class"], (0, 1))
+    if "diameter_mm" in numbers:
+        diameter = numbers["diameter_mm"]
+        # -1 marks "size unknown" in annotations_excluded.csv; other negatives are errors.
+        refused["diameter negative"] = (diameter < 0) & (diameter != -1)
+    return refused
+
+
+def _frame(
+    uids: pd.Series, numbers: dict[str, np.ndarray], keep: np.ndarray | None = None
+) -> pd.DataFrame:
+    """The table of the rows ``keep`` (all by default), with each row's 1-based CSV line.
+    Columns gathered first and the frame built once from fresh arrays (no copy): adding
+    750k-row columns one by one makes pandas consolidate (copy) the whole table each
+    time."""
+    data = {"seriesuid": uids, **numbers, "line": np.arange(len(uids)) + 2}
+    table = pd.DataFrame(data, copy=False)
+    if keep is not None and not keep.all():
+        table = table[keep].reset_index(drop=True)
+    if "class" in table:
+        table["class"] = table["class"].astype(int)
+    return table
+
+
 def _typed_table(path: Path, columns: Sequence[str]) -> pd.DataFrame | None:
     """:func:`read_table`'s table when every row is valid, parsed straight to its types by
     pandas' C parser: reading strings and converting them afterwards took 1.1 s of a
@@ -291,24 +323,10 @@ def _typed_table(path: Path, columns: Sequence[str]) -> pd.DataFrame | None:
     if list(raw.columns) != list(columns):
         return None
     uids = raw["seriesuid"].str.strip()
-    data: dict[str, object] = {"seriesuid": uids}
-    for c in columns[1:]:
-        data[c] = values = raw[c].to_numpy(dtype=float)
-        if not np.isfinite(values).all():
-            return None
-    if (uids == "").any():
+    numbers = {c: raw[c].to_numpy(dtype=float) for c in columns[1:]}
+    if any(mask.any() for mask in _refused(uids, numbers).values()):
         return None
-    if "class" in data and not np.isin(data["class"], (0, 1)).all():
-        return None
-    if "diameter_mm" in data:
-        diameter = data["diameter_mm"]
-        if ((diameter < 0) & (diameter != -1)).any():
-            return None
-    data["line"] = np.arange(len(raw)) + 2
-    table = pd.DataFrame(data, copy=False)
-    if "class" in table:
-        table["class"] = table["class"].astype(int)
-    return table
+    return _frame(uids, numbers)
 
 
 def read_table(
@@ -349,46 +367,34 @@ def read_table(
         )
         return _empty_table(columns)
     raw.columns = found
-    # Columns gathered first and the frame built once: adding 750k-row columns one by one
-    # makes pandas consolidate (copy) the whole table each time.
     uids = raw["seriesuid"].str.strip()
-    data: dict[str, object] = {"seriesuid": uids}
+    numbers = {c: pd.to_numeric(raw[c], errors="coerce").to_numpy(dtype=float) for c in columns[1:]}
+    refused = _refused(uids, numbers)
     good = np.ones(len(raw), bool)
-    for i in np.flatnonzero(uids == ""):
+    for i in np.flatnonzero(refused["empty seriesuid"]):
         report.error(path.name, path, f"line {i + 2}: empty seriesuid")
         good[i] = False
     for c in columns[1:]:
-        values = pd.to_numeric(raw[c], errors="coerce").to_numpy(dtype=float)
-        for i in np.flatnonzero(~np.isfinite(values)):
+        for i in np.flatnonzero(refused[f"{c} not finite"]):
             report.error(
                 uids.iloc[i], path, f"line {i + 2}: {c} = {raw[c].iloc[i]!r} is not a finite number"
             )
             good[i] = False
-        data[c] = values
-    data["line"] = np.arange(len(raw)) + 2
-    table = pd.DataFrame(data, copy=False)  # fresh arrays: no copy of 750k rows
-    if "class" in table:
-        for i in np.flatnonzero(good & ~table["class"].isin([0, 1]).to_numpy()):
+    if "class" in numbers:
+        for i in np.flatnonzero(good & refused["class not binary"]):
             report.error(
-                table["seriesuid"].iloc[i],
-                path,
-                f"line {i + 2}: class {raw['class'].iloc[i]!r} is not 0 or 1",
+                uids.iloc[i], path, f"line {i + 2}: class {raw['class'].iloc[i]!r} is not 0 or 1"
             )
             good[i] = False
-    if "diameter_mm" in table:
-        # -1 marks "size unknown" in annotations_excluded.csv; other negatives are errors.
-        for i in np.flatnonzero(good & (table["diameter_mm"] < 0) & (table["diameter_mm"] != -1)):
+    if "diameter_mm" in numbers:
+        for i in np.flatnonzero(good & refused["diameter negative"]):
             report.error(
-                table["seriesuid"].iloc[i],
+                uids.iloc[i],
                 path,
                 f"line {i + 2}: diameter_mm = {raw['diameter_mm'].iloc[i]!r} is negative",
             )
             good[i] = False
-    if not good.all():
-        table = table[good].reset_index(drop=True)
-    if "class" in table:
-        table["class"] = table["class"].astype(int)
-    return table
+    return _frame(uids, numbers, good)
 
 
 # ---- geometry ----------------------------------------------------------------------------
