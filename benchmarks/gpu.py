@@ -33,6 +33,7 @@ import yaml
 from pytorch_lightning import Callback, LightningModule, Trainer
 
 from benchmarks.common import REPO, Context, Row, Section, median, with_benchmarks
+from benchmarks.report import GPU_SECTION
 
 EXPERIMENTS = REPO / "experiments" / "demo"
 TARGET_WAIT = 0.10
@@ -199,7 +200,7 @@ def measure(ctx: Context, name: str, gpu: bool, log) -> dict[str, float]:
 def run(ctx: Context, log=print) -> Section:
     import torch
 
-    section = Section("GPU training throughput (bf16-mixed, channels_last)")
+    section = Section(f"{GPU_SECTION} (bf16-mixed, channels_last)")
     gpu = torch.cuda.is_available()
     if not gpu and ctx.sizes.name != "tiny":
         section.notes.append(

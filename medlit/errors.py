@@ -142,10 +142,9 @@ def exit_process(status: int) -> NoReturn:
     """End a command's process with ``status``, doing what a normal exit does first (the
     threading module's exit hooks, then wait for non-daemon threads; run the ``atexit``
     handlers: logging, multiprocessing's workers, MLflow, coverage; flush stdout and
-    stderr) but without the interpreter's
-    finalisation, which frees every module's objects one by one: 1.6-2.6 s after a run
-    with torch, Lightning and MLflow imported, paid by every command and every sweep
-    trial. medlit writes its files through ``with`` blocks and atomic renames, so no
+    stderr) but without the interpreter's finalisation, which frees every module's
+    objects one by one: 1.6-2.6 s after a run with torch, Lightning and MLflow imported,
+    paid by every command and every sweep trial. medlit writes its files through ``with`` blocks and atomic renames, so no
     buffered file is left for finalisation to flush. Used only where a command has
     returned; an exception or a signal leaves the normal way."""
     # The interpreter's own first step of an exit (CPython calls it from Py_Finalize):
